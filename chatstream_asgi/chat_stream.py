@@ -1,0 +1,224 @@
+"""`ChatStream`: the facade a ChatStream user already knows, on a non-blocking core.
+
+The constructor takes ChatStream's arguments. `handle_chat_stream_request` validates the
+request, admits it (or says 429), and returns the streaming response. Everything that can be
+refused is refused before a slot is taken, so a refusal never holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import transformers
+from starlette.requests import Request
+from starlette.responses import Response
+
+from chatstream_asgi.admission import Admission
+from chatstream_asgi.engine.base import Engine
+from chatstream_asgi.engine.transformers_engine import TransformersEngine
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NothingToRegenerate, SessionBusy, error_response
+from chatstream_asgi.exchange import exchange_of
+from chatstream_asgi.params import GenerationParams, parse_chat_request
+from chatstream_asgi.prompt import AbstractChatPrompt, ChatPrompt
+from chatstream_asgi.session import CHAT_PROMPT_KEY, Session
+from chatstream_asgi.turn import (
+    CLIENT_DISCONNECTED_BEFORE_STREAMING,
+    ChatTurnResponse,
+    OutcomeCallback,
+    report_outcome,
+)
+from chatstream_asgi.wire import STREAM_FORMATS, StreamFormat, choose_format, encoder_for
+
+logger = logging.getLogger(__name__)
+
+#: ChatStream constructor arguments that have no counterpart here: accepted, warned about, ignored.
+_IGNORED_CHATSTREAM_ARGS = frozenset(
+    {
+        "token_sampler",
+        "num_gpus",
+        "use_mock_response",
+        "mock_params",
+        "repetition_penalty_method",
+        "add_special_tokens",
+        "request_handler",
+        "logger",
+        "locale",
+        "client_roles",
+        "probe_mode_enabled",
+    }
+)
+
+# nginx's code for "client closed request": the answer nobody receives after a client left the queue.
+_CLIENT_CLOSED_REQUEST = 499
+
+
+class ChatStream:
+    """Streams chat replies from a model, with admission, sessions and outcome callbacks.
+
+    Pass a Hugging Face `model` and `tokenizer` (as with ChatStream), or a ready `engine`.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        device: str | None = "auto",
+        num_of_concurrent_executions: int = 2,
+        max_queue_size: int = 5,
+        too_many_request_as_http_error: bool = True,
+        chat_prompt_clazz: type[AbstractChatPrompt] | None = None,
+        max_new_tokens: int = 256,
+        context_len: int = 2048,
+        temperature: float = 0.7,
+        top_k: int | None = 50,
+        top_p: float | None = 0.9,
+        repetition_penalty: float | None = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        stream_format: StreamFormat = "delta",
+        name: str | None = None,
+        *,
+        engine: Engine | None = None,
+        **chatstream_options: Any,
+    ) -> None:
+        unknown = set(chatstream_options) - _IGNORED_CHATSTREAM_ARGS
+        if unknown:
+            raise TypeError(f"ChatStream() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+        if chatstream_options:
+            logger.warning(
+                "ChatStream arguments without a counterpart in chatstream-asgi are ignored: %s",
+                ", ".join(sorted(chatstream_options)),
+            )
+        if stream_format not in STREAM_FORMATS:
+            raise ValueError(f"stream_format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
+        if context_len <= max_new_tokens:
+            raise ValueError(
+                f"context_len ({context_len}) must be larger than max_new_tokens ({max_new_tokens}): "
+                "the prompt gets what is left"
+            )
+        # ChatStream's None means "off" for these knobs.
+        self.params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k or 0,
+            top_p=1.0 if top_p is None else top_p,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            stop=tuple(stop or ()),
+        )
+        if engine is None:
+            if model is None or tokenizer is None:
+                raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")
+            if chat_prompt_clazz is None and not getattr(tokenizer, "chat_template", None):
+                raise ValueError(
+                    "the tokenizer has no chat template: pass chat_prompt_clazz= with a prompt class "
+                    "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
+                )
+            engine = TransformersEngine(model, tokenizer, device=device, workers=num_of_concurrent_executions)
+        if seed is not None:
+            transformers.set_seed(seed)
+        self.engine = engine
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+        self.chat_prompt_clazz: type[AbstractChatPrompt] = chat_prompt_clazz or ChatPrompt
+        self.context_len = context_len
+        self.stream_format: StreamFormat = stream_format
+        self.too_many_request_as_http_error = too_many_request_as_http_error
+        self.name = name or _model_name(engine)
+        self.admission = Admission(num_of_concurrent_executions, max_queue_size)
+        # Sessions with a turn queued or running here; a second turn meanwhile is refused.
+        self._busy_sessions: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        """True once the engine can generate (`/ready`)."""
+        return self.engine.ready
+
+    def load(self) -> dict[str, int]:
+        """Generations running and waiting, and the limits."""
+        return self.admission.load().as_dict()
+
+    async def start_queue_worker(self) -> None:
+        """Accepted for ChatStream compatibility; admission needs no worker task here."""
+
+    def create_chat_prompt(self) -> AbstractChatPrompt:
+        """A new, empty conversation of this server's prompt class."""
+        prompt = self.chat_prompt_clazz()
+        prompt.set_tokenizer(self.tokenizer)
+        prompt.build_initial_prompt(prompt)
+        return prompt
+
+    def prompt_from_dict(self, data: dict[str, Any]) -> AbstractChatPrompt:
+        """A conversation restored from its `to_dict()` form (as stored in a session)."""
+        prompt = self.chat_prompt_clazz.from_dict(data)
+        prompt.set_tokenizer(self.tokenizer)
+        return prompt
+
+    async def handle_chat_stream_request(
+        self, request: Request, request_body: bytes | str | None = None, callback: OutcomeCallback | None = None
+    ) -> Response:
+        """Answer one `POST /chat_stream`: an error, or the streamed reply once a slot is free.
+
+        `request_body` is optional behind `ChatStreamMiddleware`, which replays the body.
+        `callback(request, outcome)` is called exactly once if the request reached admission.
+        """
+        exchange = exchange_of(request.scope)
+        session = exchange.session
+        try:
+            stream_format = choose_format(request.scope, self.stream_format)
+            if stream_format is None:
+                raise InvalidRequest(f"'format' must be one of {', '.join(STREAM_FORMATS)}")
+            turn = parse_chat_request(exchange.body if request_body is None else request_body)
+            params = self.params.with_overrides(turn.overrides, max_new_tokens_limit=self.params.max_new_tokens)
+            prompt = self._session_prompt(session)
+            if turn.regenerate and not prompt.has_reply_to_regenerate():
+                raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
+            if session.session_id in self._busy_sessions:
+                raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
+            self._busy_sessions.add(session.session_id)
+            try:
+                slot = await self.admission.admit(exchange.client_left)
+            except BaseException:
+                self._busy_sessions.discard(session.session_id)
+                raise
+        except ChatStreamError as error:
+            return self._refusal(error)
+        if slot is None:
+            self._busy_sessions.discard(session.session_id)
+            await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
+            return Response(status_code=_CLIENT_CLOSED_REQUEST)
+        return ChatTurnResponse(
+            request=request,
+            exchange=exchange,
+            slot=slot,
+            engine=self.engine,
+            prompt=prompt,
+            user_input=turn.user_input,
+            regenerate=turn.regenerate,
+            params=params,
+            context_len=self.context_len,
+            encoder=encoder_for(stream_format),
+            callback=callback,
+            on_finished=lambda: self._busy_sessions.discard(session.session_id),
+        )
+
+    def close(self) -> None:
+        """Stop the engine's threads (they finish what they run first)."""
+        self.engine.close()
+
+    def _session_prompt(self, session: Session) -> AbstractChatPrompt:
+        data = session.get_session()
+        prompt = data.get(CHAT_PROMPT_KEY)
+        if not isinstance(prompt, AbstractChatPrompt):
+            prompt = data[CHAT_PROMPT_KEY] = self.create_chat_prompt()
+        return prompt
+
+    def _refusal(self, error: ChatStreamError) -> Response:
+        if error.status_code == 429 and not self.too_many_request_as_http_error:
+            return error_response(error, status_code=200)  # ChatStream's own behaviour
+        return error_response(error)
+
+
+def _model_name(engine: Engine) -> str:
+    source = getattr(engine, "name_or_path", "")
+    return Path(source).name if source else "chatstream"

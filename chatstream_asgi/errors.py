@@ -1,0 +1,128 @@
+"""The errors a client can cause, and the one place they become HTTP.
+
+Every refusal the package gives (bad JSON, a full queue, a store that is down) is a
+`ChatStreamError` subclass carrying its status and the `error` code of DESIGN's table.
+`error_body` and `send_error` are the only builders of error JSON, so the shape
+`{"error": code, "detail": text}` cannot drift between the middleware and the endpoint path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from starlette.responses import JSONResponse
+from starlette.types import Send
+
+
+class ChatStreamError(Exception):
+    """A request the server refuses, with the HTTP status and machine-readable code to say so."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this refusal carries."""
+        return {}
+
+
+class InvalidJSON(ChatStreamError):
+    """The body is not UTF-8 JSON, or not a JSON object."""
+
+    status_code = 400
+    code = "invalid_json"
+
+
+class InvalidRequest(ChatStreamError):
+    """A field is missing or has the wrong type."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class NothingToRegenerate(ChatStreamError):
+    """`regenerate: true` in a session that has no reply to replace."""
+
+    status_code = 400
+    code = "nothing_to_regenerate"
+
+
+class SessionBusy(ChatStreamError):
+    """A turn of this session is already queued or running."""
+
+    status_code = 409
+    code = "session_busy"
+
+
+class BodyTooLarge(ChatStreamError):
+    """The request body is over the middleware's `max_body_size`."""
+
+    status_code = 413
+    code = "body_too_large"
+
+
+class InvalidParameter(ChatStreamError):
+    """A generation parameter is out of range or of the wrong type; `field` names it."""
+
+    status_code = 422
+    code = "invalid_parameter"
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field = field
+
+
+class TooManyRequests(ChatStreamError):
+    """Every slot is busy and the wait queue is full."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ServiceUnavailable(ChatStreamError):
+    """The server cannot take chats right now (still loading, or stopping)."""
+
+    status_code = 503
+    code = "shutting_down"
+
+
+def error_body(error: ChatStreamError) -> dict[str, object]:
+    """The JSON object sent for `error`."""
+    body: dict[str, object] = {"error": error.code, "detail": error.detail}
+    if isinstance(error, InvalidParameter):
+        body["field"] = error.field
+    if isinstance(error, TooManyRequests):
+        body["retry_after"] = error.retry_after
+    return body
+
+
+def error_response(error: ChatStreamError, *, status_code: int | None = None) -> JSONResponse:
+    """A Starlette response for `error`; `status_code` overrides the status (ChatStream's 200 mode)."""
+    return JSONResponse(
+        error_body(error),
+        status_code=error.status_code if status_code is None else status_code,
+        headers=error.headers(),
+    )
+
+
+async def send_error(send: Send, error: ChatStreamError) -> None:
+    """Answer with `error` on a raw ASGI `send`, for refusals made before any app runs."""
+    payload = json.dumps(error_body(error)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
