@@ -135,7 +135,7 @@ class Session:
         self._data = data
         self._store = store
         self._prompt_from_dict = prompt_from_dict
-        self._dirty = is_new
+        self._dirty = False
 
     @classmethod
     async def open(

@@ -1,0 +1,118 @@
+"""`chatstream-asgi serve`: a chat server in one command, for trying the package or running it plainly."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.types import ASGIApp
+
+from chatstream_asgi.chat_stream import ChatStream
+from chatstream_asgi.demo_model import build_demo_model, default_demo_path
+from chatstream_asgi.middleware import ChatStreamMiddleware
+
+logger = logging.getLogger("chatstream_asgi.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `chatstream-asgi` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    return _serve(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatstream-asgi", description="Streaming chat server for language models.")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="serve POST /chat_stream, /health and /ready")
+    serve.add_argument(
+        "--model",
+        help="folder saved with save_pretrained, or a hub id (needs a reachable hub); "
+        "default: a tiny random-weight demo model built offline",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
+    serve.add_argument("--concurrency", type=_positive, default=2, help="generations at once (default: %(default)s)")
+    serve.add_argument("--queue", type=_non_negative, default=5, help="requests that may wait (default: %(default)s)")
+    serve.add_argument("--max-new-tokens", type=_positive, default=256, help="reply length limit (default: %(default)s)")
+    serve.add_argument("--context-len", type=_positive, default=2048, help="prompt + reply tokens (default: %(default)s)")
+    serve.add_argument(
+        "--session-store",
+        default="memory",
+        choices=["memory"],
+        help="where conversations live (default: %(default)s)",
+    )
+    serve.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
+    return parser
+
+
+def build_app(args: argparse.Namespace) -> tuple[ASGIApp, str]:
+    """The ASGI app `serve` runs, and a line saying which model it serves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model is None:
+        path = default_demo_path()
+        if not (path / "config.json").exists():
+            build_demo_model(path)
+        source = f"the built-in demo model (random weights, built offline at {path}): replies are gibberish"
+    else:
+        path = Path(args.model) if Path(args.model).exists() else args.model
+        source = f"model {args.model}"
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    chat_stream = ChatStream(
+        model=model,
+        tokenizer=tokenizer,
+        device=args.device,
+        num_of_concurrent_executions=args.concurrency,
+        max_queue_size=args.queue,
+        max_new_tokens=args.max_new_tokens,
+        context_len=args.context_len,
+    )
+    app = ChatStreamMiddleware(
+        Starlette(), chat_stream=chat_stream, serve=True, health=True, secret_key=args.secret_key
+    )
+    return app, source
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    try:
+        app, source = build_app(args)
+    except (OSError, ValueError) as error:
+        print(f"chatstream-asgi: cannot load the model: {error}", file=sys.stderr)
+        return 1
+    base = f"http://{args.host}:{args.port}"
+    print(f"chatstream-asgi serving {source}", flush=True)
+    print(f"  chat:   curl -N {base}/chat_stream -d '{{\"user_input\": \"Hello\"}}'", flush=True)
+    print(f"  health: {base}/health   ready: {base}/ready", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Shared fixtures: a tiny real model built offline, a real uvicorn server, outcome recorders."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatstream_asgi import ChatStream
+from chatstream_asgi.demo_model import build_demo_model
+
+HANG_GUARD = 30.0  # seconds: only ever reached when something is broken
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture
+def tokenizer(model_dir: Path) -> Any:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture
+def model(model_dir: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+class Outcomes:
+    """An outcome callback that records what it was told, and lets a test wait for it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, str]] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, request: Any, outcome: str) -> None:
+        with self._changed:
+            self.calls.append((request, outcome))
+            self._changed.notify_all()
+
+    @property
+    def outcomes(self) -> list[str]:
+        return [outcome for _, outcome in self.calls]
+
+    def wait(self, count: int = 1) -> list[str]:
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.calls) >= count, timeout=HANG_GUARD), self.calls
+        return self.outcomes
+
+
+class ModelHooks:
+    """Real-model instrumentation: counts forward passes, slows them down, or makes one fail."""
+
+    def __init__(self, model: Any) -> None:
+        self.forward_calls = 0
+        self.prefills = 0
+        self.threads: set[str] = set()
+        self.step_delay = 0.0
+        self.prefill_delay = 0.0
+        self.fail_on_call: int | None = None
+        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        self.forward_calls += 1
+        self.threads.add(threading.current_thread().name)
+        input_ids = kwargs.get("input_ids")
+        is_prefill = input_ids is not None and input_ids.shape[1] > 1
+        if is_prefill:
+            self.prefills += 1
+        if self.fail_on_call is not None and self.forward_calls >= self.fail_on_call:
+            raise RuntimeError("simulated model failure")
+        delay = self.prefill_delay if is_prefill else self.step_delay
+        if delay:
+            time.sleep(delay)  # on the engine's thread: this is the slow model, not a sync
+
+
+@pytest.fixture
+def hooks(model: Any) -> ModelHooks:
+    return ModelHooks(model)
+
+
+@pytest.fixture
+def make_chat_stream(model: Any, tokenizer: Any) -> Iterator[Callable[..., ChatStream]]:
+    made: list[ChatStream] = []
+
+    def make(**kwargs: Any) -> ChatStream:
+        kwargs.setdefault("temperature", 0)
+        kwargs.setdefault("max_new_tokens", 24)
+        chat_stream = ChatStream(model=model, tokenizer=tokenizer, device="cpu", **kwargs)
+        made.append(chat_stream)
+        assert wait_until(lambda: chat_stream.ready)
+        return chat_stream
+
+    yield make
+    for chat_stream in made:
+        chat_stream.close()
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        assert wait_until(lambda: self._server.started)
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(HANG_GUARD)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=HANG_GUARD, **kwargs)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Any], LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def start(app: Any) -> LiveServer:
+        server = LiveServer(app).__enter__()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.__exit__()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = HANG_GUARD) -> bool:
+    """Poll `condition` until true; False only when it never became true (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def greedy_reply(model: Any, tokenizer: Any, user_input: str, max_new_tokens: int) -> str:
+    """What `model.generate` itself replies, greedy, to a one-turn chat: the reference output."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_input}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    decoded: str = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return decoded
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async unit test runs on both backends anyio supports."""
+    backend: str = request.param
+    return backend

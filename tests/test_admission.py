@@ -1,0 +1,118 @@
+"""Admission: a limiter for running generations, a bounded FIFO queue, 429 past it."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from chatstream_asgi.admission import Admission
+from chatstream_asgi.errors import TooManyRequests
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_free_slot_is_granted_at_once() -> None:
+    admission = Admission(2, 0)
+    slot = await admission.admit(anyio.Event())
+    assert slot is not None
+    assert admission.load().processing == 1
+
+
+async def test_request_past_a_full_queue_is_refused_with_retry_after() -> None:
+    admission = Admission(1, 1)
+    held = await admission.admit(anyio.Event())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admission.admit, anyio.Event())
+        await _until(lambda: admission.load().waiting == 1)
+        with pytest.raises(TooManyRequests) as caught:
+            await admission.admit(anyio.Event())
+        assert caught.value.retry_after >= 1
+        assert caught.value.headers()["Retry-After"] == str(caught.value.retry_after)
+        assert held is not None
+        held.release()
+    assert admission.load().processing == 1  # the waiter got the slot (and still holds it)
+
+
+async def test_zero_queue_size_means_no_waiting() -> None:
+    admission = Admission(1, 0)
+    await admission.admit(anyio.Event())
+    with pytest.raises(TooManyRequests):
+        await admission.admit(anyio.Event())
+
+
+async def test_waiters_are_admitted_in_arrival_order() -> None:
+    admission = Admission(1, 5)
+    held = await admission.admit(anyio.Event())
+    order: list[int] = []
+
+    async def wait(index: int) -> None:
+        slot = await admission.admit(anyio.Event())
+        order.append(index)
+        assert slot is not None
+        slot.release()
+
+    async with anyio.create_task_group() as tg:
+        for index in range(4):
+            tg.start_soon(wait, index)
+            await _until(lambda: admission.load().waiting == index + 1)
+        assert held is not None
+        held.release()
+    assert order == [0, 1, 2, 3]
+
+
+async def test_waiter_whose_client_leaves_leaves_the_queue_at_once() -> None:
+    admission = Admission(1, 5)
+    held = await admission.admit(anyio.Event())
+    left = anyio.Event()
+    results: list[object] = []
+
+    async def wait() -> None:
+        results.append(await admission.admit(left))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wait)
+        await _until(lambda: admission.load().waiting == 1)
+        left.set()
+    assert results == [None]
+    assert admission.load().waiting == 0
+    assert held is not None and admission.load().processing == 1
+
+
+async def test_released_slot_is_free_again_and_release_is_idempotent() -> None:
+    admission = Admission(1, 0)
+    slot = await admission.admit(anyio.Event())
+    assert slot is not None
+    slot.release()
+    slot.release()
+    assert admission.load().processing == 0
+    assert await admission.admit(anyio.Event()) is not None
+
+
+async def test_retry_after_grows_with_the_queue_and_the_time_slots_are_held() -> None:
+    admission = Admission(1, 10)
+    slot = await admission.admit(anyio.Event())
+    assert slot is not None
+    slot._acquired_at -= 8.0  # as if the generation had held its slot for 8 s
+    slot.release()
+    held = await admission.admit(anyio.Event())
+    empty_queue_estimate = admission.retry_after()
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(admission.admit, anyio.Event())
+        await _until(lambda: admission.load().waiting == 3)
+        assert admission.retry_after() > empty_queue_estimate >= 8.0
+        tg.cancel_scope.cancel()
+    assert held is not None
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="num_of_concurrent_executions"):
+        Admission(0, 1)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        Admission(1, -1)
+
+
+async def _until(condition: object) -> None:
+    with anyio.fail_after(5):
+        while not condition():  # type: ignore[operator]
+            await anyio.sleep(0)

@@ -1,0 +1,124 @@
+"""ChatPrompt: ChatStream's conversation API, chat-template rendering, truncation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from chatstream_asgi import AbstractChatPrompt, ChatPrompt
+from chatstream_asgi.prompt import fit_prompt
+
+
+def _prompt(tokenizer: Any) -> ChatPrompt:
+    prompt = ChatPrompt()
+    prompt.set_tokenizer(tokenizer)
+    return prompt
+
+
+def test_new_prompt_is_empty_and_has_nothing_to_regenerate(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    assert prompt.is_empty()
+    assert not prompt.has_reply_to_regenerate()
+    assert prompt.get_requester_last_msg() is None
+
+
+def test_pending_reply_renders_with_the_generation_cue(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg(None)
+    assert prompt.create_prompt() == "<|user|>Hi<|end|>\n<|assistant|>"
+
+
+def test_finished_conversation_renders_in_full(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.set_system("Be brief.")
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg("Hello!")
+    assert prompt.create_prompt() == "<|system|>Be brief.<|end|>\n<|user|>Hi<|end|>\n<|assistant|>Hello!<|end|>\n"
+
+
+def test_clear_last_responder_message_makes_the_reply_pending_again(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg("Hello!")
+    prompt.clear_last_responder_message()
+    assert prompt.get_responder_last_msg() is None
+    assert prompt.create_prompt().endswith("<|assistant|>")
+    assert prompt.get_requester_last_msg() == "Hi"
+
+
+def test_to_dict_round_trip_keeps_chatstreams_shape(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg("Hello!")
+    prompt.set_responder_last_msg_id("m1")
+    data = prompt.to_dict()
+    assert set(data) >= {"system", "chat_contents", "requester_messages", "responder_messages", "requester", "responder"}
+    restored = ChatPrompt.from_dict(data)
+    restored.set_tokenizer(tokenizer)
+    assert restored.to_dict() == data
+    assert restored.find_chat_content_by_message_id("m1") is not None
+
+
+def test_clone_is_independent(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.add_requester_msg("Hi")
+    twin = prompt.clone()
+    twin.add_responder_msg("Hello")
+    assert prompt.get_responder_last_msg() is None
+    assert twin.tokenizer is tokenizer
+
+
+def test_long_history_is_cut_oldest_turn_first(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    for turn in range(20):
+        prompt.add_requester_msg(f"question number {turn} " * 5)
+        prompt.add_responder_msg(f"answer number {turn} " * 5)
+    prompt.add_requester_msg("the newest question")
+    prompt.add_responder_msg(None)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    full = count(prompt.create_prompt())
+    text = fit_prompt(prompt, count, budget=full // 3)
+    assert count(text) <= full // 3
+    assert "the newest question" in text and text.endswith("<|assistant|>")
+    assert "question number 0 " not in text and "question number 19 " in text
+
+
+def test_newest_request_is_kept_even_when_it_alone_is_over_budget(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    prompt.add_requester_msg("old")
+    prompt.add_responder_msg("reply")
+    prompt.add_requester_msg("very long " * 50)
+    prompt.add_responder_msg(None)
+    text = fit_prompt(prompt, lambda t: len(t), budget=10)
+    assert prompt.get_turn() == 1 and "very long" in text
+
+
+def test_chatstream_style_prompt_class_renders_its_own_format() -> None:
+    class RolePlayPrompt(AbstractChatPrompt):
+        def __init__(self) -> None:
+            super().__init__()
+            self.set_requester("User")
+            self.set_responder("Bot")
+
+        def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+            lines = [f"{c.get_role()}: {c.get_message() or ''}" for c in self.get_contents(opts)]
+            return "\n".join(lines)
+
+        def get_stop_strs(self) -> list[str]:
+            return ["\nUser:"]
+
+    prompt = RolePlayPrompt()
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg(None)
+    assert prompt.create_prompt() == "User: Hi\nBot: "
+    assert RolePlayPrompt.from_dict(prompt.to_dict()).create_prompt() == "User: Hi\nBot: "
+
+
+def test_chat_prompt_without_a_tokenizer_says_so() -> None:
+    with pytest.raises(RuntimeError, match="tokenizer"):
+        ChatPrompt().create_prompt()
