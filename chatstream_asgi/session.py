@@ -144,11 +144,14 @@ class Session:
         store: SessionStore,
         prompt_from_dict: Callable[[dict[str, Any]], AbstractChatPrompt],
     ) -> Session:
-        """Load `session_id` from `store`, or start a new session when it is unknown or None."""
-        stored = await store.load(session_id) if session_id is not None else None
-        if session_id is None or stored is None:
+        """Load `session_id` from `store`; None (no valid cookie) starts a new session.
+
+        A signed id the store does not know (expired, or its first turn still running) keeps
+        its id: we issued it, and a second id would split one client's conversation in two.
+        """
+        if session_id is None:
             return cls(CookieSigner.new_session_id(), {}, is_new=True, store=store, prompt_from_dict=prompt_from_dict)
-        data = dict(stored)
+        data = dict(await store.load(session_id) or {})
         if isinstance(data.get(CHAT_PROMPT_KEY), dict):
             data[CHAT_PROMPT_KEY] = prompt_from_dict(data[CHAT_PROMPT_KEY])
         return cls(session_id, data, is_new=False, store=store, prompt_from_dict=prompt_from_dict)

@@ -88,9 +88,14 @@ async def test_chat_prompt_is_stored_as_json_and_comes_back_as_a_prompt(tokenize
     assert again.get_session()["chat_prompt"].get_requester_last_msg() == "Hi"
 
 
-async def test_unknown_session_id_starts_a_new_session() -> None:
-    session = await Session.open("nobody", MemoryStore(), ChatPrompt.from_dict)
-    assert session.is_new and session.session_id != "nobody"
+async def test_no_session_id_starts_a_new_session() -> None:
+    session = await Session.open(None, MemoryStore(), ChatPrompt.from_dict)
+    assert session.is_new and session.get_session() == {}
+
+
+async def test_signed_id_unknown_to_the_store_keeps_its_id_with_empty_data() -> None:
+    session = await Session.open("expired-id", MemoryStore(), ChatPrompt.from_dict)
+    assert not session.is_new and session.session_id == "expired-id" and session.get_session() == {}
 
 
 async def test_unsaved_session_is_not_written() -> None:
