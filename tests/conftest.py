@@ -67,6 +67,7 @@ class ModelHooks:
         self.step_delay = 0.0
         self.prefill_delay = 0.0
         self.fail_on_call: int | None = None
+        self.prefill_started = threading.Event()
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -76,6 +77,7 @@ class ModelHooks:
         is_prefill = input_ids is not None and input_ids.shape[1] > 1
         if is_prefill:
             self.prefills += 1
+            self.prefill_started.set()
         if self.fail_on_call is not None and self.forward_calls >= self.fail_on_call:
             raise RuntimeError("simulated model failure")
         delay = self.prefill_delay if is_prefill else self.step_delay
