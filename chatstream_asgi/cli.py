@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from chatstream_asgi.chat_stream import ChatStream
-from chatstream_asgi.demo_model import build_demo_model, default_demo_path
+from chatstream_asgi.demo_model import ensure_demo_model
 from chatstream_asgi.middleware import ChatStreamMiddleware
 
 logger = logging.getLogger("chatstream_asgi.cli")
@@ -59,9 +59,7 @@ def build_app(args: argparse.Namespace) -> tuple[ASGIApp, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
-        path = default_demo_path()
-        if not (path / "config.json").exists():
-            build_demo_model(path)
+        path = ensure_demo_model()
         source = f"the built-in demo model (random weights, built offline at {path}): replies are gibberish"
     else:
         path = Path(args.model) if Path(args.model).exists() else args.model

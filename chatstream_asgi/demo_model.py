@@ -87,3 +87,11 @@ def build_demo_model(
 def default_demo_path() -> Path:
     """Where `chatstream-asgi serve` keeps the demo model between runs."""
     return Path.home() / ".cache" / "chatstream-asgi" / "demo-model"
+
+
+def ensure_demo_model(path: str | Path | None = None) -> Path:
+    """The demo model's folder, built there first if it is not yet."""
+    path = Path(path) if path is not None else default_demo_path()
+    if not (path / "config.json").exists():
+        build_demo_model(path)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -170,3 +171,22 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async unit test runs on both backends anyio supports."""
     backend: str = request.param
     return backend
+
+
+def open_chat(url: str, user_input: str) -> socket.socket:
+    """A raw HTTP/1.1 client, so the test decides exactly when the connection closes."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    body = ('{"user_input": "%s"}' % user_input).encode()
+    head = f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        assert chunk, "server closed the connection"
+        data += chunk
+    return data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
@@ -10,7 +9,7 @@ from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
 
-from .conftest import ModelHooks, Outcomes, wait_until
+from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
 
 
 @pytest.fixture
@@ -30,32 +29,13 @@ def slow_server(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> Any:
     return start
 
 
-def _open_chat(url: str, user_input: str) -> socket.socket:
-    """A raw HTTP/1.1 client, so the test decides exactly when the connection closes."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    body = ('{"user_input": "%s"}' % user_input).encode()
-    head = f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    sock.sendall(head.encode() + body)
-    return sock
-
-
-def _read_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        chunk = sock.recv(4096)
-        assert chunk, "server closed the connection"
-        data += chunk
-    return data
-
-
 def test_client_leaving_mid_stream_stops_generation_within_one_step(slow_server: Any, hooks: ModelHooks) -> None:
     hooks.step_delay = 0.02
     server, chat_stream, outcomes, load_at_callback = slow_server(max_new_tokens=200)
-    sock = _open_chat(server.url, "tell me a long story")
-    head = _read_until(sock, b"\r\n\r\n")
+    sock = open_chat(server.url, "tell me a long story")
+    head = read_until(sock, b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    _read_until(sock, b"\r\n")  # the first chunk of reply text
+    read_until(sock, b"\r\n")  # the first chunk of reply text
     sock.close()
     assert outcomes.wait() == ["client_disconnected_while_streaming"]
     stats = outcomes.calls[0][0].state.chat_generation
@@ -90,8 +70,8 @@ def test_partial_reply_of_a_client_that_left_stays_in_history(slow_server: Any, 
 def test_client_leaving_during_prefill_is_classified_before_streaming(slow_server: Any, hooks: ModelHooks) -> None:
     hooks.prefill_delay = 1.0
     server, chat_stream, outcomes, _ = slow_server(max_new_tokens=50)
-    sock = _open_chat(server.url, "hello")
-    assert _read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")  # headers go out once a slot is held
+    sock = open_chat(server.url, "hello")
+    assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")  # headers go out once a slot is held
     assert hooks.prefill_started.wait(30)
     sock.close()
     assert outcomes.wait() == ["client_disconnected_before_streaming"]
@@ -106,18 +86,18 @@ def test_client_leaving_during_prefill_is_classified_before_streaming(slow_serve
 def test_client_leaving_the_queue_never_starts_and_its_place_goes_to_the_next(slow_server: Any, hooks: ModelHooks) -> None:
     hooks.step_delay = 0.02
     server, chat_stream, outcomes, _ = slow_server(num_of_concurrent_executions=1, max_new_tokens=60)
-    running = _open_chat(server.url, "first")
-    _read_until(running, b"\r\n\r\n")
-    leaving = _open_chat(server.url, "second")
+    running = open_chat(server.url, "first")
+    read_until(running, b"\r\n\r\n")
+    leaving = open_chat(server.url, "second")
     assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
-    staying = _open_chat(server.url, "third")
+    staying = open_chat(server.url, "third")
     assert wait_until(lambda: chat_stream.load()["waiting"] == 2)
     leaving.close()
     assert outcomes.wait(1) == ["client_disconnected_before_streaming"]
     assert chat_stream.load()["waiting"] == 1
     running.close()
-    assert _read_until(staying, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
-    _read_until(staying, b"0\r\n\r\n")  # the end of the chunked reply
+    assert read_until(staying, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    read_until(staying, b"0\r\n\r\n")  # the end of the chunked reply
     staying.close()
     assert outcomes.wait(3) == [
         "client_disconnected_before_streaming",
@@ -130,10 +110,10 @@ def test_client_leaving_the_queue_never_starts_and_its_place_goes_to_the_next(sl
 def test_every_request_that_reached_admission_gets_exactly_one_outcome(slow_server: Any, hooks: ModelHooks) -> None:
     hooks.step_delay = 0.01
     server, chat_stream, outcomes, _ = slow_server(num_of_concurrent_executions=2, max_queue_size=3, max_new_tokens=15)
-    socks = [_open_chat(server.url, f"q{i}") for i in range(5)]
+    socks = [open_chat(server.url, f"q{i}") for i in range(5)]
     socks[1].close()
     for sock in socks[:1] + socks[2:]:
-        _read_until(sock, b"0\r\n\r\n")
+        read_until(sock, b"0\r\n\r\n")
         sock.close()
     assert wait_until(lambda: len(outcomes.calls) == 5)
     assert outcomes.outcomes.count("success") == 4

@@ -1,0 +1,40 @@
+"""The plain endpoint: FastAPI hands the request to ChatStream, as in ChatStream's own examples.
+
+Run: python examples/fastapi_plain.py   (CHATSTREAM_MODEL=path/or/hub-id picks the model;
+unset, a tiny random-weight demo model is built offline), then
+curl -N http://127.0.0.1:8000/chat_stream -d '{"user_input": "Hello"}'
+"""
+
+import os
+
+import uvicorn
+from fastapi import FastAPI, Request
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatstream_asgi import ChatStream, ChatStreamMiddleware
+from chatstream_asgi.demo_model import ensure_demo_model
+
+model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_demo_model()
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+model = AutoModelForCausalLM.from_pretrained(model_path)
+
+chat_stream = ChatStream(
+    model=model,
+    tokenizer=tokenizer,
+    device="auto",
+    num_of_concurrent_executions=2,
+    max_queue_size=5,
+)
+
+app = FastAPI()
+app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream)
+
+
+@app.post("/chat_stream")
+async def stream_api(request: Request):
+    response = await chat_stream.handle_chat_stream_request(request)
+    return response
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=8000)
