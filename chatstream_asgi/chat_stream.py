@@ -18,7 +18,14 @@ from starlette.responses import Response
 from chatstream_asgi.admission import Admission
 from chatstream_asgi.engine.base import Engine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NothingToRegenerate, SessionBusy, error_response
+from chatstream_asgi.errors import (
+    ChatStreamError,
+    InvalidParameter,
+    InvalidRequest,
+    NothingToRegenerate,
+    SessionBusy,
+    error_response,
+)
 from chatstream_asgi.exchange import exchange_of
 from chatstream_asgi.params import GenerationParams, parse_chat_request
 from chatstream_asgi.prompt import AbstractChatPrompt, ChatPrompt
@@ -98,15 +105,18 @@ class ChatStream:
                 f"context_len ({context_len}) must be larger than max_new_tokens ({max_new_tokens}): "
                 "the prompt gets what is left"
             )
-        # ChatStream's None means "off" for these knobs.
-        self.params = GenerationParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k or 0,
-            top_p=1.0 if top_p is None else top_p,
-            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
-            stop=tuple(stop or ()),
-        )
+        try:
+            # ChatStream's None means "off" for these knobs.
+            self.params = GenerationParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k or 0,
+                top_p=1.0 if top_p is None else top_p,
+                repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                stop=tuple(stop or ()),
+            )
+        except InvalidParameter as error:  # a configuration mistake, not a client's
+            raise ValueError(f"ChatStream(): {error.detail}") from None
         if engine is None:
             if model is None or tokenizer is None:
                 raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")

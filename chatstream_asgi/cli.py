@@ -42,8 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     serve.add_argument("--concurrency", type=_positive, default=2, help="generations at once (default: %(default)s)")
     serve.add_argument("--queue", type=_non_negative, default=5, help="requests that may wait (default: %(default)s)")
-    serve.add_argument("--max-new-tokens", type=_positive, default=256, help="reply length limit (default: %(default)s)")
-    serve.add_argument("--context-len", type=_positive, default=2048, help="prompt + reply tokens (default: %(default)s)")
+    serve.add_argument(
+        "--max-new-tokens", type=_positive, default=256, help="reply length limit (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--context-len", type=_positive, default=2048, help="prompt + reply tokens (default: %(default)s)"
+    )
     serve.add_argument(
         "--session-store",
         default="memory",
@@ -92,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     base = f"http://{args.host}:{args.port}"
     print(f"chatstream-asgi serving {source}", flush=True)
-    print(f"  chat:   curl -N {base}/chat_stream -d '{{\"user_input\": \"Hello\"}}'", flush=True)
+    print(f'  chat:   curl -N {base}/chat_stream -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -53,8 +53,10 @@ def build_demo_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_CORPUS * 4, vocab_size=vocab_size, min_frequency=2, special_tokens=_SPECIAL_TOKENS)
-    tokenizer = PreTrainedTokenizerFast(
+    bpe.train_from_iterator(
+        _CORPUS * 4, vocab_size=vocab_size, min_frequency=2, special_tokens=_SPECIAL_TOKENS, show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
     )
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -18,7 +18,9 @@ _REPLACEMENT = "\ufffd"
 class Decoder(Protocol):
     """The part of a Hugging Face tokenizer this module uses."""
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(
+        self, token_ids: list[int], skip_special_tokens: bool = ..., clean_up_tokenization_spaces: bool = ...
+    ) -> str: ...
 
 
 class IncrementalDetokenizer:

@@ -265,9 +265,7 @@ class ChatPrompt(AbstractChatPrompt):
     def to_messages(self) -> list[dict[str, str]]:
         """OpenAI-style messages; a reply still to come is left out."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [
-            {"role": c.role, "content": c.message} for c in self.chat_contents if c.message is not None
-        ]
+        messages += [{"role": c.role, "content": c.message} for c in self.chat_contents if c.message is not None]
         return messages
 
     def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
@@ -297,4 +295,3 @@ def fit_prompt(prompt: AbstractChatPrompt, count_tokens: _CountsTokens, budget: 
     while count_tokens(text) > budget and prompt.drop_oldest_turn():
         text = prompt.create_prompt()
     return text
-

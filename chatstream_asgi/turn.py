@@ -182,4 +182,3 @@ class ChatTurnResponse(Response):
         if generation is not None:
             self._request.state.chat_generation = generation.stats
         await report_outcome(self._callback, self._request, outcome)
-

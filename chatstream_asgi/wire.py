@@ -80,7 +80,7 @@ def choose_format(scope: Scope, default: StreamFormat) -> StreamFormat | None:
     """`?format=`, then `Accept: text/event-stream`, then `default`; None for an unknown `?format=`."""
     requested = QueryParams(scope.get("query_string", b"")).get("format")
     if requested is not None:
-        return requested if requested in STREAM_FORMATS else None  # type: ignore[return-value]
+        return requested if requested in STREAM_FORMATS else None
     if "text/event-stream" in Headers(scope=scope).get("accept", ""):
         return "sse"
     return default

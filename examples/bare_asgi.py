@@ -19,7 +19,7 @@ chat_stream = ChatStream(model=model, tokenizer=tokenizer)
 
 async def not_found(scope, receive, send):
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return

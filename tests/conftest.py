@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -69,6 +70,8 @@ class ModelHooks:
         self.prefill_delay = 0.0
         self.fail_on_call: int | None = None
         self.prefill_started = threading.Event()
+        #: While set to an unset Event, every forward pass waits for it: a model stuck mid-step.
+        self.hold: threading.Event | None = None
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     def _before_forward(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
@@ -79,6 +82,8 @@ class ModelHooks:
         if is_prefill:
             self.prefills += 1
             self.prefill_started.set()
+        if self.hold is not None:
+            self.hold.wait(HANG_GUARD)
         if self.fail_on_call is not None and self.forward_calls >= self.fail_on_call:
             raise RuntimeError("simulated model failure")
         delay = self.prefill_delay if is_prefill else self.step_delay
@@ -161,7 +166,9 @@ def greedy_reply(model: Any, tokenizer: Any, user_input: str, max_new_tokens: in
     )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
     decoded: str = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     return decoded
 
@@ -177,8 +184,11 @@ def open_chat(url: str, user_input: str) -> socket.socket:
     """A raw HTTP/1.1 client, so the test decides exactly when the connection closes."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    body = ('{"user_input": "%s"}' % user_input).encode()
-    head = f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    body = json.dumps({"user_input": user_input}).encode()
+    head = (
+        f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + body)
     return sock
 

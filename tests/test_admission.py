@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from chatstream_asgi.admission import Admission
@@ -54,7 +55,7 @@ async def test_waiters_are_admitted_in_arrival_order() -> None:
     async with anyio.create_task_group() as tg:
         for index in range(4):
             tg.start_soon(wait, index)
-            await _until(lambda: admission.load().waiting == index + 1)
+            await _until(lambda expected=index + 1: admission.load().waiting == expected)
         assert held is not None
         held.release()
     assert order == [0, 1, 2, 3]
@@ -115,4 +116,4 @@ def test_limits_are_checked() -> None:
 async def _until(condition: object) -> None:
     with anyio.fail_after(5):
         while not condition():  # type: ignore[operator]
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()

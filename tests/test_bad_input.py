@@ -90,7 +90,9 @@ def test_chunked_body_over_the_limit_gets_413_without_a_content_length(server: t
     assert chat_stream.load() == IDLE
 
 
-def test_full_queue_gets_429_with_retry_after_and_no_callback(server: tuple[Any, Any, Outcomes], hooks: ModelHooks) -> None:
+def test_full_queue_gets_429_with_retry_after_and_no_callback(
+    server: tuple[Any, Any, Outcomes], hooks: ModelHooks
+) -> None:
     hooks.step_delay = 0.02
     live, chat_stream, outcomes = server
     running = open_chat(live.url, "running")
@@ -111,7 +113,9 @@ def test_full_queue_gets_429_with_retry_after_and_no_callback(server: tuple[Any,
 
 def test_chatstreams_200_mode_for_too_many_requests(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> None:
     hooks.step_delay = 0.02
-    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=0, too_many_request_as_http_error=False)
+    chat_stream = make_chat_stream(
+        num_of_concurrent_executions=1, max_queue_size=0, too_many_request_as_http_error=False
+    )
     live = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
     with live.client() as a, live.client() as b:
         with a.stream("POST", "/chat_stream", json={"user_input": "running"}) as running:

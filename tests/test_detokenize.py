@@ -19,7 +19,7 @@ TEXTS = [
 def _stream(tokenizer: Any, ids: list[int]) -> list[str]:
     detokenizer = IncrementalDetokenizer(tokenizer)
     pieces = [detokenizer.add([token]) for token in ids]
-    return pieces + [detokenizer.flush()]
+    return [*pieces, detokenizer.flush()]
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -83,7 +83,9 @@ def test_client_leaving_during_prefill_is_classified_before_streaming(slow_serve
     assert chat_stream.load()["processing"] == 0
 
 
-def test_client_leaving_the_queue_never_starts_and_its_place_goes_to_the_next(slow_server: Any, hooks: ModelHooks) -> None:
+def test_client_leaving_the_queue_never_starts_and_its_place_goes_to_the_next(
+    slow_server: Any, hooks: ModelHooks
+) -> None:
     hooks.step_delay = 0.02
     server, chat_stream, outcomes, _ = slow_server(num_of_concurrent_executions=1, max_new_tokens=60)
     running = open_chat(server.url, "first")

@@ -54,7 +54,14 @@ def test_to_dict_round_trip_keeps_chatstreams_shape(tokenizer: Any) -> None:
     prompt.add_responder_msg("Hello!")
     prompt.set_responder_last_msg_id("m1")
     data = prompt.to_dict()
-    assert set(data) >= {"system", "chat_contents", "requester_messages", "responder_messages", "requester", "responder"}
+    assert set(data) >= {
+        "system",
+        "chat_contents",
+        "requester_messages",
+        "responder_messages",
+        "requester",
+        "responder",
+    }
     restored = ChatPrompt.from_dict(data)
     restored.set_tokenizer(tokenizer)
     assert restored.to_dict() == data

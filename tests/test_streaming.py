@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -23,7 +24,9 @@ def chat_server(make_chat_stream: Any, serve: Any) -> Any:
         middleware_options = {k: kwargs.pop(k) for k in ("ping_interval",) if k in kwargs}
         chat_stream = make_chat_stream(**kwargs)
         outcomes = Outcomes()
-        app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, callback=outcomes, **middleware_options)
+        app = ChatStreamMiddleware(
+            Starlette(), chat_stream=chat_stream, serve=True, callback=outcomes, **middleware_options
+        )
         return serve(app), chat_stream, outcomes
 
     return start
@@ -48,7 +51,10 @@ def _sse_events(body: str) -> list[tuple[str, str]]:
 
 def test_delta_stream_concatenates_to_what_model_generate_replies(chat_server: Any, model: Any, tokenizer: Any) -> None:
     server, _, outcomes = chat_server(max_new_tokens=40)
-    with server.client() as client, client.stream("POST", "/chat_stream", json={"user_input": "Hello 日本 😀"}) as response:
+    with (
+        server.client() as client,
+        client.stream("POST", "/chat_stream", json={"user_input": "Hello 日本 😀"}) as response,
+    ):
         assert response.status_code == 200
         chunks = list(response.iter_bytes())
     assert outcomes.wait() == ["success"]
@@ -67,14 +73,16 @@ def test_every_stream_carries_the_message_id_and_no_buffering_headers(chat_serve
     assert len(response.headers["x-chatstream-last-generated-message-id"]) == 36
 
 
-def test_chatstream_format_sends_the_whole_reply_so_far_with_eos_marker(chat_server: Any, model: Any, tokenizer: Any) -> None:
+def test_chatstream_format_sends_the_whole_reply_so_far_with_eos_marker(
+    chat_server: Any, model: Any, tokenizer: Any
+) -> None:
     server, _, outcomes = chat_server(stream_format="chatstream", max_new_tokens=30)
     with server.client() as client, client.stream("POST", "/chat_stream", json={"user_input": "hi"}) as response:
         body = response.read().decode()
     outcomes.wait()
     chunks = [c for c in body.split(CHATSTREAM_EOS) if c]
     assert body.endswith(CHATSTREAM_EOS)
-    assert all(later.startswith(earlier) for earlier, later in zip(chunks, chunks[1:]))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(chunks))
     assert chunks[-1] == greedy_reply(model, tokenizer, "hi", 30)
 
 
@@ -97,7 +105,9 @@ def test_sse_stream_sends_delta_events_then_done_with_usage(chat_server: Any, mo
 def test_format_query_beats_accept_header_which_beats_the_constructor(chat_server: Any) -> None:
     server, _, outcomes = chat_server(stream_format="chatstream")
     with server.client() as client:
-        by_query = client.post("/chat_stream?format=delta", json={"user_input": "a"}, headers={"Accept": "text/event-stream"})
+        by_query = client.post(
+            "/chat_stream?format=delta", json={"user_input": "a"}, headers={"Accept": "text/event-stream"}
+        )
         outcomes.wait(1)
         by_accept = client.post("/chat_stream", json={"user_input": "a"}, headers={"Accept": "text/event-stream"})
         outcomes.wait(2)
@@ -128,7 +138,9 @@ def test_sse_sends_pings_while_the_model_is_silent(chat_server: Any, hooks: Mode
     assert ": ping\r\n\r\n" in response.text
 
 
-def test_stop_string_from_the_request_ends_the_reply_without_printing_it(chat_server: Any, model: Any, tokenizer: Any) -> None:
+def test_stop_string_from_the_request_ends_the_reply_without_printing_it(
+    chat_server: Any, model: Any, tokenizer: Any
+) -> None:
     full = greedy_reply(model, tokenizer, "hi", 40)
     stop = full[10:14]  # a piece from the middle of what the model will say
     server, _, outcomes = chat_server(max_new_tokens=40)
@@ -138,7 +150,9 @@ def test_stop_string_from_the_request_ends_the_reply_without_printing_it(chat_se
     assert response.text == full[: full.index(stop)]
 
 
-def test_stop_string_from_the_constructor_applies_to_every_request(chat_server: Any, model: Any, tokenizer: Any) -> None:
+def test_stop_string_from_the_constructor_applies_to_every_request(
+    chat_server: Any, model: Any, tokenizer: Any
+) -> None:
     full = greedy_reply(model, tokenizer, "hi", 40)
     stop = full[5:8]
     server, _, outcomes = chat_server(max_new_tokens=40, stop=[stop])
@@ -198,7 +212,10 @@ def test_regenerate_replaces_the_last_reply(chat_server: Any) -> None:
     prompt = outcomes.calls[1][0].state.session.get_session()["chat_prompt"]
     assert prompt.get_turn() == 1 and len(prompt.responder_messages) == 1
     assert prompt.get_responder_last_msg() == again.text
-    assert again.headers["x-chatstream-last-generated-message-id"] != first.headers["x-chatstream-last-generated-message-id"]
+    assert (
+        again.headers["x-chatstream-last-generated-message-id"]
+        != first.headers["x-chatstream-last-generated-message-id"]
+    )
     assert prompt.responder_messages[0].get_message_id() == again.headers["x-chatstream-last-generated-message-id"]
 
 
@@ -273,7 +290,9 @@ def test_a_callback_that_raises_is_logged_and_breaks_nothing(make_chat_stream: A
     assert chat_stream.load()["processing"] == 0
 
 
-def test_a_failure_inside_generation_ends_that_request_and_the_server_goes_on(chat_server: Any, hooks: ModelHooks) -> None:
+def test_a_failure_inside_generation_ends_that_request_and_the_server_goes_on(
+    chat_server: Any, hooks: ModelHooks
+) -> None:
     server, chat_stream, outcomes = chat_server(stream_format="sse", max_new_tokens=20)
     with server.client() as client:
         client.post("/chat_stream", json={"user_input": "first"})

@@ -52,9 +52,7 @@ class Engine(Protocol):
         """True once the engine can start generations (model loaded, warmed up)."""
         ...
 
-    def start_generation(
-        self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
-    ) -> Generation:
+    def start_generation(self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int) -> Generation:
         """Begin generating the reply to `prompt` (a copy the engine may keep); call on the event loop."""
         ...
 

@@ -59,7 +59,7 @@ class TextChannel:
 
     # -- loop side -----------------------------------------------------------------------
 
-    async def receive(self, timeout: float) -> str | None:
+    async def receive(self, timeout: float) -> str | None:  # noqa: ASYNC109 (silence is an answer, not an error)
         """Everything queued since the last call; "" after `timeout` s of silence; None at the end."""
         waited = False
         while True:

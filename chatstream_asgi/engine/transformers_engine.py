@@ -151,7 +151,9 @@ class TransformersEngine:
             thread.start()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = "auto", workers: int = 1) -> TransformersEngine:
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device | None = "auto", workers: int = 1
+    ) -> TransformersEngine:
         """Load a model and tokenizer saved with `save_pretrained` (or a hub id, where a hub is reachable)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -248,7 +250,7 @@ class TransformersEngine:
         return ids
 
     def _generation_config(self, params: GenerationParams) -> GenerationConfig:
-        config = copy.deepcopy(self.model.generation_config)
+        config: GenerationConfig = copy.deepcopy(self.model.generation_config)
         config.max_new_tokens = params.max_new_tokens
         config.max_length = None
         config.repetition_penalty = params.repetition_penalty
@@ -268,4 +270,3 @@ class TransformersEngine:
             if candidate is not None:
                 return int(candidate)
         return 0
-
