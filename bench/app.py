@@ -1,0 +1,54 @@
+"""The server under benchmark: serve mode plus a route that reports each chat's figures.
+
+Started by the harness as `uvicorn bench.app:app` in its own process, configured by environment
+variables, so the client's work never shares a GIL or an event loop with the server's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatstream_asgi import ChatStream, ChatStreamMiddleware
+
+_model_path = os.environ["BENCH_MODEL"]
+_finished: list[dict[str, Any]] = []
+
+chat_stream = ChatStream(
+    model=AutoModelForCausalLM.from_pretrained(_model_path),
+    tokenizer=AutoTokenizer.from_pretrained(_model_path),
+    device=os.environ.get("BENCH_DEVICE", "auto"),
+    num_of_concurrent_executions=int(os.environ.get("BENCH_CONCURRENCY", "2")),
+    max_queue_size=int(os.environ.get("BENCH_QUEUE", "5")),
+    max_new_tokens=int(os.environ.get("BENCH_MAX_NEW_TOKENS", "256")),
+    context_len=int(os.environ.get("BENCH_CONTEXT_LEN", "4096")),
+    temperature=0,
+)
+
+
+def _record(request: Request, outcome: str) -> None:
+    stats = getattr(request.state, "chat_generation", None)
+    _finished.append({"outcome": outcome, **(vars(stats) if stats is not None else {})})
+
+
+async def finished(request: Request) -> JSONResponse:
+    return JSONResponse(_finished)
+
+
+async def ping(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+app = ChatStreamMiddleware(
+    Starlette(routes=[Route("/bench/finished", finished), Route("/bench/ping", ping)]),
+    chat_stream=chat_stream,
+    serve=True,
+    health=True,
+    callback=_record,
+)
