@@ -6,7 +6,8 @@ downstream a `receive` that replays it; it opens the session; and it alone calls
 listen for `http.disconnect` whatever ASGI spec version the server reports: uvicorn reports
 2.3 and its `send()` to a gone client returns silently, so listening is the only way to know.
 
-Every other request (other paths, websockets, lifespan) passes straight through.
+Every other request (other paths and methods, websockets, lifespan) passes straight through,
+so an app's own `OPTIONS` (CORS) or `GET` handling of the chat path is never shadowed.
 """
 
 from __future__ import annotations
@@ -68,12 +69,6 @@ class ChatStreamMiddleware:
         route = get_route_path(scope)
         if route == self.path and scope["method"] == "POST":
             await self._chat(scope, receive, send)
-        elif route == self.path and self.serve:
-            await JSONResponse(
-                {"error": "method_not_allowed", "detail": f"{self.path} accepts POST only"},
-                status_code=405,
-                headers={"Allow": "POST"},
-            )(scope, receive, send)
         elif self.health and route in ("/health", "/ready") and scope["method"] in ("GET", "HEAD"):
             await self._health(route, scope, receive, send)
         else:

@@ -142,12 +142,29 @@ def test_stop_string_from_the_request_ends_the_reply_without_printing_it(
     chat_server: Any, model: Any, tokenizer: Any
 ) -> None:
     full = greedy_reply(model, tokenizer, "hi", 40)
-    stop = full[10:14]  # a piece from the middle of what the model will say
+    stop = _stop_string_across_a_token_boundary(model, tokenizer, "hi", 40)
     server, _, outcomes = chat_server(max_new_tokens=40)
     with server.client() as client:
         response = client.post("/chat_stream", json={"user_input": "hi", "stop": [stop]})
     outcomes.wait()
     assert response.text == full[: full.index(stop)]
+
+
+def _stop_string_across_a_token_boundary(model: Any, tokenizer: Any, user_input: str, max_new_tokens: int) -> str:
+    """A stop string the model will produce split over two tokens: the end of one, the start of the next."""
+    import torch
+
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_input}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)
+    pieces = [tokenizer.decode([token]) for token in out[0, ids.shape[1] :].tolist()]
+    for first, second in itertools.pairwise(pieces):
+        if len(first) >= 2 and len(second) >= 2 and "\ufffd" not in first + second:
+            return first[-2:] + second[:2]
+    raise AssertionError(f"no two neighbouring multi-character tokens in {pieces}")
 
 
 def test_stop_string_from_the_constructor_applies_to_every_request(
@@ -338,11 +355,23 @@ def test_non_chat_routes_pass_through_untouched(make_chat_stream: Any, serve: An
     assert get_chat.text == "/chat_stream" and "set-cookie" not in get_chat.headers
 
 
-def test_serve_mode_refuses_other_methods_on_the_chat_path(chat_server: Any) -> None:
-    server, _, _ = chat_server()
+def test_serve_mode_leaves_other_methods_on_the_chat_path_to_the_app(make_chat_stream: Any, serve: Any) -> None:
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    app = Starlette(
+        middleware=[Middleware(CORSMiddleware, allow_origins=["https://chat.example"], allow_methods=["POST"])]
+    )
+    server = serve(ChatStreamMiddleware(app, chat_stream=make_chat_stream(), serve=True))
     with server.client() as client:
-        response = client.get("/chat_stream")
-    assert response.status_code == 405 and response.headers["allow"] == "POST"
+        preflight = client.options(
+            "/chat_stream",
+            headers={"Origin": "https://chat.example", "Access-Control-Request-Method": "POST"},
+        )
+        get = client.get("/chat_stream")
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://chat.example"
+    assert get.status_code == 404
 
 
 def test_handler_without_the_middleware_says_what_is_missing(make_chat_stream: Any) -> None:
