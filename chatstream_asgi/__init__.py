@@ -6,6 +6,7 @@ from chatstream_asgi.errors import ChatStreamError
 from chatstream_asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, RoleType
+from chatstream_asgi.redis_store import RedisStore
 from chatstream_asgi.session import MemoryStore, Session, SessionStore
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
@@ -31,6 +32,7 @@ __all__ = [
     "GenerationParams",
     "Load",
     "MemoryStore",
+    "RedisStore",
     "RoleType",
     "Session",
     "SessionStore",

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import anyio
 import transformers
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,7 +30,8 @@ from chatstream_asgi.errors import (
 from chatstream_asgi.exchange import exchange_of
 from chatstream_asgi.params import GenerationParams, parse_chat_request
 from chatstream_asgi.prompt import AbstractChatPrompt, ChatPrompt
-from chatstream_asgi.session import CHAT_PROMPT_KEY, Session
+from chatstream_asgi.routes import ApiOptions, append_apis, handle_api
+from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Session
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     ChatTurnResponse,
@@ -136,8 +138,6 @@ class ChatStream:
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.name = name or _model_name(engine)
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
-        # Sessions with a turn queued or running here; a second turn meanwhile is refused.
-        self._busy_sessions: set[str] = set()
 
     @property
     def ready(self) -> bool:
@@ -179,22 +179,29 @@ class ChatStream:
             if stream_format is None:
                 raise InvalidRequest(f"'format' must be one of {', '.join(STREAM_FORMATS)}")
             turn = parse_chat_request(exchange.body if request_body is None else request_body)
-            params = self.params.with_overrides(turn.overrides, max_new_tokens_limit=self.params.max_new_tokens)
-            prompt = self._session_prompt(session)
-            if turn.regenerate and not prompt.has_reply_to_regenerate():
-                raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-            if session.session_id in self._busy_sessions:
+            limit = self.params.max_new_tokens
+            self.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
+            if not await session.lock_turn():
                 raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
-            self._busy_sessions.add(session.session_id)
             try:
+                # Another replica may have finished a turn since this request loaded the session.
+                await session.reload()
+                stored = dict(session.get_session().get(GENERATION_PARAMS_KEY, {}))
+                if "max_new_tokens" in stored:  # the server's limit may have dropped since it was set
+                    stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
+                params = self.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
+                prompt = self._session_prompt(session)
+                if turn.regenerate and not prompt.has_reply_to_regenerate():
+                    raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
                 slot = await self.admission.admit(exchange.client_left)
             except BaseException:
-                self._busy_sessions.discard(session.session_id)
+                with anyio.CancelScope(shield=True):
+                    await session.unlock_turn()
                 raise
         except ChatStreamError as error:
             return self._refusal(error)
         if slot is None:
-            self._busy_sessions.discard(session.session_id)
+            await session.unlock_turn()
             await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
         return ChatTurnResponse(
@@ -209,8 +216,45 @@ class ChatStream:
             context_len=self.context_len,
             encoder=encoder_for(stream_format),
             callback=callback,
-            on_finished=lambda: self._busy_sessions.discard(session.session_id),
         )
+
+    def append_apis(self, app: Any, opts: ApiOptions | None = None) -> None:
+        """Mount ChatStream's conversation APIs on a Starlette/FastAPI `app`, as ChatStream does.
+
+        `opts`: `{"all": True}`, `{"include": [...]}` or `{"exclude": [...]}`, plus optionally
+        `"on_feedback_received": fn`. The middleware attaches sessions on these paths.
+        """
+        append_apis(self, app, opts or {})
+
+    # ChatStream's per-API handlers, for endpoints written against them.
+
+    async def handle_clear_context_request(self, request: Request) -> Response:
+        """`POST /clear_context`: forget this session's conversation."""
+        return await handle_api(self, "clear_context", request, {})
+
+    async def handle_get_prompt_request(self, request: Request) -> Response:
+        """`GET /get_prompt`: the current prompt text (URL-quoted, as ChatStream sends it)."""
+        return await handle_api(self, "get_prompt", request, {})
+
+    async def handle_set_generation_params_request(self, request: Request) -> Response:
+        """`POST /set_generation_params`: this session's sampling parameters."""
+        return await handle_api(self, "set_generation_params", request, {})
+
+    async def handle_get_generation_params_request(self, request: Request) -> Response:
+        """`GET /get_generation_params`: the parameters this session's next turn uses."""
+        return await handle_api(self, "get_generation_params", request, {})
+
+    async def handle_set_feedback_request(self, request: Request, opts: ApiOptions | None = None) -> Response:
+        """`POST /set_feedback`: hand a like/dislike on a message to `opts["on_feedback_received"]`."""
+        return await handle_api(self, "set_feedback", request, opts or {})
+
+    async def handle_get_load_request(self, request: Request) -> Response:
+        """`GET /get_load`: generations running and waiting."""
+        return await handle_api(self, "get_load", request, {})
+
+    async def handle_get_resource_usage_request(self, request: Request) -> Response:
+        """`GET /get_resource_usage`: process and GPU memory."""
+        return await handle_api(self, "get_resource_usage", request, {})
 
     def close(self) -> None:
         """Stop the engine's threads (they finish what they run first)."""

@@ -14,6 +14,8 @@ from starlette.types import ASGIApp
 from chatstream_asgi.chat_stream import ChatStream
 from chatstream_asgi.demo_model import ensure_demo_model
 from chatstream_asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.redis_store import RedisStore
+from chatstream_asgi.session import MemoryStore
 
 logger = logging.getLogger("chatstream_asgi.cli")
 
@@ -51,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--session-store",
         default="memory",
-        choices=["memory"],
-        help="where conversations live (default: %(default)s)",
+        type=_session_store_option,
+        help="memory, or redis://host:port/db to share conversations between replicas "
+        "(needs --secret-key or $CHATSTREAM_SECRET_KEY; default: %(default)s)",
     )
     serve.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
     return parser
@@ -79,8 +82,15 @@ def build_app(args: argparse.Namespace) -> tuple[ASGIApp, str]:
         max_new_tokens=args.max_new_tokens,
         context_len=args.context_len,
     )
+    store = RedisStore(args.session_store) if args.session_store != "memory" else MemoryStore()
     app = ChatStreamMiddleware(
-        Starlette(), chat_stream=chat_stream, serve=True, health=True, secret_key=args.secret_key
+        Starlette(),
+        chat_stream=chat_stream,
+        serve=True,
+        health=True,
+        session_store=store,
+        secret_key=args.secret_key,
+        apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
     )
     return app, source
 
@@ -92,14 +102,21 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         app, source = build_app(args)
     except (OSError, ValueError) as error:
-        print(f"chatstream-asgi: cannot load the model: {error}", file=sys.stderr)
+        print(f"chatstream-asgi: cannot start: {error}", file=sys.stderr)
         return 1
     base = f"http://{args.host}:{args.port}"
     print(f"chatstream-asgi serving {source}", flush=True)
     print(f'  chat:   curl -N {base}/chat_stream -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
+    print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _session_store_option(text: str) -> str:
+    if text != "memory" and not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"expected memory or a redis:// URL, not {text!r}")
+    return text
 
 
 def _positive(text: str) -> int:

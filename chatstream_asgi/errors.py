@@ -51,6 +51,13 @@ class NothingToRegenerate(ChatStreamError):
     code = "nothing_to_regenerate"
 
 
+class NotFound(ChatStreamError):
+    """The thing named (a message id, a model) does not exist."""
+
+    status_code = 404
+    code = "not_found"
+
+
 class SessionBusy(ChatStreamError):
     """A turn of this session is already queued or running."""
 
@@ -97,9 +104,21 @@ class ServiceUnavailable(ChatStreamError):
     code = "shutting_down"
 
 
-def error_body(error: ChatStreamError) -> dict[str, object]:
-    """The JSON object sent for `error`."""
-    body: dict[str, object] = {"error": error.code, "detail": error.detail}
+class SessionStoreUnavailable(ChatStreamError):
+    """The session store did not answer in time, or is down."""
+
+    status_code = 503
+    code = "session_store_unavailable"
+
+
+def error_body(error: ChatStreamError, *, chatstream_shape: bool = False) -> dict[str, object]:
+    """The JSON object sent for `error`.
+
+    `chatstream_shape` adds ChatStream's `{"success": false, "message": ...}` keys, which its
+    conversation APIs answer with and its front-ends read.
+    """
+    body: dict[str, object] = {"success": False, "message": error.detail} if chatstream_shape else {}
+    body |= {"error": error.code, "detail": error.detail}
     if isinstance(error, InvalidParameter):
         body["field"] = error.field
     if isinstance(error, TooManyRequests):
@@ -107,18 +126,20 @@ def error_body(error: ChatStreamError) -> dict[str, object]:
     return body
 
 
-def error_response(error: ChatStreamError, *, status_code: int | None = None) -> JSONResponse:
+def error_response(
+    error: ChatStreamError, *, status_code: int | None = None, chatstream_shape: bool = False
+) -> JSONResponse:
     """A Starlette response for `error`; `status_code` overrides the status (ChatStream's 200 mode)."""
     return JSONResponse(
-        error_body(error),
+        error_body(error, chatstream_shape=chatstream_shape),
         status_code=error.status_code if status_code is None else status_code,
         headers=error.headers(),
     )
 
 
-async def send_error(send: Send, error: ChatStreamError) -> None:
+async def send_error(send: Send, error: ChatStreamError, *, chatstream_shape: bool = False) -> None:
     """Answer with `error` on a raw ASGI `send`, for refusals made before any app runs."""
-    payload = json.dumps(error_body(error)).encode()
+    payload = json.dumps(error_body(error, chatstream_shape=chatstream_shape)).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),

@@ -6,11 +6,17 @@ downstream a `receive` that replays it; it opens the session; and it alone calls
 listen for `http.disconnect` whatever ASGI spec version the server reports: uvicorn reports
 2.3 and its `send()` to a gone client returns silently, so listening is the only way to know.
 
-Every other request (other paths and methods, websockets, lifespan) passes straight through,
-so an app's own `OPTIONS` (CORS) or `GET` handling of the chat path is never shadowed.
+ChatStream's conversation APIs get the session too, whether the middleware serves them
+(`apis=`) or the app mounted them (`chat_stream.append_apis`). Every other request (other paths
+and methods, websockets, lifespan) passes straight through, so an app's own `OPTIONS` (CORS) or
+`GET` handling of these paths is never shadowed.
 """
 
 from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
 
 import anyio
 from starlette._utils import get_route_path
@@ -20,10 +26,13 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream_asgi.chat_stream import ChatStream
-from chatstream_asgi.errors import BodyTooLarge, send_error
+from chatstream_asgi.errors import BodyTooLarge, SessionStoreUnavailable, send_error
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
-from chatstream_asgi.session import CookieSigner, MemoryStore, Session, SessionStore
+from chatstream_asgi.routes import API_METHODS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
+from chatstream_asgi.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
 from chatstream_asgi.turn import OutcomeCallback
+
+logger = logging.getLogger(__name__)
 
 
 class ChatStreamMiddleware:
@@ -42,6 +51,7 @@ class ChatStreamMiddleware:
         secret_key: str | bytes | None = None,
         session_cookie: str = "chatstream_session",
         https_only: bool = False,
+        apis: ApiOptions | None = None,
         health: bool = False,
         ping_interval: float = 15.0,
     ) -> None:
@@ -49,16 +59,25 @@ class ChatStreamMiddleware:
             raise ValueError(f"max_body_size must be at least 1 byte, not {max_body_size}")
         if ping_interval <= 0:
             raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
+        store: SessionStore = session_store if session_store is not None else MemoryStore()
+        if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
+            raise ValueError(
+                f"{type(store).__name__} is shared by replicas, so they must sign cookies with one key: "
+                f"pass secret_key= or set {SECRET_KEY_ENV} (a random key per process would make each "
+                "replica drop the others' sessions)"
+            )
         self.app = app
         self.chat_stream = chat_stream
         self.serve = serve
         self.callback = callback
         self.path = path
         self.max_body_size = max_body_size
-        self.session_store: SessionStore = session_store if session_store is not None else MemoryStore()
+        self.session_store = store
         self.session_cookie = session_cookie
         self.health = health
         self.ping_interval = ping_interval
+        self.api_options: ApiOptions = apis or {}
+        self.served_apis = enabled_apis(apis)
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
 
@@ -67,9 +86,13 @@ class ChatStreamMiddleware:
             await self.app(scope, receive, send)
             return
         route = get_route_path(scope)
-        if route == self.path and scope["method"] == "POST":
+        method = scope["method"]
+        api = route[1:]
+        if route == self.path and method == "POST":
             await self._chat(scope, receive, send)
-        elif self.health and route in ("/health", "/ready") and scope["method"] in ("GET", "HEAD"):
+        elif API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
+            await self._api(api, scope, receive, send)
+        elif self.health and route in ("/health", "/ready") and method == "GET":
             await self._health(route, scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -82,52 +105,98 @@ class ChatStreamMiddleware:
             return
         if body is None:
             return  # the client left while sending: nothing was admitted, nothing to report
-        session = await self._open_session(scope)
-        exchange = ChatExchange(body, session, self.ping_interval)
-        scope[EXCHANGE_KEY] = exchange
-        scope["state"] = {**scope.get("state", {}), "session": session}
-        body_replayed = False
 
-        async def replay_receive() -> Message:
-            nonlocal body_replayed
-            if not body_replayed:
-                body_replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await exchange.ended.wait()
-            return {"type": "http.disconnect"}
+        async def converse(session: Session, send: Send) -> None:
+            exchange = ChatExchange(body, session, self.ping_interval)
+            scope[EXCHANGE_KEY] = exchange
+            body_replayed = False
+
+            async def replay_receive() -> Message:
+                nonlocal body_replayed
+                if not body_replayed:
+                    body_replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await exchange.ended.wait()
+                return {"type": "http.disconnect"}
+
+            async def send_and_watch(message: Message) -> None:
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    exchange.response_complete = True
+                await send(message)
+                if exchange.response_complete:
+                    exchange.ended.set()
+
+            async def watch_for_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                # After the final body, servers report a disconnect too: that one is not a client leaving.
+                if not exchange.response_complete:
+                    exchange.client_left.set()
+                exchange.ended.set()
+
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(watch_for_disconnect)
+                if self.session_store.lock_ttl is not None:
+                    task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
+                try:
+                    if self.serve:
+                        request = Request(scope, replay_receive)
+                        response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
+                        await response(scope, replay_receive, send_and_watch)
+                    else:
+                        await self.app(scope, replay_receive, send_and_watch)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await exchange.close()
+                    task_group.cancel_scope.cancel()
+
+        await self._with_session(scope, send, converse, chatstream_shape=False)
+
+    async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        async def answer(session: Session | None, send: Send) -> None:
+            if name in self.served_apis:
+                response = await handle_api(self.chat_stream, name, Request(scope, receive), self.api_options)
+                await response(scope, receive, send)
+            else:  # the app mounted it (append_apis): it only needs the session
+                await self.app(scope, receive, send)
+
+        if name in SESSION_APIS:
+            await self._with_session(scope, send, answer, chatstream_shape=True)
+        else:
+            await answer(None, send)
+
+    async def _with_session(
+        self,
+        scope: Scope,
+        send: Send,
+        run: Callable[[Session, Send], Awaitable[None]],
+        *,
+        chatstream_shape: bool,
+    ) -> None:
+        """Open the cookie's session around `run`: a new session's cookie goes out with the
+        response, marked changes are stored at the end, and a held turn lock is released."""
+        try:
+            session = await self._open_session(scope)
+        except SessionStoreUnavailable as error:
+            await send_error(send, error, chatstream_shape=chatstream_shape)
+            return
+        scope["state"] = {**scope.get("state", {}), "session": session}
 
         async def send_with_cookie(message: Message) -> None:
             if message["type"] == "http.response.start" and session.is_new:
                 cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                exchange.response_complete = True
             await send(message)
-            if exchange.response_complete:
-                exchange.ended.set()
 
-        async def watch_for_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            # After the final body, servers report a disconnect too: that one is not a client leaving.
-            if not exchange.response_complete:
-                exchange.client_left.set()
-            exchange.ended.set()
-
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(watch_for_disconnect)
-            try:
-                if self.serve:
-                    request = Request(scope, replay_receive)
-                    response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
-                    await response(scope, replay_receive, send_with_cookie)
-                else:
-                    await self.app(scope, replay_receive, send_with_cookie)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await exchange.close()
+        try:
+            await run(session, send_with_cookie)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
                     await session.persist()
-                task_group.cancel_scope.cancel()
+                except SessionStoreUnavailable as error:  # the response is out; say so in the log
+                    logger.warning("session %s not saved: %s", session.session_id, error.detail)
+                await session.unlock_turn()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None if the client left; `BodyTooLarge` past `max_body_size`."""

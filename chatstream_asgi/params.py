@@ -64,6 +64,46 @@ class GenerationParams:
         return dataclasses.replace(self, **changes)
 
 
+#: The per-session parameters `/set_generation_params` keeps, under ChatStream's names.
+SESSION_PARAM_NAMES = {
+    "temperature": "temperature",
+    "top_k": "top_k_value",
+    "top_p": "top_p_value",
+    "max_new_tokens": "max_new_tokens",
+}
+
+
+def session_params_update(
+    stored: dict[str, Any], update: dict[str, Any], *, defaults: GenerationParams
+) -> dict[str, Any]:
+    """The session's parameters after `update` (a `/set_generation_params` body); nothing is
+    changed if any value is bad. A null value returns that parameter to the server's default."""
+    merged = dict(stored)
+    for key, value in update.items():
+        field = _PARAM_KEYS.get(key)
+        if field is None or field == "stop":
+            allowed = "temperature, top_k_value (top_k), top_p_value (top_p), max_new_tokens"
+            raise InvalidRequest(f"unknown generation parameter {key!r}; known: {allowed}")
+        name = SESSION_PARAM_NAMES[field]
+        if value is None:
+            merged.pop(name, None)
+            continue
+        defaults.with_overrides({key: value}, max_new_tokens_limit=defaults.max_new_tokens)
+        merged[name] = float(value) if field in ("temperature", "top_p") else int(value)
+    return merged
+
+
+def session_params_view(stored: dict[str, Any], defaults: GenerationParams) -> dict[str, Any]:
+    """The parameters a session's next turn will use, under ChatStream's names."""
+    return {
+        "temperature": defaults.temperature,
+        "top_k_value": defaults.top_k,
+        "top_p_value": defaults.top_p,
+        "max_new_tokens": defaults.max_new_tokens,
+        **stored,
+    }
+
+
 def _check_field(key: str, field: str, value: object) -> None:
     """Check `value` for `field`, naming it `key` (the client's spelling) in the error."""
     if field == "max_new_tokens":
@@ -89,8 +129,8 @@ class ChatTurnRequest:
     overrides: dict[str, Any]
 
 
-def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
-    """Parse and check a `/chat_stream` body (DESIGN §4); raises a 400-class `ChatStreamError`."""
+def parse_json_object(body: bytes | str) -> dict[str, Any]:
+    """A request body that must be a UTF-8 JSON object; `InvalidJSON` says what is wrong."""
     if isinstance(body, bytes):
         try:
             body = body.decode("utf-8")
@@ -102,6 +142,12 @@ def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
         raise InvalidJSON(f"body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
     if not isinstance(data, dict):
         raise InvalidJSON(f"body must be a JSON object, not {_json_type(data)}")
+    return data
+
+
+def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
+    """Parse and check a `/chat_stream` body (DESIGN §4); raises a 400-class `ChatStreamError`."""
+    data = parse_json_object(body)
     regenerate = data.get("regenerate", False)
     if not isinstance(regenerate, bool):
         raise InvalidRequest(f"'regenerate' must be a boolean, not {_json_type(regenerate)}")

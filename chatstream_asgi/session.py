@@ -3,7 +3,10 @@
 The cookie carries only a random id (from `secrets`) and an HMAC of it, so a client can neither
 forge another user's id nor read anything from it. Session data is stored as JSON: a
 `ChatPrompt` goes in as its `to_dict()`, so nothing is ever unpickled from a store, and a
-store shared by replicas (Redis, next) holds plain data any of them can read.
+store shared by replicas (`RedisStore`) holds plain data any of them can read.
+
+A store also keeps the per-session turn lock, so that a second turn of one conversation is
+refused (409) wherever it lands, not only on the replica running the first.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import time
@@ -19,18 +23,34 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import anyio
+import anyio.lowlevel
+
+from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.prompt import AbstractChatPrompt
+
+logger = logging.getLogger(__name__)
 
 #: The session key under which ChatStream (and the seed's callbacks) keep the conversation.
 CHAT_PROMPT_KEY = "chat_prompt"
-_SECRET_ENV = "CHATSTREAM_SECRET_KEY"
+#: The session key of the per-session generation parameters (`/set_generation_params`).
+GENERATION_PARAMS_KEY = "generation_params"
+SECRET_KEY_ENV = "CHATSTREAM_SECRET_KEY"
 
 
 class SessionStore(Protocol):
-    """Where session data lives between requests. Values are JSON-ready dicts."""
+    """Where session data lives between requests. Values are JSON-ready dicts.
+
+    Failures to reach the store raise `SessionStoreUnavailable`.
+    """
+
+    #: True when several processes share the store, so they must share the cookie key too.
+    shared: bool
+    #: Seconds a turn lock lives unless refreshed; None when locks never expire.
+    lock_ttl: float | None
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
-        """The data saved under `session_id`, or None if there is none (or it expired)."""
+        """The data saved under `session_id` (its TTL refreshed), or None if there is none."""
         ...
 
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
@@ -41,6 +61,38 @@ class SessionStore(Protocol):
         """Forget `session_id`."""
         ...
 
+    async def lock_turn(self, session_id: str) -> str | None:
+        """Take the session's turn lock; a token to release it with, or None if it is held."""
+        ...
+
+    async def refresh_turn(self, session_id: str, token: str) -> None:
+        """Extend a held lock's lifetime (stores whose locks expire)."""
+        ...
+
+    async def unlock_turn(self, session_id: str, token: str) -> None:
+        """Release the lock if `token` still holds it."""
+        ...
+
+
+def trim_turns(data: dict[str, Any], max_turns: int | None) -> dict[str, Any]:
+    """`data` with its stored conversation cut to the newest `max_turns` turns (a turn = a request
+    and its replies)."""
+    prompt = data.get(CHAT_PROMPT_KEY)
+    if max_turns is None or not isinstance(prompt, dict):
+        return data
+    contents = prompt.get("chat_contents", [])
+    starts = [i for i, c in enumerate(contents) if c.get("role_type") == "REQUESTER"]
+    if len(starts) <= max_turns:
+        return data
+    kept = contents[starts[-max_turns] :]
+    trimmed = {
+        **prompt,
+        "chat_contents": kept,
+        "requester_messages": [c for c in kept if c.get("role_type") == "REQUESTER"],
+        "responder_messages": [c for c in kept if c.get("role_type") == "RESPONDER"],
+    }
+    return {**data, CHAT_PROMPT_KEY: trimmed}
+
 
 class MemoryStore:
     """In-process store: bounded (least recently used goes first) and expiring.
@@ -49,19 +101,27 @@ class MemoryStore:
     loaded dict cannot change what is stored until it saves.
     """
 
-    def __init__(self, max_sessions: int = 10000, ttl: float = 86400) -> None:
+    shared: bool = False
+    lock_ttl: float | None = None  # process-local locks die with the process
+
+    def __init__(self, max_sessions: int = 10000, ttl: float = 86400, max_turns: int | None = None) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
         if ttl <= 0:
             raise ValueError(f"ttl must be positive seconds, not {ttl}")
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1 (or None), not {max_turns}")
         self.max_sessions = max_sessions
         self.ttl = ttl
+        self.max_turns = max_turns
         self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._turn_locks: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
+        await anyio.lowlevel.checkpoint()
         entry = self._entries.get(session_id)
         if entry is None:
             return None
@@ -75,13 +135,30 @@ class MemoryStore:
         return data
 
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
-        self._entries[session_id] = (time.monotonic() + self.ttl, json.dumps(data))
+        await anyio.lowlevel.checkpoint()
+        self._entries[session_id] = (time.monotonic() + self.ttl, json.dumps(trim_turns(data, self.max_turns)))
         self._entries.move_to_end(session_id)
         while len(self._entries) > self.max_sessions:
             self._entries.popitem(last=False)
 
     async def delete(self, session_id: str) -> None:
+        await anyio.lowlevel.checkpoint()
         self._entries.pop(session_id, None)
+
+    async def lock_turn(self, session_id: str) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        if session_id in self._turn_locks:
+            return None
+        token = self._turn_locks[session_id] = secrets.token_hex(8)
+        return token
+
+    async def refresh_turn(self, session_id: str, token: str) -> None:
+        await anyio.lowlevel.checkpoint()  # nothing expires
+
+    async def unlock_turn(self, session_id: str, token: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self._turn_locks.get(session_id) == token:
+            del self._turn_locks[session_id]
 
 
 class CookieSigner:
@@ -89,7 +166,7 @@ class CookieSigner:
 
     def __init__(self, secret_key: str | bytes | None) -> None:
         if secret_key is None:
-            secret_key = os.environ.get(_SECRET_ENV) or secrets.token_bytes(32)
+            secret_key = os.environ.get(SECRET_KEY_ENV) or secrets.token_bytes(32)
         self._key = secret_key.encode() if isinstance(secret_key, str) else secret_key
 
     @staticmethod
@@ -136,6 +213,7 @@ class Session:
         self._store = store
         self._prompt_from_dict = prompt_from_dict
         self._dirty = False
+        self._turn_token: str | None = None
 
     @classmethod
     async def open(
@@ -174,3 +252,39 @@ class Session:
             data[CHAT_PROMPT_KEY] = prompt.to_dict()
         await self._store.save(self.session_id, data)
         self._dirty = False
+
+    async def clear(self) -> None:
+        """Forget everything in this session, in the store too."""
+        self._data.clear()
+        self._dirty = False
+        await self._store.delete(self.session_id)
+
+    # -- the turn lock: one running turn per conversation ---------------------------------
+
+    async def lock_turn(self) -> bool:
+        """Take this conversation's turn lock; False if another turn holds it (anywhere)."""
+        self._turn_token = await self._store.lock_turn(self.session_id)
+        return self._turn_token is not None
+
+    async def unlock_turn(self) -> None:
+        """Release the turn lock if this request holds it (a store that is down lets it expire)."""
+        token, self._turn_token = self._turn_token, None
+        if token is None:
+            return
+        try:
+            await self._store.unlock_turn(self.session_id, token)
+        except SessionStoreUnavailable as error:
+            logger.warning("turn lock of session %s left to expire: %s", self.session_id, error.detail)
+
+    async def reload(self) -> None:
+        """Re-read the session from its store, in place (what `get_session()` returned stays valid)."""
+        fresh = await type(self).open(self.session_id, self._store, self._prompt_from_dict)
+        self._data.clear()
+        self._data.update(fresh.get_session())
+
+    async def keep_turn_locked(self, every: float) -> None:
+        """Refresh the held turn lock every `every` seconds, for as long as it is held."""
+        while True:
+            await anyio.sleep(every)
+            if self._turn_token is not None:
+                await self._store.refresh_turn(self.session_id, self._turn_token)

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from chatstream_asgi.admission import Slot
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed
+from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
@@ -67,7 +68,6 @@ class ChatTurnResponse(Response):
         context_len: int,
         encoder: WireEncoder,
         callback: OutcomeCallback | None,
-        on_finished: Callable[[], None],
     ) -> None:
         self.message_id = str(uuid.uuid4())
         # As StreamingResponse does: no body attribute, so no Content-Length is declared.
@@ -83,7 +83,6 @@ class ChatTurnResponse(Response):
         self._context_len = context_len
         self._encoder = encoder
         self._callback = callback
-        self._on_finished = on_finished
         self._generation: Generation | None = None
         self._finished = False
         self._sent_text = False
@@ -176,9 +175,11 @@ class ChatTurnResponse(Response):
         session.save_session()
         try:
             await session.persist()
-        finally:
-            self._slot.release()
-            self._on_finished()
+        except SessionStoreUnavailable as error:
+            # The reply was delivered; only its record is lost. Nothing in memory is half-written.
+            logger.warning("session %s not saved after its turn: %s", session.session_id, error.detail)
+        self._slot.release()
+        await session.unlock_turn()
         if generation is not None:
             self._request.state.chat_generation = generation.stats
         await report_outcome(self._callback, self._request, outcome)

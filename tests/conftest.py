@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -180,13 +183,14 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return backend
 
 
-def open_chat(url: str, user_input: str) -> socket.socket:
+def open_chat(url: str, user_input: str, cookie: str | None = None) -> socket.socket:
     """A raw HTTP/1.1 client, so the test decides exactly when the connection closes."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     body = json.dumps({"user_input": user_input}).encode()
+    cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
     head = (
-        f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\n{cookie_line}"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     sock.sendall(head.encode() + body)
@@ -200,3 +204,63 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
         assert chunk, "server closed the connection"
         data += chunk
     return data
+
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1 that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is not installed: .ci/run installs it (Debian package redis-server)")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self._binary = binary
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        assert wait_until(self._answers), "redis-server did not start"
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(HANG_GUARD)
+            self._process = None
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The Redis that .ci/run started (CHATSTREAM_TEST_REDIS_URL), else one started here."""
+    url = os.environ.get("CHATSTREAM_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own, so tests sharing one Redis never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}:"

@@ -91,4 +91,4 @@ def test_serve_with_a_missing_model_folder_fails_with_a_message(tmp_path: Path) 
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 1
-    assert "cannot load the model" in result.stderr
+    assert "cannot start" in result.stderr

@@ -1,0 +1,121 @@
+"""`RedisStore`: sessions and turn locks in Redis, shared by every replica behind a load balancer.
+
+Every key starts with `prefix` (`chatstream:session:<id>`, `chatstream:lock:<id>`), so one Redis
+can serve several deployments. Sessions are JSON strings whose TTL is refreshed on every read
+(`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL that the running turn
+keeps refreshing, so a replica that dies mid-turn frees its sessions within `lock_ttl` seconds;
+release and refresh check the token in one Lua script, so nobody frees a lock it lost.
+
+Every call is bounded by `timeout`: a Redis that is down or stalled turns into
+`SessionStoreUnavailable` (503) quickly instead of a hung request, and the next call simply
+tries again, so service resumes by itself when Redis is back. redis-py's asyncio client makes
+this store asyncio-only (uvicorn, hypercorn's asyncio worker).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+import anyio
+
+from chatstream_asgi.errors import SessionStoreUnavailable
+from chatstream_asgi.session import trim_turns
+
+_UNLOCK_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+_EXTEND_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+class RedisStore:
+    """Session store in Redis (install with `pip install "chatstream-asgi[redis]"`)."""
+
+    shared: bool = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "chatstream:",
+        ttl: float = 86400,
+        timeout: float = 2.0,
+        max_turns: int | None = 100,
+        lock_ttl: float = 30.0,
+    ) -> None:
+        try:
+            import redis.asyncio as redis_asyncio
+            from redis.exceptions import RedisError
+        except ImportError as error:
+            raise ImportError('RedisStore needs redis-py: pip install "chatstream-asgi[redis]"') from error
+        if ttl <= 0 or timeout <= 0 or lock_ttl <= 0:
+            raise ValueError("ttl, timeout and lock_ttl must be positive seconds")
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"max_turns must be at least 1 (or None), not {max_turns}")
+        self.url = url
+        self.prefix = prefix
+        self.ttl = ttl
+        self.timeout = timeout
+        self.max_turns = max_turns
+        self.lock_ttl: float | None = lock_ttl
+        self._lock_ttl_ms = int(lock_ttl * 1000)
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._redis = redis_asyncio.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self._unlock = self._redis.register_script(_UNLOCK_IF_OWNER)
+        self._extend = self._redis.register_script(_EXTEND_IF_OWNER)
+
+    async def load(self, session_id: str) -> dict[str, Any] | None:
+        text = await self._call(self._redis.getex(self._session_key(session_id), ex=int(self.ttl)))
+        if text is None:
+            return None
+        data: dict[str, Any] = json.loads(text)
+        return data
+
+    async def save(self, session_id: str, data: dict[str, Any]) -> None:
+        text = json.dumps(trim_turns(data, self.max_turns))
+        await self._call(self._redis.set(self._session_key(session_id), text, ex=int(self.ttl)))
+
+    async def delete(self, session_id: str) -> None:
+        await self._call(self._redis.delete(self._session_key(session_id)))
+
+    async def lock_turn(self, session_id: str) -> str | None:
+        token = secrets.token_hex(16)
+        taken = await self._call(self._redis.set(self._lock_key(session_id), token, nx=True, px=self._lock_ttl_ms))
+        return token if taken else None
+
+    async def refresh_turn(self, session_id: str, token: str) -> None:
+        await self._call(self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms]))
+
+    async def unlock_turn(self, session_id: str, token: str) -> None:
+        await self._call(self._unlock(keys=[self._lock_key(session_id)], args=[token]))
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._redis.aclose()
+
+    async def _call(self, operation: Any) -> Any:
+        try:
+            with anyio.fail_after(self.timeout):
+                return await operation
+        except self._errors as error:
+            raise SessionStoreUnavailable(
+                f"the session store at {self._safe_url()} did not answer: {type(error).__name__}"
+            ) from error
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _lock_key(self, session_id: str) -> str:
+        return f"{self.prefix}lock:{session_id}"
+
+    def _safe_url(self) -> str:
+        """The URL without a password, for error messages."""
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"

@@ -1,0 +1,116 @@
+"""Conversations in Redis: shared by replicas, locked across them, and surviving Redis going away."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+
+from chatstream_asgi import ChatStreamMiddleware, RedisStore
+
+from .conftest import ModelHooks, Outcomes, RedisServer, open_chat, read_until, wait_until
+
+SECRET = "a-key-every-replica-shares"
+
+
+@pytest.fixture
+def replica(make_chat_stream: Any, serve: Any, redis_url: str, redis_prefix: str) -> Any:
+    """Start a server (its own ChatStream and RedisStore) on the shared Redis."""
+
+    def start(url: str = redis_url, **store_options: Any) -> tuple[Any, Outcomes]:
+        outcomes = Outcomes()
+        store = RedisStore(url, prefix=redis_prefix, **store_options)
+        app = ChatStreamMiddleware(
+            Starlette(),
+            chat_stream=make_chat_stream(stream_format="sse"),
+            serve=True,
+            callback=outcomes,
+            session_store=store,
+            secret_key=SECRET,
+            apis={"all": True},
+        )
+        return serve(app), outcomes
+
+    return start
+
+
+def _usage(sse_body: str) -> dict[str, int]:
+    last = sse_body.strip().split("\r\n\r\n")[-1]
+    usage: dict[str, int] = json.loads(last.split("data: ", 1)[1])["usage"]
+    return usage
+
+
+def test_two_replicas_continue_one_conversation_whichever_a_turn_lands_on(replica: Any) -> None:
+    (a, a_outcomes), (b, b_outcomes) = replica(), replica()
+    with a.client() as client_a:
+        first = client_a.post("/chat_stream", json={"user_input": "first, on replica A"})
+        cookies = client_a.cookies
+    a_outcomes.wait()
+    with b.client(cookies=cookies) as client_b:
+        second = client_b.post("/chat_stream", json={"user_input": "second, on replica B"})
+        assert "set-cookie" not in second.headers  # B accepted A's cookie
+    b_outcomes.wait()
+    with a.client(cookies=cookies) as client_a:
+        third = client_a.post("/chat_stream", json={"user_input": "third, back on A"})
+    a_outcomes.wait(2)
+    assert _usage(second.text)["prompt_tokens"] > _usage(first.text)["prompt_tokens"]
+    assert _usage(third.text)["prompt_tokens"] > _usage(second.text)["prompt_tokens"]
+    prompt = a_outcomes.calls[1][0].state.session.get_session()["chat_prompt"]
+    assert [c.get_message() for c in prompt.requester_messages] == [
+        "first, on replica A",
+        "second, on replica B",
+        "third, back on A",
+    ]
+
+
+def test_second_turn_on_another_replica_while_one_runs_is_409(replica: Any, hooks: ModelHooks) -> None:
+    (a, a_outcomes), (b, _) = replica(), replica()
+    with a.client() as client_a:
+        client_a.post("/chat_stream", json={"user_input": "hello"})
+        cookie = f"chatstream_session={client_a.cookies['chatstream_session']}"
+    a_outcomes.wait()
+    hooks.step_delay = 0.02
+    running = open_chat(a.url, "a long one", cookie=cookie)
+    read_until(running, b"data: ")
+    with b.client(headers={"Cookie": cookie}) as client_b:
+        busy = client_b.post("/chat_stream", json={"user_input": "meanwhile on B"})
+        clear = client_b.post("/clear_context")
+    assert busy.status_code == 409 and busy.json()["error"] == "session_busy"
+    assert clear.status_code == 409 and clear.json()["success"] is False
+    running.close()
+    assert a_outcomes.wait(2)[1] == "client_disconnected_while_streaming"
+    with b.client(headers={"Cookie": cookie}) as client_b:
+        assert client_b.post("/chat_stream", json={"user_input": "now on B"}).status_code == 200
+
+
+def test_redis_going_away_gives_503_quickly_and_service_resumes_when_it_returns(replica: Any) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    try:
+        server, outcomes = replica(redis_server.url, timeout=0.5)
+        with server.client() as client:
+            assert client.post("/chat_stream", json={"user_input": "before"}).status_code == 200
+            outcomes.wait()
+            redis_server.stop()
+            down = client.post("/chat_stream", json={"user_input": "while down"})
+            assert down.status_code == 503
+            assert down.json()["error"] == "session_store_unavailable"
+            api_down = client.get("/get_generation_params")
+            assert api_down.status_code == 503 and api_down.json()["success"] is False
+            redis_server.start()
+            assert wait_until(lambda: client.post("/chat_stream", json={"user_input": "after"}).status_code == 200)
+        assert outcomes.outcomes[0] == "success" and outcomes.wait(2)[-1] == "success"
+    finally:
+        redis_server.stop()
+
+
+def test_redis_store_without_a_shared_secret_is_refused_at_start(
+    make_chat_stream: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CHATSTREAM_SECRET_KEY", raising=False)
+    with pytest.raises(ValueError, match="secret_key"):
+        ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), session_store=RedisStore(redis_url))
+    monkeypatch.setenv("CHATSTREAM_SECRET_KEY", "from-the-environment")
+    ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), session_store=RedisStore(redis_url))
