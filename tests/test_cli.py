@@ -92,3 +92,32 @@ def test_serve_with_a_missing_model_folder_fails_with_a_message(tmp_path: Path) 
     )
     assert result.returncode == 1
     assert "cannot start" in result.stderr
+
+
+def test_serve_with_a_redis_store_needs_a_shared_key(run_cli: object, model_dir: Path, redis_url: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CHATSTREAM_SECRET_KEY"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--model", str(model_dir), "--session-store", redis_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert refused.returncode == 1 and "secret_key" in refused.stderr
+    _, url = run_cli("--model", str(model_dir), "--session-store", redis_url, "--secret-key", "k")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    with httpx.Client(base_url=url) as client:
+        assert client.post("/chat_stream", json={"user_input": "Hi", "max_new_tokens": 4}).status_code == 200
+        params = client.get("/get_generation_params").json()
+        assert params["success"] is True
+        assert client.get("/get_prompt").status_code == 404  # not served by the CLI
+
+
+def test_serve_refuses_an_unknown_session_store() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--session-store", "postgres://x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "redis://" in result.stderr
