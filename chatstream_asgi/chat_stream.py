@@ -7,6 +7,7 @@ refused is refused before a slot is taken, so a refusal never holds one.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from starlette.responses import Response
 
 from chatstream_asgi.admission import Admission
 from chatstream_asgi.engine.base import Engine
+from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine
 from chatstream_asgi.errors import (
     ChatStreamError,
@@ -46,8 +48,6 @@ logger = logging.getLogger(__name__)
 _IGNORED_CHATSTREAM_ARGS = frozenset(
     {
         "token_sampler",
-        "num_gpus",
-        "use_mock_response",
         "mock_params",
         "repetition_penalty_method",
         "add_special_tokens",
@@ -67,6 +67,8 @@ class ChatStream:
     """Streams chat replies from a model, with admission, sessions and outcome callbacks.
 
     Pass a Hugging Face `model` and `tokenizer` (as with ChatStream), or a ready `engine`.
+    `devices=["cuda:0", "cuda:1"]` (or ChatStream's `num_gpus=2`) runs one replica of the model
+    per device, each its own copy; `num_of_concurrent_executions` then counts per replica.
     """
 
     def __init__(
@@ -90,6 +92,9 @@ class ChatStream:
         name: str | None = None,
         *,
         engine: Engine | None = None,
+        devices: list[str] | None = None,
+        num_gpus: int | None = None,
+        use_mock_response: bool = False,
         **chatstream_options: Any,
     ) -> None:
         unknown = set(chatstream_options) - _IGNORED_CHATSTREAM_ARGS
@@ -119,7 +124,15 @@ class ChatStream:
             )
         except InvalidParameter as error:  # a configuration mistake, not a client's
             raise ValueError(f"ChatStream(): {error.detail}") from None
-        if engine is None:
+        if devices is None and num_gpus:  # ChatStream's way to ask for one replica per GPU
+            devices = [f"cuda:{index}" for index in range(num_gpus)]
+        if use_mock_response and engine is None:
+            engine = MockEngine()
+        if engine is not None:
+            if devices is not None:
+                raise ValueError("devices= (or num_gpus=) places a local model; a ready engine= runs where it is")
+            self.engines: list[Engine] = [engine]
+        else:
             if model is None or tokenizer is None:
                 raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")
             if chat_prompt_clazz is None and not getattr(tokenizer, "chat_template", None):
@@ -127,22 +140,27 @@ class ChatStream:
                     "the tokenizer has no chat template: pass chat_prompt_clazz= with a prompt class "
                     "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
                 )
-            engine = TransformersEngine(model, tokenizer, device=device, workers=num_of_concurrent_executions)
+            places: list[str | None] = list(devices) if devices else [device]
+            self.engines = _local_replicas(model, tokenizer, places, num_of_concurrent_executions)
         if seed is not None:
             transformers.set_seed(seed)
-        self.engine = engine
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(self.engine, "tokenizer", None)
         self.chat_prompt_clazz: type[AbstractChatPrompt] = chat_prompt_clazz or ChatPrompt
         self.context_len = context_len
         self.stream_format: StreamFormat = stream_format
         self.too_many_request_as_http_error = too_many_request_as_http_error
-        self.name = name or _model_name(engine)
-        self.admission = Admission(num_of_concurrent_executions, max_queue_size)
+        self.name = name or _model_name(self.engine)
+        self.admission = Admission(num_of_concurrent_executions, max_queue_size, replicas=len(self.engines))
+
+    @property
+    def engine(self) -> Engine:
+        """The engine (the first replica's, when there are several)."""
+        return self.engines[0]
 
     @property
     def ready(self) -> bool:
-        """True once the engine can generate (`/ready`)."""
-        return self.engine.ready
+        """True once every replica can generate (`/ready`)."""
+        return all(engine.ready for engine in self.engines)
 
     def load(self) -> dict[str, int]:
         """Generations running and waiting, and the limits."""
@@ -184,8 +202,8 @@ class ChatStream:
             if not await session.lock_turn():
                 raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
             try:
-                # Another replica may have finished a turn since this request loaded the session.
-                await session.reload()
+                if not session.is_new:  # another replica may have finished a turn since the session was read
+                    await session.reload()
                 stored = dict(session.get_session().get(GENERATION_PARAMS_KEY, {}))
                 if "max_new_tokens" in stored:  # the server's limit may have dropped since it was set
                     stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
@@ -208,7 +226,7 @@ class ChatStream:
             request=request,
             exchange=exchange,
             slot=slot,
-            engine=self.engine,
+            engine=self.engines[slot.replica],
             prompt=prompt,
             user_input=turn.user_input,
             regenerate=turn.regenerate,
@@ -257,8 +275,9 @@ class ChatStream:
         return await handle_api(self, "get_resource_usage", request, {})
 
     def close(self) -> None:
-        """Stop the engine's threads (they finish what they run first)."""
-        self.engine.close()
+        """Stop the engines' threads (they finish what they run first)."""
+        for engine in self.engines:
+            engine.close()
 
     def _session_prompt(self, session: Session) -> AbstractChatPrompt:
         data = session.get_session()
@@ -271,6 +290,19 @@ class ChatStream:
         if error.status_code == 429 and not self.too_many_request_as_http_error:
             return error_response(error, status_code=200)  # ChatStream's own behaviour
         return error_response(error)
+
+
+def _local_replicas(model: Any, tokenizer: Any, devices: list[str | None], workers: int) -> list[Engine]:
+    """One `TransformersEngine` per device, each with a model object of its own.
+
+    The copies are made before the first replica moves, so each is copied from where the
+    caller loaded the model (usually host memory), never from one GPU onto another.
+    """
+    models = [model] + [copy.deepcopy(model) for _ in devices[1:]]
+    return [
+        TransformersEngine(replica, tokenizer, device=device, workers=workers)
+        for replica, device in zip(models, devices, strict=True)
+    ]
 
 
 def _model_name(engine: Engine) -> str:

@@ -24,9 +24,9 @@ class _Abandonable(Protocol):
 class ChatExchange:
     """Per-request state of a `POST /chat_stream`, shared by the middleware and the handler."""
 
-    def __init__(self, body: bytes, session: Session, ping_interval: float) -> None:
+    def __init__(self, body: bytes, session: Session | None, ping_interval: float) -> None:
         self.body = body
-        self.session = session
+        self._session = session
         self.ping_interval = ping_interval
         #: Set when the client disconnects before the response is complete.
         self.client_left = anyio.Event()
@@ -35,6 +35,13 @@ class ChatExchange:
         self.response_complete = False
         #: The admitted turn, until it finishes; the middleware closes it if nobody streamed it.
         self.open_turn: _Abandonable | None = None
+
+    @property
+    def session(self) -> Session:
+        """The request's session (every path but the stateless `/v1` has one)."""
+        if self._session is None:
+            raise RuntimeError("this request is stateless: it has no session")
+        return self._session
 
     async def close(self) -> None:
         """Finish a turn that was admitted but never streamed (an endpoint dropped the response)."""

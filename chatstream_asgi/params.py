@@ -35,8 +35,12 @@ class GenerationParams:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    #: Seeds sampling; reproducible when generations on the replica do not overlap (one RNG per process).
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidParameter("seed", f"must be an integer, not {_json_type(self.seed)}")
         for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
             _check_field(field, field, getattr(self, field))
         # transformers refuses int temperatures, and 5.0 tokens is 5 tokens to a user.

@@ -25,6 +25,10 @@ class RoleType(enum.Enum):
     UNKNOWN = enum.auto()
 
 
+_OPENAI_ROLES = {RoleType.REQUESTER: "user", RoleType.RESPONDER: "assistant"}
+_ROLE_TYPES = {"user": RoleType.REQUESTER, "assistant": RoleType.RESPONDER}
+
+
 class ChatContent:
     """One message of a conversation. `message is None` marks a reply not generated yet."""
 
@@ -195,6 +199,17 @@ class AbstractChatPrompt(ABC):
         """Forget every message (the system text stays)."""
         self.chat_contents = []
 
+    def to_messages(self) -> list[dict[str, str]]:
+        """The conversation as OpenAI-style messages (roles user/assistant/system); a reply still
+        to come is left out. What remote engines send, whatever this class's own format."""
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for content in self.chat_contents:
+            if content.message is None:
+                continue
+            role = _OPENAI_ROLES.get(content.role_type) or content.role
+            messages.append({"role": role, "content": content.message})
+        return messages
+
     def get_stop_strs(self) -> list[str] | None:
         """Stop strings this prompt format needs (override in a subclass); None for none."""
         return None
@@ -253,7 +268,11 @@ class AbstractChatPrompt(ABC):
 
 
 class ChatPrompt(AbstractChatPrompt):
-    """A conversation rendered with the tokenizer's chat template (`apply_chat_template`)."""
+    """A conversation rendered with the tokenizer's chat template (`apply_chat_template`).
+
+    Without a tokenizer (remote and mock engines) it renders a plain `<|role|>text` transcript,
+    so callbacks that print `create_prompt()` still show the conversation.
+    """
 
     add_special_tokens = False
 
@@ -262,20 +281,33 @@ class ChatPrompt(AbstractChatPrompt):
         self.requester = "user"
         self.responder = "assistant"
 
-    def to_messages(self) -> list[dict[str, str]]:
-        """OpenAI-style messages; a reply still to come is left out."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
-        messages += [{"role": c.role, "content": c.message} for c in self.chat_contents if c.message is not None]
-        return messages
+    @classmethod
+    def from_messages(cls, messages: list[dict[str, str]]) -> ChatPrompt:
+        """A conversation from OpenAI-style messages, its reply pending (the `/v1` request form).
+
+        Leading system messages become the system text; the rest keep their roles.
+        """
+        prompt = cls()
+        rest = list(messages)
+        systems = []
+        while rest and rest[0]["role"] == "system":
+            systems.append(rest.pop(0)["content"])
+        prompt.system = "\n\n".join(systems)
+        for message in rest:
+            role_type = _ROLE_TYPES.get(message["role"], RoleType.UNKNOWN)
+            prompt.chat_contents.append(ChatContent(message["role"], message["content"], role_type=role_type))
+        prompt.add_responder_msg(None)
+        return prompt
 
     def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
         """Render with the chat template; ends with the assistant's cue while a reply is pending."""
-        if self.tokenizer is None:
-            raise RuntimeError("ChatPrompt needs a tokenizer to render; call set_tokenizer() first")
         contents = self.get_contents(opts)
         pending = bool(contents) and contents[-1].message is None
         twin = copy.copy(self)
         twin.chat_contents = contents
+        if self.tokenizer is None:
+            transcript = "".join(f"<|{m['role']}|>{m['content']}<|end|>\n" for m in twin.to_messages())
+            return transcript + ("<|assistant|>" if pending else "")
         rendered: str = self.tokenizer.apply_chat_template(
             twin.to_messages(), tokenize=False, add_generation_prompt=pending
         )

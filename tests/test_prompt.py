@@ -126,6 +126,22 @@ def test_chatstream_style_prompt_class_renders_its_own_format() -> None:
     assert RolePlayPrompt.from_dict(prompt.to_dict()).create_prompt() == "User: Hi\nBot: "
 
 
-def test_chat_prompt_without_a_tokenizer_says_so() -> None:
-    with pytest.raises(RuntimeError, match="tokenizer"):
-        ChatPrompt().create_prompt()
+def test_chat_prompt_without_a_tokenizer_renders_a_plain_transcript() -> None:
+    prompt = ChatPrompt()
+    prompt.add_requester_msg("Hi")
+    prompt.add_responder_msg(None)
+    assert prompt.create_prompt() == "<|user|>Hi<|end|>\n<|assistant|>"
+
+
+def test_openai_messages_round_trip_with_the_reply_pending(tokenizer: Any) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "More"},
+    ]
+    prompt = ChatPrompt.from_messages(messages)
+    prompt.set_tokenizer(tokenizer)
+    assert prompt.to_messages() == messages
+    assert prompt.create_prompt() == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.get_turn() == 2 and prompt.drop_oldest_turn() and prompt.to_messages()[1:] == messages[3:]

@@ -1,6 +1,19 @@
-"""Token generators behind one small protocol (`Engine`, `Generation`)."""
+"""Token generators behind one small protocol (`Engine`, `Generation`):
+`TransformersEngine` (a local model on generator threads), `OpenAIEngine` (a remote
+OpenAI-compatible server) and `MockEngine` (no model at all)."""
 
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
+from chatstream_asgi.engine.mock import MockEngine
+from chatstream_asgi.engine.openai_engine import OpenAIEngine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine, resolve_device
 
-__all__ = ["Engine", "Generation", "GenerationFailed", "GenerationStats", "TransformersEngine", "resolve_device"]
+__all__ = [
+    "Engine",
+    "Generation",
+    "GenerationFailed",
+    "GenerationStats",
+    "MockEngine",
+    "OpenAIEngine",
+    "TransformersEngine",
+    "resolve_device",
+]

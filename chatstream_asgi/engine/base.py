@@ -1,7 +1,14 @@
-"""The small protocol every engine speaks: start a generation, read text deltas, cancel."""
+"""The small protocol every engine speaks: generate from a conversation, read text deltas, cancel.
+
+`Engine.generate` is an async context manager so that every engine can tie its own clean-up to
+the request's lifetime: on exit the generation is cancelled if it still runs, and the exit
+returns only once the engine has really stopped (the model thread finished its step, the
+upstream HTTP stream is closed). The caller frees the request's slot after that, never before.
+"""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -10,7 +17,15 @@ from chatstream_asgi.prompt import AbstractChatPrompt
 
 
 class GenerationFailed(Exception):
-    """The engine could not finish a generation; the message says why (the cause is chained)."""
+    """The engine could not finish a generation; the message says why (the cause is chained).
+
+    `status_code` is the HTTP status that fits when nothing was sent yet: 500 for a local
+    failure, 502 for a remote server's error, 504 for a remote server that timed out.
+    """
+
+    def __init__(self, message: str, *, status_code: int = 500) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 @dataclass
@@ -52,10 +67,12 @@ class Engine(Protocol):
         """True once the engine can start generations (model loaded, warmed up)."""
         ...
 
-    def start_generation(self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int) -> Generation:
-        """Begin generating the reply to `prompt` (a copy the engine may keep); call on the event loop."""
+    def generate(
+        self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
+    ) -> AbstractAsyncContextManager[Generation]:
+        """Generate the reply to `prompt` (a copy the engine may keep) while the context is open."""
         ...
 
     def close(self) -> None:
-        """Stop the engine's threads once running generations end."""
+        """Release the engine's threads or connections once running generations end."""
         ...

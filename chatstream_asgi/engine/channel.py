@@ -1,9 +1,12 @@
-"""Text from an engine thread to the event loop, without either side blocking on the other.
+"""Text from an engine to the event loop, without either side blocking on the other.
 
 The thread appends to a list under a lock and wakes the loop only when the loop is actually
 waiting, so a reader that falls behind costs one wake-up for many tokens and receives them as
 one batch. The loop waits on an `anyio.Event`, which can be abandoned (ping timeout, cancel)
 without losing text: nothing is ever handed to a waiter that might not take it.
+
+A producer on the loop itself (a remote engine's reader task) says so with `from_thread=False`
+and wakes the reader directly.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from chatstream_asgi.engine.base import GenerationFailed
 
 
 class TextChannel:
-    """One generation's stream of text deltas; written by a thread, read on the loop."""
+    """One generation's stream of text deltas; written by a thread (or a task), read on the loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, from_thread: bool = True) -> None:
         # Taken on the loop: an engine's own thread is not an anyio worker thread.
-        self._token = anyio.lowlevel.current_token()
+        self._token = anyio.lowlevel.current_token() if from_thread else None
         self._lock = threading.Lock()
         self._pending: list[str] = []
         self._ended = False
@@ -30,7 +33,12 @@ class TextChannel:
         self._waiter: anyio.Event | None = None
         self.loop_gone = False
 
-    # -- thread side ---------------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        """True once the producer has called `end`."""
+        return self._ended
+
+    # -- producer side ---------------------------------------------------------------------
 
     def put(self, text: str) -> None:
         """Queue `text` for the loop."""
@@ -50,16 +58,20 @@ class TextChannel:
         with self._lock:
             change()  # type: ignore[operator]
             waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            try:
-                anyio.from_thread.run_sync(waiter.set, token=self._token)
-            except anyio.RunFinishedError:
-                # The event loop has stopped (server shutdown): nobody is left to read.
-                self.loop_gone = True
+        if waiter is None:
+            return
+        if self._token is None:
+            waiter.set()
+            return
+        try:
+            anyio.from_thread.run_sync(waiter.set, token=self._token)
+        except anyio.RunFinishedError:
+            # The event loop has stopped (server shutdown): nobody is left to read.
+            self.loop_gone = True
 
     # -- loop side -----------------------------------------------------------------------
 
-    async def receive(self, timeout: float) -> str | None:  # noqa: ASYNC109 (silence is an answer, not an error)
+    async def receive(self, timeout: float) -> str | None:
         """Everything queued since the last call; "" after `timeout` s of silence; None at the end."""
         waited = False
         while True:

@@ -16,15 +16,18 @@ import copy
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from chatstream_asgi.detokenize import IncrementalDetokenizer, StopStringFilter
-from chatstream_asgi.engine.base import GenerationFailed, GenerationStats
+from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.engine.channel import TextChannel
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt, fit_prompt
@@ -64,7 +67,7 @@ class _Job:
         return await self.channel.receive(timeout)
 
     def cancel(self) -> None:
-        if not self.cancel_requested.is_set():
+        if not self.cancel_requested.is_set() and not self.channel.ended:
             self._steps_at_cancel = self.decode_steps
             self.cancel_requested.set()
 
@@ -171,11 +174,24 @@ class TransformersEngine:
         """Where the model came from, as transformers recorded it."""
         return str(getattr(self.model, "name_or_path", "") or "")
 
-    def start_generation(self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int) -> _Job:
-        """Queue the reply to `prompt` for the next free engine thread; call on the event loop."""
+    @asynccontextmanager
+    async def generate(
+        self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
+    ) -> AsyncIterator[Generation]:
+        """Queue the reply to `prompt` for the next free engine thread; on exit, stop it and wait
+        until the thread has (one decode step at most)."""
         job = _Job(prompt, params, context_len)
         self._jobs.put(job)
-        return job
+        try:
+            yield job
+        finally:
+            job.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    while await job.next_text(timeout=60.0) is not None:
+                        pass
+                except GenerationFailed:
+                    pass  # the caller already saw it, or left before it could matter
 
     def close(self) -> None:
         """Let the threads exit once they finish what they run."""
@@ -210,6 +226,8 @@ class TransformersEngine:
             input_ids = self._encode_prompt(job)
             job.stats.prompt_tokens = input_ids.shape[1]
             stop = list(job.params.stop) + list(job.prompt.get_stop_strs() or [])
+            if job.params.seed is not None:
+                torch.manual_seed(job.params.seed)
             self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -221,7 +239,7 @@ class TransformersEngine:
             logger.exception("generation failed")
             job.stats.finish_reason = "error"
             failure = GenerationFailed(f"{type(error).__name__}: {error}")
-            failure.__cause__ = error
+            failure.__cause__ = error  # for the log of whoever reads it
             job.channel.end(failure)
             return
         if job.cancel_requested.is_set():

@@ -1,0 +1,148 @@
+"""`OpenAIEngine`: generations streamed from any OpenAI-compatible server (vLLM, TGI, llama.cpp's
+server, or another chatstream-asgi), with this package's sessions, admission and outcomes in front.
+
+The upstream stream is read by a task of the request's own, so cancelling the generation
+cancels that task, which closes the HTTP stream: the upstream server sees its client leave and
+stops generating, just as our own server does. Upstream failures become `GenerationFailed`
+with 502 (an error or a broken stream) or 504 (no answer within `timeout`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+
+from chatstream_asgi.detokenize import StopStringFilter
+from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
+from chatstream_asgi.engine.channel import TextChannel
+from chatstream_asgi.params import GenerationParams
+from chatstream_asgi.prompt import AbstractChatPrompt
+
+logger = logging.getLogger(__name__)
+
+
+class _RemoteGeneration:
+    def __init__(self) -> None:
+        self.stats = GenerationStats()
+        self.channel = TextChannel(from_thread=False)
+        self.scope = anyio.CancelScope()
+
+    async def next_text(self, timeout: float) -> str | None:
+        return await self.channel.receive(timeout)
+
+    def cancel(self) -> None:
+        if not self.channel.ended:
+            self.stats.finish_reason = "cancelled"
+            self.scope.cancel()
+
+
+class OpenAIEngine:
+    """Streams chat completions from `base_url` (e.g. "http://host:8000/v1") as model `model`."""
+
+    ready = True
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, not {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name_or_path = model
+        self.timeout = timeout
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client: httpx.AsyncClient | None = None
+
+    @asynccontextmanager
+    async def generate(
+        self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
+    ) -> AsyncIterator[Generation]:
+        """Stream the reply to `prompt` from the upstream server while the context is open."""
+        generation = _RemoteGeneration()
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": prompt.to_messages(),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        stop = list(params.stop) + list(prompt.get_stop_strs() or [])
+        if stop:
+            body["stop"] = stop[:4]  # OpenAI's limit; the filter below applies them all
+        if params.seed is not None:
+            body["seed"] = params.seed
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._pump, generation, body, StopStringFilter(stop))
+            try:
+                yield generation
+            finally:
+                generation.cancel()
+
+    def close(self) -> None:
+        """Connections close with the process; `aclose()` closes them sooner."""
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _pump(self, generation: _RemoteGeneration, body: dict[str, Any], stop: StopStringFilter) -> None:
+        failure: GenerationFailed | None = None
+        try:
+            with generation.scope:
+                await self._read_stream(generation, body, stop)
+        except httpx.TimeoutException as error:
+            failure = GenerationFailed(
+                f"the upstream server at {self.base_url} did not answer in time", status_code=504
+            )
+            failure.__cause__ = error
+        except (httpx.HTTPError, json.JSONDecodeError, KeyError, TypeError) as error:
+            failure = GenerationFailed(f"the upstream server at {self.base_url} failed: {error!r}", status_code=502)
+            failure.__cause__ = error
+        except GenerationFailed as error:
+            failure = error
+        if failure is not None:
+            logger.warning("remote generation failed: %s", failure)
+            generation.stats.finish_reason = "error"
+        generation.channel.end(failure)
+
+    async def _read_stream(self, generation: _RemoteGeneration, body: dict[str, Any], stop: StopStringFilter) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        stats = generation.stats
+        url = f"{self.base_url}/chat/completions"
+        async with self._client.stream("POST", url, json=body, headers=self._headers) as response:
+            if response.status_code != 200:
+                detail = (await response.aread()).decode(errors="replace")[:500]
+                raise GenerationFailed(
+                    f"the upstream server answered {response.status_code}: {detail}", status_code=502
+                )
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise GenerationFailed(f"the upstream server reported: {chunk['error']}", status_code=502)
+                if usage := chunk.get("usage"):
+                    stats.prompt_tokens = usage.get("prompt_tokens", stats.prompt_tokens)
+                    stats.completion_tokens = usage.get("completion_tokens", stats.completion_tokens)
+                for choice in chunk.get("choices", []):
+                    if content := choice.get("delta", {}).get("content"):
+                        stats.completion_tokens += 1  # a chunk per token; the usage chunk corrects it
+                        generation.channel.put(stop.feed(content))
+                        if stop.stopped:
+                            stats.finish_reason = "stop"
+                            return  # closing the stream stops the upstream generation
+                    if choice.get("finish_reason"):
+                        stats.finish_reason = choice["finish_reason"]
+        generation.channel.put(stop.flush())
