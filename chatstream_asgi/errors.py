@@ -51,6 +51,16 @@ class NothingToRegenerate(ChatStreamError):
     code = "nothing_to_regenerate"
 
 
+class Unauthorized(ChatStreamError):
+    """`api_keys` are set and the request has no valid `Authorization: Bearer` key."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
 class NotFound(ChatStreamError):
     """The thing named (a message id, a model) does not exist."""
 

@@ -14,9 +14,10 @@ and methods, websockets, lifespan) passes straight through, so an app's own `OPT
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from starlette._utils import get_route_path
@@ -26,8 +27,9 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream_asgi.chat_stream import ChatStream
-from chatstream_asgi.errors import BodyTooLarge, SessionStoreUnavailable, send_error
+from chatstream_asgi.errors import BodyTooLarge, ChatStreamError, SessionStoreUnavailable, Unauthorized, send_error
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.openai_api import chat_completions, models_response, openai_error
 from chatstream_asgi.routes import API_METHODS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
 from chatstream_asgi.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
 from chatstream_asgi.turn import OutcomeCallback
@@ -52,6 +54,8 @@ class ChatStreamMiddleware:
         session_cookie: str = "chatstream_session",
         https_only: bool = False,
         apis: ApiOptions | None = None,
+        openai: bool = False,
+        api_keys: Sequence[str] | None = None,
         health: bool = False,
         ping_interval: float = 15.0,
     ) -> None:
@@ -59,6 +63,8 @@ class ChatStreamMiddleware:
             raise ValueError(f"max_body_size must be at least 1 byte, not {max_body_size}")
         if ping_interval <= 0:
             raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
+        if isinstance(api_keys, str) or (api_keys is not None and not all(api_keys)):
+            raise ValueError("api_keys must be a list of non-empty keys")
         store: SessionStore = session_store if session_store is not None else MemoryStore()
         if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
             raise ValueError(
@@ -75,9 +81,11 @@ class ChatStreamMiddleware:
         self.session_store = store
         self.session_cookie = session_cookie
         self.health = health
+        self.openai = openai
         self.ping_interval = ping_interval
         self.api_options: ApiOptions = apis or {}
         self.served_apis = enabled_apis(apis)
+        self._api_keys = [key.encode() for key in api_keys or ()]
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
 
@@ -89,68 +97,120 @@ class ChatStreamMiddleware:
         method = scope["method"]
         api = route[1:]
         if route == self.path and method == "POST":
+            if self.serve and not await self._authorized(scope, send, "plain"):
+                return
             await self._chat(scope, receive, send)
         elif API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
+            if api in self.served_apis and not await self._authorized(scope, send, "chatstream"):
+                return
             await self._api(api, scope, receive, send)
+        elif self.openai and (route, method) in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+            if not await self._authorized(scope, send, "openai"):
+                return
+            if route == "/v1/models":
+                await models_response(self.chat_stream)(scope, receive, send)
+            else:
+                await self._completions(scope, receive, send)
         elif self.health and route in ("/health", "/ready") and method == "GET":
             await self._health(route, scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
+    async def _authorized(self, scope: Scope, send: Send, shape: str) -> bool:
+        """With `api_keys` set, check `Authorization: Bearer <key>` before anything else; 401 if not."""
+        if not self._api_keys:
+            return True
+        scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(key.strip().encode(), k) for k in self._api_keys):
+            return True
+        await self._refuse(send, Unauthorized("a valid API key is required: Authorization: Bearer <key>"), shape)
+        return False
+
+    async def _refuse(self, send: Send, error: ChatStreamError, shape: str) -> None:
+        if shape == "openai":
+            response = openai_error(error)
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        else:
+            await send_error(send, error, chatstream_shape=shape == "chatstream")
+
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            body = await self._read_body(scope, receive)
-        except BodyTooLarge as error:
-            await send_error(send, error)
-            return
+        body = await self._read_body_or_refuse(scope, receive, send, "plain")
         if body is None:
-            return  # the client left while sending: nothing was admitted, nothing to report
+            return
 
         async def converse(session: Session, send: Send) -> None:
-            exchange = ChatExchange(body, session, self.ping_interval)
-            scope[EXCHANGE_KEY] = exchange
-            body_replayed = False
+            async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
+                if self.serve:
+                    request = Request(scope, receive)
+                    response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
+                    await response(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
 
-            async def replay_receive() -> Message:
-                nonlocal body_replayed
-                if not body_replayed:
-                    body_replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await exchange.ended.wait()
-                return {"type": "http.disconnect"}
-
-            async def send_and_watch(message: Message) -> None:
-                if message["type"] == "http.response.body" and not message.get("more_body", False):
-                    exchange.response_complete = True
-                await send(message)
-                if exchange.response_complete:
-                    exchange.ended.set()
-
-            async def watch_for_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                # After the final body, servers report a disconnect too: that one is not a client leaving.
-                if not exchange.response_complete:
-                    exchange.client_left.set()
-                exchange.ended.set()
-
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(watch_for_disconnect)
-                if self.session_store.lock_ttl is not None:
-                    task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
-                try:
-                    if self.serve:
-                        request = Request(scope, replay_receive)
-                        response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
-                        await response(scope, replay_receive, send_and_watch)
-                    else:
-                        await self.app(scope, replay_receive, send_and_watch)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await exchange.close()
-                    task_group.cancel_scope.cancel()
+            await self._converse(scope, receive, send, body, session, answer)
 
         await self._with_session(scope, send, converse, chatstream_shape=False)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body_or_refuse(scope, receive, send, "openai")
+        if body is None:
+            return
+
+        async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive)
+            response = await chat_completions(self.chat_stream, request, exchange, self.callback)
+            await response(scope, receive, send)
+
+        await self._converse(scope, receive, send, body, None, answer)
+
+    async def _converse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        session: Session | None,
+        answer: Callable[[ChatExchange, Receive, Send], Awaitable[None]],
+    ) -> None:
+        """Run `answer` with the body replayed, the client watched and the exchange in the scope."""
+        exchange = ChatExchange(body, session, self.ping_interval)
+        scope[EXCHANGE_KEY] = exchange
+        body_replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_replayed
+            if not body_replayed:
+                body_replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await exchange.ended.wait()
+            return {"type": "http.disconnect"}
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.response_complete = True
+            await send(message)
+            if exchange.response_complete:
+                exchange.ended.set()
+
+        async def watch_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            # After the final body, servers report a disconnect too: that one is not a client leaving.
+            if not exchange.response_complete:
+                exchange.client_left.set()
+            exchange.ended.set()
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(watch_for_disconnect)
+            if session is not None and self.session_store.lock_ttl is not None:
+                task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
+            try:
+                await answer(exchange, replay_receive, send_and_watch)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await exchange.close()
+                task_group.cancel_scope.cancel()
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         async def answer(session: Session | None, send: Send) -> None:
@@ -197,6 +257,14 @@ class ChatStreamMiddleware:
                 except SessionStoreUnavailable as error:  # the response is out; say so in the log
                     logger.warning("session %s not saved: %s", session.session_id, error.detail)
                 await session.unlock_turn()
+
+    async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: str) -> bytes | None:
+        """The body, or None when the client left or it was refused as too large (413 sent)."""
+        try:
+            return await self._read_body(scope, receive)
+        except BodyTooLarge as error:
+            await self._refuse(send, error, shape)
+            return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None if the client left; `BodyTooLarge` past `max_body_size`."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from chatstream_asgi import AbstractChatPrompt, ChatPrompt
 from chatstream_asgi.prompt import fit_prompt
 
