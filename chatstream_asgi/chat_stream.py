@@ -295,14 +295,22 @@ class ChatStream:
 def _local_replicas(model: Any, tokenizer: Any, devices: list[str | None], workers: int) -> list[Engine]:
     """One `TransformersEngine` per device, each with a model object of its own.
 
-    The copies are made before the first replica moves, so each is copied from where the
-    caller loaded the model (usually host memory), never from one GPU onto another.
+    The first replica is the caller's model; each other one is loaded again from where the
+    caller's came from (`from_pretrained(model.name_or_path)`, same dtype), straight onto its
+    device. A model built in memory, with nowhere to load from, is deep-copied instead.
     """
-    models = [model] + [copy.deepcopy(model) for _ in devices[1:]]
+    models = [model] + [_load_again(model) for _ in devices[1:]]
     return [
         TransformersEngine(replica, tokenizer, device=device, workers=workers)
         for replica, device in zip(models, devices, strict=True)
     ]
+
+
+def _load_again(model: Any) -> Any:
+    source = getattr(model, "name_or_path", "")
+    if source and Path(source).is_dir():
+        return type(model).from_pretrained(source, dtype=model.dtype)
+    return copy.deepcopy(model)
 
 
 def _model_name(engine: Engine) -> str:

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.types import ASGIApp
 
 from chatstream_asgi.chat_stream import ChatStream
 from chatstream_asgi.demo_model import ensure_demo_model
+from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.redis_store import RedisStore
 from chatstream_asgi.session import MemoryStore
@@ -33,11 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatstream-asgi", description="Streaming chat server for language models.")
     commands = parser.add_subparsers(dest="command")
-    serve = commands.add_parser("serve", help="serve POST /chat_stream, /health and /ready")
+    serve = commands.add_parser("serve", help="serve /chat_stream, /health, /ready, the conversation APIs and /v1")
     serve.add_argument(
         "--model",
-        help="folder saved with save_pretrained, or a hub id (needs a reachable hub); "
-        "default: a tiny random-weight demo model built offline",
+        help="folder saved with save_pretrained, a hub id (needs a reachable hub), or 'mock' (echoes, "
+        "no model); default: a tiny random-weight demo model built offline",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -58,30 +58,40 @@ def _parser() -> argparse.ArgumentParser:
         "(needs --secret-key or $CHATSTREAM_SECRET_KEY; default: %(default)s)",
     )
     serve.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        metavar="KEY",
+        help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable)",
+    )
+    serve.add_argument("--no-openai", action="store_true", help="do not serve /v1/chat/completions and /v1/models")
     return parser
 
 
-def build_app(args: argparse.Namespace) -> tuple[ASGIApp, str]:
+def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     """The ASGI app `serve` runs, and a line saying which model it serves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if args.model is None:
-        path = ensure_demo_model()
-        source = f"the built-in demo model (random weights, built offline at {path}): replies are gibberish"
+    limits = {
+        "num_of_concurrent_executions": args.concurrency,
+        "max_queue_size": args.queue,
+        "max_new_tokens": args.max_new_tokens,
+        "context_len": args.context_len,
+    }
+    if args.model == "mock":
+        chat_stream = ChatStream(engine=MockEngine(), **limits)
+        source = "the mock engine (no model: it echoes what you say)"
     else:
-        path = Path(args.model) if Path(args.model).exists() else args.model
-        source = f"model {args.model}"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    chat_stream = ChatStream(
-        model=model,
-        tokenizer=tokenizer,
-        device=args.device,
-        num_of_concurrent_executions=args.concurrency,
-        max_queue_size=args.queue,
-        max_new_tokens=args.max_new_tokens,
-        context_len=args.context_len,
-    )
+        if args.model is None:
+            path: Path | str = ensure_demo_model()
+            source = f"the built-in demo model (random weights, built offline at {path}): replies are gibberish"
+        else:
+            path = Path(args.model) if Path(args.model).exists() else args.model
+            source = f"model {args.model}"
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        chat_stream = ChatStream(model=model, tokenizer=tokenizer, device=args.device, **limits)
     store = RedisStore(args.session_store) if args.session_store != "memory" else MemoryStore()
     app = ChatStreamMiddleware(
         Starlette(),
@@ -91,6 +101,8 @@ def build_app(args: argparse.Namespace) -> tuple[ASGIApp, str]:
         session_store=store,
         secret_key=args.secret_key,
         apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
+        openai=not args.no_openai,
+        api_keys=args.api_keys,
     )
     return app, source
 
@@ -109,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f'  chat:   curl -N {base}/chat_stream -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
+    if not args.no_openai:
+        print(f"  OpenAI API: {base}/v1/chat/completions (model {app.chat_stream.name!r})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

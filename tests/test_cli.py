@@ -121,3 +121,17 @@ def test_serve_refuses_an_unknown_session_store() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "redis://" in result.stderr
+
+
+def test_serve_mock_with_an_api_key_guards_everything_but_health(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock", "--api-key", "s3cret")  # type: ignore[operator]
+    assert "mock engine" in _banner(process)
+    assert wait_until(lambda: _ready(url), timeout=60)
+    with httpx.Client(base_url=url) as client:
+        assert client.post("/chat_stream", json={"user_input": "echo me"}).status_code == 401
+        assert client.get("/v1/models").status_code == 401
+        assert client.get("/health").status_code == 200
+        authorized = {"Authorization": "Bearer s3cret"}
+        assert client.post("/chat_stream", json={"user_input": "echo me"}, headers=authorized).text == "echo me"
+        models = client.get("/v1/models", headers=authorized).json()
+        assert models["data"][0]["id"] == "mock"

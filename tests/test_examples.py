@@ -126,3 +126,39 @@ def test_sse_over_fastapi_endpoint(load_example: Any, serve: Any) -> None:
         response = client.post("/chat_stream?format=sse", json={"user_input": "hi", "max_new_tokens": 4})
     last = response.text.strip().split("\r\n\r\n")[-1]
     assert last.startswith("event: done") and json.loads(last.split("data: ", 1)[1])["outcome"] == "success"
+
+
+def test_openai_sdk_example_talks_to_a_server(
+    load_example: Any, serve: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = load_example("starlette_serve")
+    server = serve(ChatStreamMiddleware(backend.app, chat_stream=backend.chat_stream, openai=True))
+    monkeypatch.setenv("CHATSTREAM_URL", server.url)
+    client_example = importlib.util.spec_from_file_location("example_openai_sdk", EXAMPLES / "openai_sdk.py")
+    assert client_example is not None and client_example.loader is not None
+    module = importlib.util.module_from_spec(client_example)
+    client_example.loader.exec_module(module)
+    module.main()
+    out = capsys.readouterr().out
+    assert "whole: " in out and "streamed: " in out
+
+
+def test_vllm_front_example_chats_through_an_upstream(
+    load_example: Any, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = load_example("starlette_serve")
+    upstream = serve(ChatStreamMiddleware(backend.app, chat_stream=backend.chat_stream, openai=True))
+    monkeypatch.setenv("UPSTREAM_URL", f"{upstream.url}/v1")
+    monkeypatch.setenv("UPSTREAM_MODEL", backend.chat_stream.name)
+    front = load_example("vllm_front")
+    response = _chat(serve(front.app))
+    assert response.status_code == 200 and response.text
+
+
+def test_several_gpus_example_runs_two_replicas_here(
+    load_example: Any, serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHATSTREAM_DEVICES", "cpu,cpu")
+    example = load_example("several_gpus")
+    assert len(example.chat_stream.engines) == 2
+    assert _chat(serve(example.app)).status_code == 200
