@@ -7,9 +7,11 @@ listen for `http.disconnect` whatever ASGI spec version the server reports: uvic
 2.3 and its `send()` to a gone client returns silently, so listening is the only way to know.
 
 ChatStream's conversation APIs get the session too, whether the middleware serves them
-(`apis=`) or the app mounted them (`chat_stream.append_apis`). Every other request (other paths
-and methods, websockets, lifespan) passes straight through, so an app's own `OPTIONS` (CORS) or
-`GET` handling of these paths is never shadowed.
+(`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
+`openai=True`) gets the same body replay and disconnect watch, without a session. With
+`api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key.
+Every other request (other paths and methods, websockets, lifespan) passes straight through, so an
+app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
 """
 
 from __future__ import annotations
