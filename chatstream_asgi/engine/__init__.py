@@ -3,9 +3,10 @@
 OpenAI-compatible server) and `MockEngine` (no model at all)."""
 
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
+from chatstream_asgi.engine.local import resolve_device
 from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.engine.openai_engine import OpenAIEngine
-from chatstream_asgi.engine.transformers_engine import TransformersEngine, resolve_device
+from chatstream_asgi.engine.transformers_engine import TransformersEngine
 
 __all__ = [
     "Engine",

@@ -1,0 +1,217 @@
+"""What the two local-model engines share: the job a request becomes, and the engine's frame.
+
+A `LocalJob` carries one request from the event loop to an engine thread and its text back:
+the prompt and parameters in, tokens turned into safe text (UTF-8 whole, stop strings cut) on
+the thread, a `TextChannel` to the loop. `LocalEngine` owns the model, places it on its device,
+renders and tokenizes prompts on the engine's thread, and gives every engine the same
+`generate()` context: queue the job, and on exit cancel it and wait until the thread let go.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import torch
+
+from chatstream_asgi.detokenize import IncrementalDetokenizer, StopStringFilter
+from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
+from chatstream_asgi.engine.channel import TextChannel
+from chatstream_asgi.params import GenerationParams
+from chatstream_asgi.prompt import AbstractChatPrompt, fit_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`"auto"` (or None) picks cuda, then mps, then cpu; anything else is taken as given."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class LocalJob:
+    """One request's generation on a local model; read on the loop, written on the engine thread."""
+
+    def __init__(self, prompt: AbstractChatPrompt, params: GenerationParams, context_len: int) -> None:
+        self.prompt = prompt
+        self.params = params
+        self.context_len = context_len
+        self.channel = TextChannel()
+        self.stats = GenerationStats()
+        self.cancel_requested = threading.Event()
+        self.stop_string_seen = False
+        self.decode_steps = 0
+        self._steps_at_cancel: int | None = None
+        self._detokenizer: IncrementalDetokenizer | None = None
+        self._filter: StopStringFilter | None = None
+
+    # -- the loop's view (the `Generation` protocol) -----------------------------------------
+
+    async def next_text(self, timeout: float) -> str | None:
+        return await self.channel.receive(timeout)
+
+    def cancel(self) -> None:
+        if not self.cancel_requested.is_set() and not self.channel.ended:
+            self._steps_at_cancel = self.decode_steps
+            self.cancel_requested.set()
+
+    # -- the engine thread's side ---------------------------------------------------------------
+
+    @property
+    def should_stop(self) -> bool:
+        """Cancelled, stopped by a stop string, or nobody left to read."""
+        return self.stop_string_seen or self.cancel_requested.is_set() or self.channel.loop_gone
+
+    def start_text(self, tokenizer: Any) -> None:
+        """Prepare detokenization and stop strings (the server's, the request's, the prompt format's)."""
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._filter = StopStringFilter(list(self.params.stop) + list(self.prompt.get_stop_strs() or []))
+
+    def accept(self, token_ids: Iterable[int]) -> None:
+        """Take the tokens of one decode step: count the step, send the text they complete."""
+        assert self._detokenizer is not None and self._filter is not None
+        self.decode_steps += 1
+        if self._steps_at_cancel is not None:
+            self.stats.steps_after_cancel = self.decode_steps - self._steps_at_cancel
+        if self.stop_string_seen:
+            return
+        token_ids = list(token_ids)
+        self.stats.completion_tokens += len(token_ids)
+        if self.cancel_requested.is_set():
+            return  # nobody will read it: skip the decode too
+        text = self._filter.feed(self._detokenizer.add(token_ids))
+        self.stop_string_seen = self._filter.stopped
+        self.channel.put(text)
+
+    def finish(self, reason: str | None = None) -> None:
+        """Send the held-back tail, record why generation ended, and close the channel."""
+        assert self._detokenizer is not None and self._filter is not None
+        if not self.stop_string_seen and not self.cancel_requested.is_set():
+            tail = self._filter.feed(self._detokenizer.flush())
+            self.channel.put(tail + self._filter.flush())
+        if self.cancel_requested.is_set():
+            self.stats.finish_reason = "cancelled"
+        elif reason is not None:
+            self.stats.finish_reason = reason
+        elif not self.stop_string_seen and self.stats.completion_tokens >= self.params.max_new_tokens:
+            self.stats.finish_reason = "length"
+        else:
+            self.stats.finish_reason = "stop"
+        self.channel.end()
+
+    def fail(self, error: Exception) -> None:
+        """End the generation with `error`, reported to the request it belongs to."""
+        self.stats.finish_reason = "error"
+        failure = GenerationFailed(f"{type(error).__name__}: {error}")
+        failure.__cause__ = error  # for the log of whoever reads it
+        self.channel.end(failure)
+
+    def skip(self) -> None:
+        """End a job cancelled before it started: it never reaches the model."""
+        self.stats.finish_reason = "cancelled"
+        self.channel.end()
+
+
+class LocalEngine:
+    """A Hugging Face causal LM on this process's device, generating on threads of its own."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: str | torch.device | None = "auto") -> None:
+        self.device = resolve_device(device)
+        # A model spread over devices by accelerate (device_map) must stay where it is.
+        if getattr(model, "hf_device_map", None) is None and model.device != self.device:
+            model = model.to(self.device)
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self._jobs: queue.SimpleQueue[LocalJob | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _start_threads(self, count: int, target: Any) -> None:
+        self._threads = [
+            threading.Thread(target=target, name=f"chatstream-engine-{i}", daemon=True) for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def ready(self) -> bool:
+        """True once the warm-up generation has run."""
+        return self._ready.is_set()
+
+    @property
+    def name_or_path(self) -> str:
+        """Where the model came from, as transformers recorded it."""
+        return str(getattr(self.model, "name_or_path", "") or "")
+
+    @asynccontextmanager
+    async def generate(
+        self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
+    ) -> AsyncIterator[Generation]:
+        """Queue the reply to `prompt` for the engine's thread; on exit, stop it and wait until
+        the thread has (one decode step at most)."""
+        job = LocalJob(prompt, params, context_len)
+        self._jobs.put(job)
+        try:
+            yield job
+        finally:
+            job.cancel()
+            with anyio.CancelScope(shield=True):
+                try:
+                    while await job.next_text(timeout=60.0) is not None:
+                        pass
+                except GenerationFailed:
+                    pass  # the caller already saw it, or left before it could matter
+
+    def close(self) -> None:
+        """Let the threads exit once they finish what they run."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _warm_up_once(self, warm_up: Any) -> None:
+        """Run `warm_up` (a tiny generation) so the first user does not pay for lazy set-up."""
+        if self._ready.is_set():
+            return
+        try:
+            warm_up()
+        except Exception:  # the engine stays not-ready (/ready says 503); requests report their own errors
+            logger.exception("engine warm-up failed")
+            return
+        self._ready.set()
+
+    def encode_prompt(self, job: LocalJob) -> torch.Tensor:
+        """The job's prompt as input ids (1, n): rendered, oldest turns cut to fit the context."""
+        prompt = job.prompt
+        prompt.set_tokenizer(self.tokenizer)
+        budget = job.context_len - job.params.max_new_tokens
+
+        def count_tokens(text: str) -> int:
+            return len(self._tokenize(text, prompt.add_special_tokens))
+
+        ids = self._tokenize(fit_prompt(prompt, count_tokens, budget), prompt.add_special_tokens)
+        # The newest request alone is over budget: keep its end, which the reply follows.
+        ids = ids[-budget:]
+        job.stats.prompt_tokens = len(ids)
+        return torch.tensor([ids], device=self.device)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        return ids
+
+    def fallback_token_id(self) -> int:
+        """A token id to pad with: pad, else end, else beginning of sequence, else 0."""
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
