@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from chatstream_asgi.admission import Admission
 from chatstream_asgi.engine.base import Engine
+from chatstream_asgi.engine.batching import BatchingEngine, supports_batching
 from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine
 from chatstream_asgi.errors import (
@@ -69,6 +70,8 @@ class ChatStream:
     Pass a Hugging Face `model` and `tokenizer` (as with ChatStream), or a ready `engine`.
     `devices=["cuda:0", "cuda:1"]` (or ChatStream's `num_gpus=2`) runs one replica of the model
     per device, each its own copy; `num_of_concurrent_executions` then counts per replica.
+    A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
+    can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class ChatStream:
         devices: list[str] | None = None,
         num_gpus: int | None = None,
         use_mock_response: bool = False,
+        batching: bool | None = None,
         **chatstream_options: Any,
     ) -> None:
         unknown = set(chatstream_options) - _IGNORED_CHATSTREAM_ARGS
@@ -141,7 +145,11 @@ class ChatStream:
                     "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
                 )
             places: list[str | None] = list(devices) if devices else [device]
-            self.engines = _local_replicas(model, tokenizer, places, num_of_concurrent_executions)
+            if batching is None:
+                batching = supports_batching(model)
+            elif batching and not supports_batching(model):
+                raise ValueError(f"{type(model).__name__} cannot use the batching engine; pass batching=False")
+            self.engines = _local_replicas(model, tokenizer, places, num_of_concurrent_executions, batching=batching)
         if seed is not None:
             transformers.set_seed(seed)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.engine, "tokenizer", None)
@@ -292,16 +300,24 @@ class ChatStream:
         return error_response(error)
 
 
-def _local_replicas(model: Any, tokenizer: Any, devices: list[str | None], workers: int) -> list[Engine]:
-    """One `TransformersEngine` per device, each with a model object of its own.
+def _local_replicas(
+    model: Any, tokenizer: Any, devices: list[str | None], concurrency: int, *, batching: bool
+) -> list[Engine]:
+    """One engine per device (`BatchingEngine`, or `TransformersEngine` without batching), each
+    with a model object of its own.
 
     The first replica is the caller's model; each other one is loaded again from where the
     caller's came from (`from_pretrained(model.name_or_path)`, same dtype), straight onto its
     device. A model built in memory, with nowhere to load from, is deep-copied instead.
     """
     models = [model] + [_load_again(model) for _ in devices[1:]]
+    if batching:
+        return [
+            BatchingEngine(replica, tokenizer, device=device, max_batch_size=concurrency)
+            for replica, device in zip(models, devices, strict=True)
+        ]
     return [
-        TransformersEngine(replica, tokenizer, device=device, workers=workers)
+        TransformersEngine(replica, tokenizer, device=device, workers=concurrency)
         for replica, device in zip(models, devices, strict=True)
     ]
 

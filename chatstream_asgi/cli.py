@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from chatstream_asgi.chat_stream import ChatStream
 from chatstream_asgi.demo_model import ensure_demo_model
 from chatstream_asgi.engine.mock import MockEngine
-from chatstream_asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.middleware import ChatStreamMiddleware, check_shared_key
 from chatstream_asgi.redis_store import RedisStore
 from chatstream_asgi.session import MemoryStore
 
@@ -73,6 +73,9 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     """The ASGI app `serve` runs, and a line saying which model it serves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Checked before a model is loaded: a refusal should cost nothing.
+    store = RedisStore(args.session_store) if args.session_store != "memory" else MemoryStore()
+    check_shared_key(store, args.secret_key)
     limits = {
         "num_of_concurrent_executions": args.concurrency,
         "max_queue_size": args.queue,
@@ -92,7 +95,6 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
         chat_stream = ChatStream(model=model, tokenizer=tokenizer, device=args.device, **limits)
-    store = RedisStore(args.session_store) if args.session_store != "memory" else MemoryStore()
     app = ChatStreamMiddleware(
         Starlette(),
         chat_stream=chat_stream,

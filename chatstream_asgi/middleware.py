@@ -39,6 +39,16 @@ from chatstream_asgi.turn import OutcomeCallback
 logger = logging.getLogger(__name__)
 
 
+def check_shared_key(store: SessionStore, secret_key: str | bytes | None) -> None:
+    """Refuse a store shared by replicas without a cookie key they share."""
+    if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
+        raise ValueError(
+            f"{type(store).__name__} is shared by replicas, so they must sign cookies with one key: "
+            f"pass secret_key= or set {SECRET_KEY_ENV} (a random key per process would make each "
+            "replica drop the others' sessions)"
+        )
+
+
 class ChatStreamMiddleware:
     """Adds the chat path (and, on request, its companion routes) to any ASGI app."""
 
@@ -68,12 +78,7 @@ class ChatStreamMiddleware:
         if isinstance(api_keys, str) or (api_keys is not None and not all(api_keys)):
             raise ValueError("api_keys must be a list of non-empty keys")
         store: SessionStore = session_store if session_store is not None else MemoryStore()
-        if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
-            raise ValueError(
-                f"{type(store).__name__} is shared by replicas, so they must sign cookies with one key: "
-                f"pass secret_key= or set {SECRET_KEY_ENV} (a random key per process would make each "
-                "replica drop the others' sessions)"
-            )
+        check_shared_key(store, secret_key)
         self.app = app
         self.chat_stream = chat_stream
         self.serve = serve

@@ -206,6 +206,16 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
     return data
 
 
+def read_first_text(sock: socket.socket) -> bytes:
+    """Read a chunked reply until its head and its first chunk of text have arrived."""
+    data = read_until(sock, b"\r\n\r\n")
+    while b"\r\n" not in data.split(b"\r\n\r\n", 1)[1]:
+        chunk = sock.recv(4096)
+        assert chunk, "server closed the connection"
+        data += chunk
+    return data
+
+
 class RedisServer:
     """A real redis-server process on 127.0.0.1 that a test may stop and start again."""
 

@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
 
-from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
+from .conftest import ModelHooks, Outcomes, open_chat, read_first_text, read_until, wait_until
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_client_leaving_the_queue_never_starts_and_its_place_goes_to_the_next(
     hooks.step_delay = 0.02
     server, chat_stream, outcomes, _ = slow_server(num_of_concurrent_executions=1, max_new_tokens=60)
     running = open_chat(server.url, "first")
-    read_until(running, b"\r\n\r\n")
+    read_first_text(running)
     leaving = open_chat(server.url, "second")
     assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
     staying = open_chat(server.url, "third")

@@ -6,7 +6,9 @@ one batch. The loop waits on an `anyio.Event`, which can be abandoned (ping time
 without losing text: nothing is ever handed to a waiter that might not take it.
 
 A producer on the loop itself (a remote engine's reader task) says so with `from_thread=False`
-and wakes the reader directly.
+and wakes the reader directly. A producer that serves many channels at once (the batching
+engine) gives them a `Wakeups` collector, and delivers every wake-up of a decode step in one
+trip to the loop instead of one per row.
 """
 
 from __future__ import annotations
@@ -18,6 +20,35 @@ import anyio.from_thread
 import anyio.lowlevel
 
 from chatstream_asgi.engine.base import GenerationFailed
+
+
+class Wakeups:
+    """Wake-ups collected during one engine step, delivered together."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[TextChannel, anyio.Event]] = []
+
+    def add(self, channel: TextChannel, waiter: anyio.Event) -> None:
+        """Remember to set `waiter` (the reader of `channel` is waiting on it)."""
+        self._pending.append((channel, waiter))
+
+    def deliver(self) -> None:
+        """Set every collected waiter: one blocking call to each event loop involved."""
+        pending, self._pending = self._pending, []
+        by_loop: dict[int, list[tuple[TextChannel, anyio.Event]]] = {}
+        for channel, waiter in pending:
+            by_loop.setdefault(id(channel._token), []).append((channel, waiter))
+        for group in by_loop.values():
+            try:
+                anyio.from_thread.run_sync(_set_all, [waiter for _, waiter in group], token=group[0][0]._token)
+            except anyio.RunFinishedError:
+                for channel, _ in group:
+                    channel.loop_gone = True
+
+
+def _set_all(events: list[anyio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class TextChannel:
@@ -32,6 +63,8 @@ class TextChannel:
         self._error: GenerationFailed | None = None
         self._waiter: anyio.Event | None = None
         self.loop_gone = False
+        #: When set, wake-ups are collected here for the producer to deliver (see `Wakeups`).
+        self.wakeups: Wakeups | None = None
 
     @property
     def ended(self) -> bool:
@@ -62,6 +95,9 @@ class TextChannel:
             return
         if self._token is None:
             waiter.set()
+            return
+        if self.wakeups is not None:
+            self.wakeups.add(self, waiter)
             return
         try:
             anyio.from_thread.run_sync(waiter.set, token=self._token)

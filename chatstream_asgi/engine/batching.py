@@ -1,0 +1,304 @@
+"""`BatchingEngine`: concurrent generations on one replica share every forward pass.
+
+One thread runs a decode loop over a batch that changes at step boundaries. A new request is
+prefilled alone (its prompt through the model once, its own cache), then merged into the
+running batch: caches are left-padded to a common length and an attention mask hides the
+padding, while each row keeps its own position ids. A row leaves on its end token, its length,
+a stop string or a cancel, without stalling the others; columns no row needs any more are
+trimmed. Each row samples with its own parameters (and its own random generator when seeded).
+
+A batch of one does exactly what `model.generate` does, step for step (the tests check the
+tokens are identical under greedy decoding), and eight rows cost little more than one on a
+CPU and far less than eight on a GPU: the forward pass reads the weights once for all of them.
+
+It needs a decoder-only model whose cache is the plain `DynamicCache` of per-layer
+(batch, heads, length, dim) tensors; `supports_batching` says whether a model qualifies, and
+`ChatStream` falls back to `TransformersEngine` when it does not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import queue
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from chatstream_asgi.engine.channel import Wakeups
+from chatstream_asgi.engine.local import LocalEngine, LocalJob
+
+logger = logging.getLogger(__name__)
+
+
+def supports_batching(model: Any) -> bool:
+    """Whether `BatchingEngine` can drive `model` (else use `TransformersEngine`)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    parameters = inspect.signature(model.forward).parameters
+    if not {"cache", "attention_mask", "position_ids", "logits_to_keep"} <= set(parameters):
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+class _Row:
+    """One generation in the batch."""
+
+    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor) -> None:
+        self.job = job
+        self.seen = prompt_ids[0]  # for the repetition penalty
+        self.generator: torch.Generator | None = None
+        if job.params.seed is not None:
+            self.generator = torch.Generator(device=prompt_ids.device).manual_seed(job.params.seed)
+
+
+class _Batch:
+    """The running rows, their shared cache, attention mask and positions."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows."""
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.empty(0)
+        self.positions = torch.empty(0)
+        self.tokens = torch.empty(0)
+
+    def add(self, row: _Row, cache: DynamicCache, length: int, token: torch.Tensor) -> None:
+        """Merge a prefilled row: pad the shorter side on the left so every row ends together."""
+        device = token.device
+        if self.cache is None:
+            self.cache = cache
+            self.mask = torch.ones(1, length, dtype=torch.long, device=device)
+            self.positions = torch.tensor([[length]], device=device)
+            self.tokens = token.view(1, 1)
+            self.rows = [row]
+            return
+        width = self.mask.shape[1]
+        common = max(width, length)
+        merged = DynamicCache(config=self._config)
+        for index, (ours, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
+            assert isinstance(ours, DynamicLayer) and isinstance(theirs, DynamicLayer)
+            assert ours.keys is not None and ours.values is not None
+            assert theirs.keys is not None and theirs.values is not None
+            keys = torch.cat([_pad_left(ours.keys, common - width), _pad_left(theirs.keys, common - length)])
+            values = torch.cat([_pad_left(ours.values, common - width), _pad_left(theirs.values, common - length)])
+            merged.update(keys, values, index)
+        new_mask = torch.zeros(1, common, dtype=torch.long, device=device)
+        new_mask[0, common - length :] = 1
+        self.mask = torch.cat([_pad_left(self.mask, common - width, dim=1), new_mask])
+        self.cache = merged
+        self.positions = torch.cat([self.positions, torch.tensor([[length]], device=device)])
+        self.tokens = torch.cat([self.tokens, token.view(1, 1)])
+        self.rows.append(row)
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every row not in `keep`, and the cache columns only they needed."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        assert self.cache is not None
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        self.tokens = self.tokens[index]
+        self.rows = [self.rows[i] for i in keep]
+        start = int(self.mask.any(dim=0).int().argmax())  # first column some row still attends to
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+                layer.keys = layer.keys[..., start:, :]
+                layer.values = layer.values[..., start:, :]
+
+
+def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
+    if amount == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class BatchingEngine(LocalEngine):
+    """Generates with a Hugging Face causal LM, all running requests in one batch per step.
+
+    `max_batch_size` bounds the rows; admission (`num_of_concurrent_executions`) keeps the
+    number of running requests within it.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str | torch.device | None = "auto",
+        max_batch_size: int = 16,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        if not supports_batching(model):
+            raise ValueError(f"{type(model).__name__} cannot be batched here; use TransformersEngine")
+        super().__init__(model, tokenizer, device=device)
+        self.max_batch_size = max_batch_size
+        eos = model.generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._wakeups = Wakeups()
+        self._start_threads(1, self._work)
+
+    # -- the engine thread ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        with torch.inference_mode():
+            self._warm_up_once(self._warm_up)
+            batch = _Batch(self.model.config)
+            while True:
+                arrivals = self._arrivals(wait=not batch.rows)
+                if arrivals is None:
+                    return
+                for job in arrivals:
+                    job.channel.wakeups = self._wakeups
+                    self._join(batch, job)
+                if batch.rows:
+                    self._step(batch)
+                self._wakeups.deliver()  # one trip to the event loop for every row of the step
+
+    def _arrivals(self, wait: bool) -> list[LocalJob] | None:
+        """Jobs that came in since the last step (blocking while the batch is empty); None: close."""
+        arrivals: list[LocalJob] = []
+        try:
+            job = self._jobs.get() if wait else self._jobs.get_nowait()
+            while True:
+                if job is None:
+                    return None
+                arrivals.append(job)
+                job = self._jobs.get_nowait()
+        except queue.Empty:
+            return arrivals
+
+    def _warm_up(self) -> None:
+        ids = torch.tensor([[self.fallback_token_id()]], device=self.device)
+        out = self.model(input_ids=ids, cache=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
+        mask = torch.ones(1, 2, dtype=torch.long, device=self.device)
+        position = torch.tensor([[1]], device=self.device)
+        self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position, cache=out.cache, use_cache=True, logits_to_keep=1
+        )
+
+    def _join(self, batch: _Batch, job: LocalJob) -> None:
+        """Prefill `job` alone, send its first token, and merge it into the batch (or end it)."""
+        if job.should_stop:  # cancelled while queued for the engine: never start
+            job.skip()
+            return
+        try:
+            prompt_ids = self.encode_prompt(job)
+            job.start_text(self.tokenizer)
+            out = self.model(
+                input_ids=prompt_ids,
+                cache=DynamicCache(config=self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            row = _Row(job, prompt_ids)
+            token = self._sample(out.logits[:, -1, :], [row])
+        except Exception as error:  # reported to the one request it belongs to; the batch goes on
+            logger.exception("prefill failed")
+            job.fail(error)
+            return
+        if self._emit(row, int(token[0])):
+            batch.add(row, out.cache, prompt_ids.shape[1], token)
+
+    def _step(self, batch: _Batch) -> None:
+        """One decode step for every row; rows that are done leave the batch."""
+        keep = []
+        for index, row in enumerate(batch.rows):
+            if row.job.should_stop:  # cancelled between steps: it gets no further step
+                row.job.finish()
+            else:
+                keep.append(index)
+        batch.keep(keep)
+        if not batch.rows:
+            return
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        try:
+            out = self.model(
+                input_ids=batch.tokens,
+                attention_mask=batch.mask,
+                position_ids=batch.positions,
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            tokens = self._sample(out.logits[:, -1, :], batch.rows)
+        except Exception as error:  # a batched step cannot say whose fault it was: fail them all
+            logger.exception("batched decode step failed")
+            for row in batch.rows:
+                row.job.fail(error)
+            batch.clear()
+            return
+        batch.cache = out.cache
+        batch.positions = batch.positions + 1
+        batch.tokens = tokens.view(-1, 1)
+        keep = [
+            i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)) if self._emit(row, token)
+        ]
+        batch.keep(keep)
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Hand one token to its job; False (and the job finished) when the row is done."""
+        job = row.job
+        if token in self._eos:
+            job.decode_steps += 1
+            job.finish("stop")
+            return False
+        job.accept((token,))
+        if job.params.repetition_penalty != 1.0:
+            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
+        if job.should_stop or job.stats.completion_tokens >= job.params.max_new_tokens:
+            job.finish()
+            return False
+        return True
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """The next token of each row, with that row's own sampling parameters.
+
+        The order is transformers': repetition penalty, temperature, top-k, top-p.
+        """
+        tokens = logits.argmax(dim=-1)
+        for index, row in enumerate(rows):
+            params = row.job.params
+            if params.temperature == 0 and params.repetition_penalty == 1.0:
+                continue
+            scores = logits[index].float()
+            if params.repetition_penalty != 1.0:
+                seen = scores.gather(0, row.seen)
+                seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
+                scores = scores.scatter(0, row.seen, seen)
+            if params.temperature == 0:
+                tokens[index] = scores.argmax()
+                continue
+            scores = scores / params.temperature
+            if params.top_k and params.top_k < scores.shape[-1]:
+                kth = torch.topk(scores, params.top_k).values[-1]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if params.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=True)
+                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+                drop = cumulative - ordered.softmax(dim=-1) > params.top_p  # keep the token that crosses top_p
+                scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
+            probabilities = scores.softmax(dim=-1)
+            tokens[index] = torch.multinomial(probabilities, 1, generator=row.generator)[0]
+        return tokens

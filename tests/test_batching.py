@@ -1,0 +1,194 @@
+"""The batching engine: concurrent generations share forward passes and still each get exactly
+their own reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from chatstream_asgi import ChatPrompt, ChatStream
+from chatstream_asgi.engine import BatchingEngine, GenerationStats, TransformersEngine, supports_batching
+from chatstream_asgi.params import GenerationParams
+
+from .conftest import ModelHooks, greedy_reply, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the engine's thread side is backend-neutral; one backend is enough here
+
+
+@pytest.fixture
+def engine(model: Any, tokenizer: Any) -> Any:
+    engine = BatchingEngine(model, tokenizer, device="cpu", max_batch_size=8)
+    assert wait_until(lambda: engine.ready)
+    yield engine
+    engine.close()
+
+
+async def _reply(engine: Any, text: str, **params: Any) -> tuple[str, GenerationStats]:
+    prompt = ChatPrompt()
+    prompt.add_requester_msg(text)
+    prompt.add_responder_msg(None)
+    reply = ""
+    async with engine.generate(prompt, GenerationParams(**{"temperature": 0, **params}), context_len=2048) as gen:
+        while (piece := await gen.next_text(5.0)) is not None:
+            reply += piece
+    return reply, gen.stats
+
+
+async def test_concurrent_replies_each_equal_what_generate_says_alone(engine: Any, model: Any, tokenizer: Any) -> None:
+    texts = [f"question {i} " * (i + 1) for i in range(6)]  # different lengths: padded rows
+    replies: dict[str, str] = {}
+
+    async def ask(text: str) -> None:
+        replies[text] = (await _reply(engine, text, max_new_tokens=30))[0]
+
+    async with anyio.create_task_group() as tg:
+        for text in texts:
+            tg.start_soon(ask, text)
+    for text in texts:
+        assert replies[text] == greedy_reply(model, tokenizer, text, 30)
+
+
+async def test_forward_passes_are_shared_by_concurrent_requests(engine: Any, model: Any) -> None:
+    hooks = ModelHooks(model)
+
+    async def ask(index: int) -> None:
+        await _reply(engine, f"hello {index}", max_new_tokens=20)
+
+    async with anyio.create_task_group() as tg:
+        for index in range(4):
+            tg.start_soon(ask, index)
+    # Four replies of 20 tokens alone would take 4 prefills + 4 x 19 decode steps.
+    assert hooks.prefills == 4
+    assert hooks.forward_calls - hooks.prefills < 4 * 19
+
+
+async def test_a_short_request_leaves_while_a_long_one_goes_on(engine: Any, model: Any, tokenizer: Any) -> None:
+    results: dict[str, tuple[str, GenerationStats]] = {}
+
+    async def ask(name: str, tokens: int) -> None:
+        results[name] = await _reply(engine, name, max_new_tokens=tokens)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "long one", 60)
+        tg.start_soon(ask, "short", 3)
+    assert results["short"][1].completion_tokens == 3 and results["short"][1].finish_reason == "length"
+    assert results["long one"][1].completion_tokens == 60
+    assert results["long one"][0] == greedy_reply(model, tokenizer, "long one", 60)
+
+
+async def test_each_row_keeps_its_own_parameters(engine: Any, model: Any, tokenizer: Any) -> None:
+    full = greedy_reply(model, tokenizer, "stop me", 40)
+    stop = full[8:11]
+    results: dict[str, str] = {}
+
+    async def ask(name: str, params: dict[str, Any]) -> None:
+        results[name] = (await _reply(engine, "stop me", **params))[0]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "plain", {"max_new_tokens": 40})
+        tg.start_soon(ask, "stopped", {"max_new_tokens": 40, "stop": (stop,)})
+        tg.start_soon(ask, "sampled", {"max_new_tokens": 40, "temperature": 1.5, "top_k": 5, "top_p": 0.8, "seed": 3})
+    assert results["plain"] == full
+    assert results["stopped"] == full[: full.index(stop)]
+    assert results["sampled"] != full  # hot sampling with a seed: a different, reproducible reply
+
+
+async def test_a_seeded_sample_is_the_same_alone_or_in_company(engine: Any) -> None:
+    params = {"max_new_tokens": 30, "temperature": 1.2, "top_k": 20, "seed": 1234}
+    alone = (await _reply(engine, "roll the dice", **params))[0]
+    together: dict[str, str] = {}
+
+    async def ask(name: str, text: str, extra: dict[str, Any]) -> None:
+        together[name] = (await _reply(engine, text, **extra))[0]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "noise", "noise", {"max_new_tokens": 30, "temperature": 1.0})
+        tg.start_soon(ask, "seeded", "roll the dice", params)
+    assert together["seeded"] == alone
+
+
+async def test_cancelling_one_row_stops_it_within_a_step_and_spares_the_others(
+    engine: Any, model: Any, tokenizer: Any
+) -> None:
+    hooks = ModelHooks(model)
+    hooks.step_delay = 0.01
+    prompt = ChatPrompt()
+    prompt.add_requester_msg("cancel me")
+    prompt.add_responder_msg(None)
+    other: dict[str, str] = {}
+
+    async def bystander() -> None:
+        other["reply"] = (await _reply(engine, "bystander", max_new_tokens=40))[0]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(bystander)
+        async with engine.generate(
+            prompt, GenerationParams(max_new_tokens=500, temperature=0), context_len=2048
+        ) as gen:
+            while not await gen.next_text(5.0):
+                pass
+            gen.cancel()
+            while await gen.next_text(5.0) is not None:
+                pass
+    assert gen.stats.finish_reason == "cancelled" and gen.stats.steps_after_cancel <= 1
+    assert gen.stats.completion_tokens < 500
+    assert other["reply"] == greedy_reply(model, tokenizer, "bystander", 40)
+
+
+def test_an_encoder_decoder_model_falls_back_to_one_generate_per_slot(tokenizer: Any) -> None:
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    t5 = T5ForConditionalGeneration(config)
+    assert not supports_batching(t5)
+    with pytest.raises(ValueError, match="batching=False"):
+        ChatStream(model=t5, tokenizer=tokenizer, batching=True)
+
+
+def test_chatstream_picks_the_batching_engine_when_it_can(model: Any, tokenizer: Any) -> None:
+    batched = ChatStream(model=model, tokenizer=tokenizer)
+    per_slot = ChatStream(model=model, tokenizer=tokenizer, batching=False)
+    try:
+        assert isinstance(batched.engine, BatchingEngine)
+        assert isinstance(per_slot.engine, TransformersEngine)
+    finally:
+        batched.close()
+        per_slot.close()
+
+
+async def test_the_per_slot_engine_still_streams_what_generate_says(model: Any, tokenizer: Any) -> None:
+    engine = TransformersEngine(model, tokenizer, device="cpu", workers=2)
+    try:
+        assert wait_until(lambda: engine.ready)
+        reply, stats = await _reply(engine, "per slot", max_new_tokens=25)
+        assert reply == greedy_reply(model, tokenizer, "per slot", 25) and stats.finish_reason == "length"
+    finally:
+        engine.close()
+
+
+async def test_the_per_slot_engine_stops_within_a_step_when_cancelled(model: Any, tokenizer: Any) -> None:
+    hooks = ModelHooks(model)
+    hooks.step_delay = 0.01
+    engine = TransformersEngine(model, tokenizer, device="cpu", workers=1)
+    try:
+        assert wait_until(lambda: engine.ready)
+        prompt = ChatPrompt()
+        prompt.add_requester_msg("go")
+        prompt.add_responder_msg(None)
+        async with engine.generate(
+            prompt, GenerationParams(max_new_tokens=500, temperature=0), context_len=2048
+        ) as gen:
+            while not await gen.next_text(5.0):
+                pass
+        assert gen.stats.finish_reason == "cancelled" and gen.stats.steps_after_cancel <= 1
+        assert gen.stats.completion_tokens < 500
+        assert torch.is_inference_mode_enabled() is False  # the thread's mode never leaks to the caller
+    finally:
+        engine.close()
