@@ -50,5 +50,6 @@ app = ChatStreamMiddleware(
     chat_stream=chat_stream,
     serve=True,
     health=True,
+    openai=True,
     callback=_record,
 )

@@ -172,9 +172,10 @@ class BatchingEngine(LocalEngine):
                 for job in arrivals:
                     job.channel.wakeups = self._wakeups
                     self._join(batch, job)
+                self._wakeups.deliver()  # first tokens go out now, not after the next step
                 if batch.rows:
                     self._step(batch)
-                self._wakeups.deliver()  # one trip to the event loop for every row of the step
+                    self._wakeups.deliver()  # one trip to the event loop for every row of the step
 
     def _arrivals(self, wait: bool) -> list[LocalJob] | None:
         """Jobs that came in since the last step (blocking while the batch is empty); None: close."""
