@@ -1,21 +1,26 @@
-"""`chatstream-asgi serve`: a chat server in one command, for trying the package or running it plainly."""
+"""`chatstream-asgi serve`: a chat server in one command, for trying the package or running it plainly.
+
+Before torch loads, the command shortens OpenMP's spin-wait (`GOMP_SPINCOUNT`, unless already set):
+torch's CPU threads otherwise keep spinning on every core between operations, and the event loop
+waits for a core: `python -m bench` measured `/health` p99 under load at about 9x idle with the
+default and about 1.4x with this setting, at the same tokens/s.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from starlette.applications import Starlette
+if TYPE_CHECKING:
+    from chatstream_asgi.middleware import ChatStreamMiddleware
 
-from chatstream_asgi.chat_stream import ChatStream
-from chatstream_asgi.demo_model import ensure_demo_model
-from chatstream_asgi.engine.mock import MockEngine
-from chatstream_asgi.middleware import ChatStreamMiddleware, check_shared_key
-from chatstream_asgi.redis_store import RedisStore
-from chatstream_asgi.session import MemoryStore
+#: OpenMP spin-wait for a server process (see the module docstring); a user's own setting wins.
+SERVER_OPENMP_SETTINGS = {"GOMP_SPINCOUNT": "20000", "KMP_BLOCKTIME": "1"}
 
 logger = logging.getLogger("chatstream_asgi.cli")
 
@@ -24,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `chatstream-asgi` command."""
     parser = _parser()
     args = parser.parse_args(argv)
+    for name, value in SERVER_OPENMP_SETTINGS.items():
+        os.environ.setdefault(name, value)
     if args.command != "serve":
         parser.print_help()
         return 2
@@ -71,7 +78,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     """The ASGI app `serve` runs, and a line saying which model it serves."""
+    from starlette.applications import Starlette
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.demo_model import ensure_demo_model
+    from chatstream_asgi.engine.mock import MockEngine
+    from chatstream_asgi.middleware import ChatStreamMiddleware, check_shared_key
+    from chatstream_asgi.redis_store import RedisStore
+    from chatstream_asgi.session import MemoryStore
 
     # Checked before a model is loaded: a refusal should cost nothing.
     store = RedisStore(args.session_store) if args.session_store != "memory" else MemoryStore()

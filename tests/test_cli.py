@@ -135,3 +135,17 @@ def test_serve_mock_with_an_api_key_guards_everything_but_health(run_cli: object
         assert client.post("/chat_stream", json={"user_input": "echo me"}, headers=authorized).text == "echo me"
         models = client.get("/v1/models", headers=authorized).json()
         assert models["data"][0]["id"] == "mock"
+
+
+def test_the_command_tunes_openmp_before_torch_loads() -> None:
+    probe = (
+        "import os, sys; import chatstream_asgi.cli as cli; early = 'torch' in sys.modules; "
+        "cli.main(['serve', '--model', '/nonexistent/model']); print(early, os.environ['GOMP_SPINCOUNT'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.split() == ["False", "20000"]
+    mine = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env={**env, "GOMP_SPINCOUNT": "5"}
+    )
+    assert mine.stdout.split() == ["False", "5"]  # a user's own setting wins
