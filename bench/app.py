@@ -6,6 +6,7 @@ variables, so the client's work never shares a GIL or an event loop with the ser
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -53,3 +54,7 @@ app = ChatStreamMiddleware(
     openai=True,
     callback=_record,
 )
+
+# As `chatstream-asgi serve` does: the model and libraries loaded so far are permanent, so the
+# collector stops re-scanning them (a full collection otherwise stalls every thread for ms).
+gc.freeze()
