@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 from bench.harness import RawChat, load, percentile, rss_bytes, running_server, wait_for
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
 from chatstream_asgi.detokenize import IncrementalDetokenizer
-from chatstream_asgi.engine import MockEngine
+from chatstream_asgi.engine import MockEngine, resolve_device
 
 PROMPT = "Tell me a long story about servers that stream text."
 
@@ -30,12 +31,13 @@ class InProcessModel:
     """The model itself, called directly: the physical limit every server figure is held against."""
 
     def __init__(self, path: Path) -> None:
+        device = resolve_device(os.environ.get("BENCH_DEVICE", "auto"))  # where the server runs it too
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path).eval().to(device)
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
         )
-        self.prompt_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        self.prompt_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
 
     def generate_seconds(self, batch: int, new_tokens: int) -> float:
         """Wall time of greedy `model.generate` for `batch` copies of the prompt."""
