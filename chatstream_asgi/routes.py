@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import resource
 import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -218,6 +217,8 @@ def _memory_usage() -> dict[str, Any]:
         with open("/proc/self/statm") as statm:
             used = int(statm.read().split()[1]) * page
     except OSError:  # no procfs (macOS): peak resident size is the best the OS offers
+        import resource
+
         used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return {
         "num_gpus": len(gpus),
