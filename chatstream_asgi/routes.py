@@ -130,8 +130,9 @@ async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOption
     prompt = session_of(request).get_session().get(CHAT_PROMPT_KEY)
     if prompt is None or prompt.is_empty():
         return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
+    text = await anyio.to_thread.run_sync(prompt.create_prompt)  # a long history renders off the loop
     # URL-quoted, as ChatStream's front-ends decode it.
-    return JSONResponse({"success": True, "message": "success", "prompt": urllib.parse.quote(prompt.create_prompt())})
+    return JSONResponse({"success": True, "message": "success", "prompt": urllib.parse.quote(text)})
 
 
 async def _set_generation_params(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
@@ -166,7 +167,7 @@ async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOpti
     feedback_data = {
         "is_like": is_like,
         "form_data": feedback.get("form_data", ""),
-        "prompt": prompt.create_prompt({"to_message_id": message_id}),
+        "prompt": await anyio.to_thread.run_sync(prompt.create_prompt, {"to_message_id": message_id}),
         "target_message_id": message_id,
         "target_message": target.get_message(),
         "generation_params": session_params_view(data.get(GENERATION_PARAMS_KEY, {}), chat_stream.params),
