@@ -35,7 +35,8 @@ class GenerationParams:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
-    #: Seeds sampling; reproducible when generations on the replica do not overlap (one RNG per process).
+    #: Seeds sampling: the batching engine gives each seeded row its own generator; the per-slot
+    #: engine seeds the process's one generator, so there it holds only while nothing overlaps.
     seed: int | None = None
 
     def __post_init__(self) -> None:
