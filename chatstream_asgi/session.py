@@ -283,8 +283,16 @@ class Session:
         self._data.update(fresh.get_session())
 
     async def keep_turn_locked(self, every: float) -> None:
-        """Refresh the held turn lock every `every` seconds, for as long as it is held."""
+        """Refresh the held turn lock every `every` seconds, for as long as it is held.
+
+        A store that stops answering does not stop the turn: the reply goes on, and the lock
+        may expire meanwhile (the log says so).
+        """
         while True:
             await anyio.sleep(every)
-            if self._turn_token is not None:
+            if self._turn_token is None:
+                continue
+            try:
                 await self._store.refresh_turn(self.session_id, self._turn_token)
+            except SessionStoreUnavailable as error:
+                logger.warning("turn lock of session %s not refreshed: %s", self.session_id, error.detail)

@@ -114,3 +114,21 @@ def test_redis_store_without_a_shared_secret_is_refused_at_start(
         ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), session_store=RedisStore(redis_url))
     monkeypatch.setenv("CHATSTREAM_SECRET_KEY", "from-the-environment")
     ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), session_store=RedisStore(redis_url))
+
+
+def test_redis_going_away_mid_reply_does_not_stop_the_reply(replica: Any, hooks: ModelHooks, caplog: Any) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    try:
+        server, outcomes = replica(redis_server.url, timeout=0.3, lock_ttl=0.3)  # refreshed every 0.1 s
+        hooks.step_delay = 0.02
+        sock = open_chat(server.url, "a long one")
+        read_until(sock, b"data: ")
+        redis_server.stop()
+        body = read_until(sock, b"event: done")
+        sock.close()
+        assert b"event: error" not in body
+        assert outcomes.wait() == ["success"]  # the reply went out; only its record was lost
+        assert wait_until(lambda: "not refreshed" in caplog.text and "not saved" in caplog.text)
+    finally:
+        redis_server.stop()
