@@ -192,3 +192,26 @@ async def test_the_per_slot_engine_stops_within_a_step_when_cancelled(model: Any
         assert torch.is_inference_mode_enabled() is False  # the thread's mode never leaks to the caller
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("failing_call", [1, 9], ids=["while joining", "while decoding"])
+async def test_a_failure_outside_the_model_fails_its_requests_and_the_engine_goes_on(
+    engine: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch, failing_call: int
+) -> None:
+    from chatstream_asgi.engine import GenerationFailed
+
+    real_decode = tokenizer.decode
+    calls = {"count": 0, "broken": True}
+
+    def decode(*args: Any, **kwargs: Any) -> str:
+        calls["count"] += 1
+        if calls["broken"] and calls["count"] >= failing_call:
+            raise RuntimeError("detokenizer bug")
+        return str(real_decode(*args, **kwargs))
+
+    monkeypatch.setattr(tokenizer, "decode", decode)
+    with pytest.raises(GenerationFailed, match="detokenizer bug"):
+        await _reply(engine, "first", max_new_tokens=10)
+    calls["broken"] = False
+    _, stats = await _reply(engine, "second", max_new_tokens=10)
+    assert stats.finish_reason == "length" and stats.completion_tokens == 10

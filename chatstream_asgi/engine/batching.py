@@ -169,13 +169,24 @@ class BatchingEngine(LocalEngine):
                 arrivals = self._arrivals(wait=not batch.rows)
                 if arrivals is None:
                     return
-                for job in arrivals:
-                    job.channel.wakeups = self._wakeups
-                    self._join(batch, job)
-                self._wakeups.deliver()  # first tokens go out now, not after the next step
-                if batch.rows:
-                    self._step(batch)
-                    self._wakeups.deliver()  # one trip to the event loop for every row of the step
+                try:
+                    self._advance(batch, arrivals)
+                except Exception as error:  # a bug here must not leave requests waiting forever
+                    logger.exception("batching engine step failed")
+                    for job in [row.job for row in batch.rows] + arrivals:
+                        job.fail(error)  # (a job that already ended keeps its ending)
+                    batch.clear()
+                    self._wakeups.deliver()
+
+    def _advance(self, batch: _Batch, arrivals: list[LocalJob]) -> None:
+        """Take in the arrivals, then run one decode step."""
+        for job in arrivals:
+            job.channel.wakeups = self._wakeups
+            self._join(batch, job)
+        self._wakeups.deliver()  # first tokens go out now, not after the next step
+        if batch.rows:
+            self._step(batch)
+            self._wakeups.deliver()  # one trip to the event loop for every row of the step
 
     def _arrivals(self, wait: bool) -> list[LocalJob] | None:
         """Jobs that came in since the last step (blocking while the batch is empty); None: close."""
@@ -215,11 +226,12 @@ class BatchingEngine(LocalEngine):
             )
             row = _Row(job, prompt_ids)
             token = self._sample(out.logits[:, -1, :], [row])
+            running = self._emit(row, int(token[0]))
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
             logger.exception("prefill failed")
             job.fail(error)
             return
-        if self._emit(row, int(token[0])):
+        if running:
             batch.add(row, out.cache, prompt_ids.shape[1], token)
 
     def _step(self, batch: _Batch) -> None:

@@ -27,6 +27,10 @@ from chatstream_asgi.prompt import AbstractChatPrompt, fit_prompt
 
 logger = logging.getLogger(__name__)
 
+# Seconds a cancelled generation may take to stop (one decode step, or a long prefill) before
+# its slot is freed regardless.
+_STOP_GRACE = 120.0
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """`"auto"` (or None) picks cuda, then mps, then cpu; anything else is taken as given."""
@@ -112,6 +116,8 @@ class LocalJob:
 
     def fail(self, error: Exception) -> None:
         """End the generation with `error`, reported to the request it belongs to."""
+        if self.channel.ended:  # already finished: its reader must see that, not a later failure
+            return
         self.stats.finish_reason = "error"
         failure = GenerationFailed(f"{type(error).__name__}: {error}")
         failure.__cause__ = error  # for the log of whoever reads it
@@ -167,12 +173,14 @@ class LocalEngine:
             yield job
         finally:
             job.cancel()
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_GRACE) as waited:
                 try:
-                    while await job.next_text(timeout=60.0) is not None:
+                    while await job.next_text(timeout=_STOP_GRACE) is not None:
                         pass
                 except GenerationFailed:
                     pass  # the caller already saw it, or left before it could matter
+            if waited.cancelled_caught:  # only a stuck model or a dead engine thread gets here
+                logger.error("the engine did not stop within %s s of a cancel; freeing the slot anyway", _STOP_GRACE)
 
     def close(self) -> None:
         """Let the threads exit once they finish what they run."""
