@@ -294,10 +294,15 @@ class ChatStream:
             prompt = data[CHAT_PROMPT_KEY] = self.create_chat_prompt()
         return prompt
 
-    def _refusal(self, error: ChatStreamError) -> Response:
+    def refusal_status(self, error: ChatStreamError) -> int:
+        """The HTTP status of a refusal: its own, except ChatStream's 200 for a full queue when
+        `too_many_request_as_http_error=False`."""
         if error.status_code == 429 and not self.too_many_request_as_http_error:
-            return error_response(error, status_code=200)  # ChatStream's own behaviour
-        return error_response(error)
+            return 200
+        return error.status_code
+
+    def _refusal(self, error: ChatStreamError) -> Response:
+        return error_response(error, status_code=self.refusal_status(error))
 
 
 def _local_replicas(

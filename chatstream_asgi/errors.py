@@ -107,13 +107,6 @@ class TooManyRequests(ChatStreamError):
         return {"Retry-After": str(self.retry_after)}
 
 
-class ServiceUnavailable(ChatStreamError):
-    """The server cannot take chats right now (still loading, or stopping)."""
-
-    status_code = 503
-    code = "shutting_down"
-
-
 class SessionStoreUnavailable(ChatStreamError):
     """The session store did not answer in time, or is down."""
 

@@ -144,8 +144,7 @@ async def chat_completions(
         completion = parse_completion_request(exchange.body, chat_stream)
         slot = await chat_stream.admission.admit(exchange.client_left)
     except ChatStreamError as error:
-        status = 200 if error.status_code == 429 and not chat_stream.too_many_request_as_http_error else None
-        return openai_error(error, status_code=status)
+        return openai_error(error, status_code=chat_stream.refusal_status(error))
     if slot is None:
         await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
         return Response(status_code=499)

@@ -253,12 +253,6 @@ class Session:
         await self._store.save(self.session_id, data)
         self._dirty = False
 
-    async def clear(self) -> None:
-        """Forget everything in this session, in the store too."""
-        self._data.clear()
-        self._dirty = False
-        await self._store.delete(self.session_id)
-
     # -- the turn lock: one running turn per conversation ---------------------------------
 
     async def lock_turn(self) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,17 +72,6 @@ class TransformersEngine(LocalEngine):
             raise ValueError(f"workers must be at least 1, not {workers}")
         super().__init__(model, tokenizer, device=device)
         self._start_threads(workers, self._work)
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device | None = "auto", workers: int = 1
-    ) -> TransformersEngine:
-        """Load a model and tokenizer saved with `save_pretrained` (or a hub id, where a hub is reachable)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
-        return cls(model, tokenizer, device=device, workers=workers)
 
     def _work(self) -> None:
         with torch.inference_mode():
