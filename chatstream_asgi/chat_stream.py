@@ -41,6 +41,7 @@ from chatstream_asgi.turn import (
     OutcomeCallback,
     report_outcome,
 )
+from chatstream_asgi.waiting import queue_deadline
 from chatstream_asgi.wire import STREAM_FORMATS, StreamFormat, choose_format, encoder_for
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class ChatStream:
     per device, each its own copy; `num_of_concurrent_executions` then counts per replica.
     A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
     can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
+    `max_queue_wait` (seconds) bounds a request's wait for a slot: past it, 503 `queue_timeout`.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class ChatStream:
         num_gpus: int | None = None,
         use_mock_response: bool = False,
         batching: bool | None = None,
+        max_queue_wait: float | None = None,
         **chatstream_options: Any,
     ) -> None:
         unknown = set(chatstream_options) - _IGNORED_CHATSTREAM_ARGS
@@ -111,6 +114,8 @@ class ChatStream:
             )
         if stream_format not in STREAM_FORMATS:
             raise ValueError(f"stream_format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
+        if max_queue_wait is not None and not max_queue_wait > 0:
+            raise ValueError(f"max_queue_wait must be positive seconds or None, not {max_queue_wait!r}")
         if context_len <= max_new_tokens:
             raise ValueError(
                 f"context_len ({context_len}) must be larger than max_new_tokens ({max_new_tokens}): "
@@ -158,6 +163,8 @@ class ChatStream:
         self.stream_format: StreamFormat = stream_format
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.name = name or _model_name(self.engine)
+        #: Seconds a request may wait for a slot before 503 `queue_timeout` (None: as long as it takes).
+        self.max_queue_wait = max_queue_wait
         self.admission = Admission(num_of_concurrent_executions, max_queue_size, replicas=len(self.engines))
 
     @property
@@ -205,6 +212,7 @@ class ChatStream:
             if stream_format is None:
                 raise InvalidRequest(f"'format' must be one of {', '.join(STREAM_FORMATS)}")
             turn = parse_chat_request(exchange.body if request_body is None else request_body)
+            max_wait = queue_deadline(request.scope, self.max_queue_wait)
             limit = self.params.max_new_tokens
             self.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
             if not await session.lock_turn():
@@ -219,7 +227,7 @@ class ChatStream:
                 prompt = self._session_prompt(session)
                 if turn.regenerate and not prompt.has_reply_to_regenerate():
                     raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-                slot = await self.admission.admit(exchange.client_left)
+                slot = await self.admission.admit(exchange.client_left, max_wait=max_wait)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await session.unlock_turn()

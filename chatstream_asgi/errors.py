@@ -93,11 +93,8 @@ class InvalidParameter(ChatStreamError):
         self.field = field
 
 
-class TooManyRequests(ChatStreamError):
-    """Every slot is busy and the wait queue is full."""
-
-    status_code = 429
-    code = "too_many_requests"
+class RetryLater(ChatStreamError):
+    """A refusal that says when to come back: `Retry-After`, whole seconds, at least 1."""
 
     def __init__(self, detail: str, retry_after: float) -> None:
         super().__init__(detail)
@@ -105,6 +102,20 @@ class TooManyRequests(ChatStreamError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class TooManyRequests(RetryLater):
+    """Every slot is busy and the wait queue is full."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+
+class QueueTimeout(RetryLater):
+    """The request waited for a slot past its deadline (`max_queue_wait`, `X-ChatStream-Deadline`)."""
+
+    status_code = 503
+    code = "queue_timeout"
 
 
 class SessionStoreUnavailable(ChatStreamError):
@@ -124,7 +135,7 @@ def error_body(error: ChatStreamError, *, chatstream_shape: bool = False) -> dic
     body |= {"error": error.code, "detail": error.detail}
     if isinstance(error, InvalidParameter):
         body["field"] = error.field
-    if isinstance(error, TooManyRequests):
+    if isinstance(error, RetryLater):
         body["retry_after"] = error.retry_after
     return body
 

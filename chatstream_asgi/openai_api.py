@@ -32,6 +32,7 @@ from chatstream_asgi.turn import (
     relay,
     report_outcome,
 )
+from chatstream_asgi.waiting import queue_deadline
 
 if TYPE_CHECKING:
     from chatstream_asgi.admission import Slot
@@ -142,7 +143,8 @@ async def chat_completions(
     """Answer one `POST /v1/chat/completions`: an error, or the completion once a slot is free."""
     try:
         completion = parse_completion_request(exchange.body, chat_stream)
-        slot = await chat_stream.admission.admit(exchange.client_left)
+        max_wait = queue_deadline(request.scope, chat_stream.max_queue_wait)
+        slot = await chat_stream.admission.admit(exchange.client_left, max_wait=max_wait)
     except ChatStreamError as error:
         return openai_error(error, status_code=chat_stream.refusal_status(error))
     if slot is None:

@@ -7,7 +7,7 @@ import anyio.lowlevel
 import pytest
 
 from chatstream_asgi.admission import Admission
-from chatstream_asgi.errors import TooManyRequests
+from chatstream_asgi.errors import QueueTimeout, TooManyRequests
 
 pytestmark = pytest.mark.anyio
 
@@ -117,3 +117,18 @@ async def _until(condition: object) -> None:
     with anyio.fail_after(5):
         while not condition():  # type: ignore[operator]
             await anyio.lowlevel.checkpoint()
+
+
+async def test_waiter_past_its_deadline_leaves_the_queue_with_queue_timeout() -> None:
+    admission = Admission(1, 5)
+    held = await admission.admit(anyio.Event())
+    with pytest.raises(QueueTimeout) as caught:
+        await admission.admit(anyio.Event(), max_wait=0)
+    assert caught.value.retry_after >= 1
+    assert admission.load().waiting == 0
+    assert held is not None and admission.load().processing == 1
+
+
+async def test_free_slot_is_granted_whatever_the_deadline() -> None:
+    admission = Admission(1, 5)
+    assert await admission.admit(anyio.Event(), max_wait=0) is not None
