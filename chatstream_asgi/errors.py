@@ -15,6 +15,13 @@ from starlette.responses import JSONResponse
 from starlette.types import Send
 
 
+def quoted(value: object, limit: int = 64) -> str:
+    """`repr(value)` cut to `limit` characters: an error may name what the client sent, but never
+    echo an unbounded amount of it back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ChatStreamError(Exception):
     """A request the server refuses, with the HTTP status and machine-readable code to say so."""
 
@@ -80,6 +87,13 @@ class BodyTooLarge(ChatStreamError):
 
     status_code = 413
     code = "body_too_large"
+
+
+class BodyTimeout(ChatStreamError):
+    """The request body did not fully arrive within the middleware's `body_timeout`."""
+
+    status_code = 408
+    code = "body_timeout"
 
 
 class InvalidParameter(ChatStreamError):

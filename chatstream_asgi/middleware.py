@@ -28,8 +28,16 @@ from starlette.requests import Request, cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatstream_asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body
 from chatstream_asgi.chat_stream import ChatStream
-from chatstream_asgi.errors import BodyTooLarge, ChatStreamError, SessionStoreUnavailable, Unauthorized, send_error
+from chatstream_asgi.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    ChatStreamError,
+    SessionStoreUnavailable,
+    Unauthorized,
+    send_error,
+)
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.openai_api import chat_completions, models_response, openai_error
 from chatstream_asgi.routes import API_METHODS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
@@ -60,7 +68,8 @@ class ChatStreamMiddleware:
         serve: bool = False,
         callback: OutcomeCallback | None = None,
         path: str = "/chat_stream",
-        max_body_size: int = 1 << 20,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         session_store: SessionStore | None = None,
         secret_key: str | bytes | None = None,
         session_cookie: str = "chatstream_session",
@@ -73,6 +82,8 @@ class ChatStreamMiddleware:
     ) -> None:
         if max_body_size < 1:
             raise ValueError(f"max_body_size must be at least 1 byte, not {max_body_size}")
+        if body_timeout <= 0:
+            raise ValueError(f"body_timeout must be positive seconds, not {body_timeout}")
         if ping_interval <= 0:
             raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
         if isinstance(api_keys, str) or (api_keys is not None and not all(api_keys)):
@@ -85,6 +96,7 @@ class ChatStreamMiddleware:
         self.callback = callback
         self.path = path
         self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
         self.session_store = store
         self.session_cookie = session_cookie
         self.health = health
@@ -220,12 +232,25 @@ class ChatStreamMiddleware:
                 task_group.cancel_scope.cancel()
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body_or_refuse(scope, receive, send, "chatstream")
+        if body is None:
+            return
+        body_replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_replayed
+            if not body_replayed:
+                body_replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
         async def answer(session: Session | None, send: Send) -> None:
             if name in self.served_apis:
-                response = await handle_api(self.chat_stream, name, Request(scope, receive), self.api_options)
-                await response(scope, receive, send)
+                request = Request(scope, replay_receive)
+                response = await handle_api(self.chat_stream, name, request, self.api_options)
+                await response(scope, replay_receive, send)
             else:  # the app mounted it (append_apis): it only needs the session
-                await self.app(scope, receive, send)
+                await self.app(scope, replay_receive, send)
 
         if name in SESSION_APIS:
             await self._with_session(scope, send, answer, chatstream_shape=True)
@@ -250,7 +275,8 @@ class ChatStreamMiddleware:
         scope["state"] = {**scope.get("state", {}), "session": session}
 
         async def send_with_cookie(message: Message) -> None:
-            if message["type"] == "http.response.start" and session.is_new:
+            # Not for a route nobody serves: a 404 or 405 starts no conversation.
+            if message["type"] == "http.response.start" and session.is_new and message["status"] not in (404, 405):
                 cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
                 message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
             await send(message)
@@ -266,32 +292,12 @@ class ChatStreamMiddleware:
                 await session.unlock_turn()
 
     async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: str) -> bytes | None:
-        """The body, or None when the client left or it was refused as too large (413 sent)."""
+        """The body, or None when the client left or it was refused (413 too large, 408 too slow)."""
         try:
-            return await self._read_body(scope, receive)
-        except BodyTooLarge as error:
+            return await read_body(scope, receive, max_size=self.max_body_size, timeout=self.body_timeout)
+        except (BodyTooLarge, BodyTimeout) as error:
             await self._refuse(send, error, shape)
             return None
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole body, or None if the client left; `BodyTooLarge` past `max_body_size`."""
-        limit = self.max_body_size
-        declared = Headers(scope=scope).get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     async def _open_session(self, scope: Scope) -> Session:
         cookies = cookie_parser(Headers(scope=scope).get("cookie", ""))

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from chatstream_asgi.errors import ChatStreamError, InvalidParameter, InvalidRequest, NotFound
+from chatstream_asgi.errors import ChatStreamError, InvalidParameter, InvalidRequest, NotFound, quoted
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams, parse_json_object
 from chatstream_asgi.prompt import ChatPrompt
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 _CREATED = int(time.time())
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call")
+_MAX_STOP = 4
 
 
 def openai_error(error: ChatStreamError, *, status_code: int | None = None) -> JSONResponse:
@@ -81,7 +82,7 @@ def parse_completion_request(body: bytes, chat_stream: ChatStream) -> Completion
     data = parse_json_object(body)
     model = data.get("model")
     if model is not None and model != chat_stream.name:
-        raise NotFound(f"the model {model!r} does not exist; this server serves {chat_stream.name!r}")
+        raise NotFound(f"the model {quoted(model)} does not exist; this server serves {chat_stream.name!r}")
     if data.get("n", 1) != 1:
         raise InvalidRequest("only n=1 is supported")
     for key in _UNSUPPORTED:
@@ -107,6 +108,8 @@ def parse_completion_request(body: bytes, chat_stream: ChatStream) -> Completion
     stop = data.get("stop")
     if stop is not None:
         overrides["stop"] = [stop] if isinstance(stop, str) else stop
+        if isinstance(stop, list) and len(stop) > _MAX_STOP:
+            raise InvalidParameter("stop", f"at most {_MAX_STOP} stop strings (OpenAI's limit), not {len(stop)}")
     try:
         params = chat_stream.params.with_overrides(overrides, max_new_tokens_limit=chat_stream.params.max_new_tokens)
     except InvalidParameter as error:

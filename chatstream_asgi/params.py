@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from chatstream_asgi.errors import InvalidJSON, InvalidParameter, InvalidRequest
+from chatstream_asgi.errors import InvalidJSON, InvalidParameter, InvalidRequest, quoted
 
 #: Request keys (ChatStream's names first) and the `GenerationParams` field each sets.
 _PARAM_KEYS: dict[str, str] = {
@@ -23,6 +23,13 @@ _PARAM_KEYS: dict[str, str] = {
     "max_new_tokens": "max_new_tokens",
     "stop": "stop",
 }
+
+
+#: Stop strings one request may add, and the longest one (each is checked on every step).
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+#: The largest seed: what a torch generator takes (OpenAI's `seed` is a 64-bit integer too).
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -40,12 +47,14 @@ class GenerationParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidParameter("seed", f"must be an integer, not {_json_type(self.seed)}")
+        if self.seed is not None:
+            _check_number("seed", self.seed, 0, MAX_SEED, integer=True)
         for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
             _check_field(field, field, getattr(self, field))
         # transformers refuses int temperatures, and 5.0 tokens is 5 tokens to a user.
         object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "top_k", int(self.top_k))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -88,7 +97,7 @@ def session_params_update(
         field = _PARAM_KEYS.get(key)
         if field is None or field == "stop":
             allowed = "temperature, top_k_value (top_k), top_p_value (top_p), max_new_tokens"
-            raise InvalidRequest(f"unknown generation parameter {key!r}; known: {allowed}")
+            raise InvalidRequest(f"unknown generation parameter {quoted(key)}; known: {allowed}")
         name = SESSION_PARAM_NAMES[field]
         if value is None:
             merged.pop(name, None)
@@ -142,12 +151,27 @@ def parse_json_object(body: bytes | str) -> dict[str, Any]:
         except UnicodeDecodeError as error:
             raise InvalidJSON(f"body is not valid UTF-8 ({error.reason} at byte {error.start})") from None
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_refuse_constant)
     except json.JSONDecodeError as error:
         raise InvalidJSON(f"body is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    except RecursionError:
+        raise InvalidJSON("body is nested too deeply") from None
+    except ValueError as error:  # an integer of more digits than Python converts, or NaN/Infinity
+        raise InvalidJSON(f"body is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise InvalidJSON(f"body must be a JSON object, not {_json_type(data)}")
+    try:
+        # JSON may spell lone surrogates ("\ud800"), which no tokenizer or encoder can take.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJSON("body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    except RecursionError:
+        raise InvalidJSON("body is nested too deeply") from None
     return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
@@ -180,16 +204,20 @@ def _check_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidParameter(field, f"must be a number, not {_json_type(value)}")
     if integer and not (isinstance(value, int) or float(value).is_integer()):
-        raise InvalidParameter(field, f"must be an integer, not {value!r}")
+        raise InvalidParameter(field, f"must be an integer, not {quoted(value)}")
     if value != value or (open_low and value <= low) or value < low or (high is not None and value > high):
         low_text = f"> {low}" if open_low else f">= {low}"
         high_text = f" and <= {high}" if high is not None else ""
-        raise InvalidParameter(field, f"must be {low_text}{high_text}, not {value!r}")
+        raise InvalidParameter(field, f"must be {low_text}{high_text}, not {quoted(value)}")
 
 
-def _check_stop(field: str, value: object) -> None:
+def _check_stop(field: str, value: object, max_count: int = MAX_STOP_STRINGS) -> None:
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item for item in value):
         raise InvalidParameter(field, "must be a list of non-empty strings")
+    if len(value) > max_count:
+        raise InvalidParameter(field, f"at most {max_count} stop strings, not {len(value)}")
+    if any(len(item) > MAX_STOP_LENGTH for item in value):
+        raise InvalidParameter(field, f"a stop string may be at most {MAX_STOP_LENGTH} characters")
 
 
 def _json_type(value: object) -> str:

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response, quoted
 from chatstream_asgi.params import parse_json_object, session_params_update, session_params_view
 from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Session
 
@@ -163,7 +163,7 @@ async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOpti
     prompt = data.get(CHAT_PROMPT_KEY)
     target = prompt.find_chat_content_by_message_id(message_id) if prompt is not None else None
     if prompt is None or target is None:
-        raise NotFound(f"no message {message_id!r} in this conversation")
+        raise NotFound(f"no message {quoted(message_id)} in this conversation")
     feedback_data = {
         "is_like": is_like,
         "form_data": feedback.get("form_data", ""),

@@ -181,7 +181,8 @@ class CookieSigner:
     def unsign(self, cookie_value: str) -> str | None:
         """The session id in a cookie value, or None if it was not signed by us."""
         session_id, _, mac = cookie_value.rpartition(".")
-        if not session_id or not hmac.compare_digest(mac, self._mac(session_id)):
+        # Compared as bytes: a cookie may carry any byte, and compare_digest refuses non-ASCII str.
+        if not session_id or not hmac.compare_digest(mac.encode(), self._mac(session_id).encode()):
             return None
         return session_id
 
