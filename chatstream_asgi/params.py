@@ -42,7 +42,7 @@ class GenerationParams:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
-    #: Seeds sampling: the batching engine gives each seeded row its own generator; the per-slot
+    #: Seeds sampling: the batching engine draws a seeded row's numbers from its seed alone; the per-slot
     #: engine seeds the process's one generator, so there it holds only while nothing overlaps.
     seed: int | None = None
 

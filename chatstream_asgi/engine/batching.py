@@ -5,7 +5,7 @@ prefilled alone (its prompt through the model once, its own cache), then merged 
 running batch: caches are left-padded to a common length and an attention mask hides the
 padding, while each row keeps its own position ids. A row leaves on its end token, its length,
 a stop string or a cancel, without stalling the others; columns no row needs any more are
-trimmed. Each row samples with its own parameters (and its own random generator when seeded).
+trimmed. Each row samples with its own parameters, all rows of a step at once (`BatchSampling`).
 
 A batch of one does exactly what `model.generate` does, step for step (the tests check the
 tokens are identical under greedy decoding), and eight rows cost little more than one on a
@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 
 from chatstream_asgi.engine.channel import Wakeups
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
+from chatstream_asgi.engine.sampling import BatchSampling
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,8 @@ def supports_batching(model: Any) -> bool:
 class _Row:
     """One generation in the batch."""
 
-    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor) -> None:
+    def __init__(self, job: LocalJob) -> None:
         self.job = job
-        self.seen = prompt_ids[0]  # for the repetition penalty
-        self.generator: torch.Generator | None = None
-        if job.params.seed is not None:
-            self.generator = torch.Generator(device=prompt_ids.device).manual_seed(job.params.seed)
 
 
 class _Batch:
@@ -73,8 +70,9 @@ class _Batch:
         self.mask = torch.empty(0)
         self.positions = torch.empty(0)
         self.tokens = torch.empty(0)
+        self.sampling: BatchSampling | None = None
 
-    def add(self, row: _Row, cache: DynamicCache, length: int, token: torch.Tensor) -> None:
+    def add(self, row: _Row, cache: DynamicCache, length: int, token: torch.Tensor, sampling: BatchSampling) -> None:
         """Merge a prefilled row: pad the shorter side on the left so every row ends together."""
         device = token.device
         if self.cache is None:
@@ -83,6 +81,7 @@ class _Batch:
             self.positions = torch.tensor([[length]], device=device)
             self.tokens = token.view(1, 1)
             self.rows = [row]
+            self.sampling = sampling
             return
         width = self.mask.shape[1]
         common = max(width, length)
@@ -101,6 +100,8 @@ class _Batch:
         self.positions = torch.cat([self.positions, torch.tensor([[length]], device=device)])
         self.tokens = torch.cat([self.tokens, token.view(1, 1)])
         self.rows.append(row)
+        assert self.sampling is not None
+        self.sampling = BatchSampling.concat([self.sampling, sampling])
 
     def keep(self, keep: list[int]) -> None:
         """Drop every row not in `keep`, and the cache columns only they needed."""
@@ -116,6 +117,8 @@ class _Batch:
         self.positions = self.positions[index]
         self.tokens = self.tokens[index]
         self.rows = [self.rows[i] for i in keep]
+        assert self.sampling is not None
+        self.sampling = self.sampling.select(index)
         start = int(self.mask.any(dim=0).int().argmax())  # first column some row still attends to
         if start:
             self.mask = self.mask[:, start:]
@@ -224,15 +227,17 @@ class BatchingEngine(LocalEngine):
                 use_cache=True,
                 logits_to_keep=1,
             )
-            row = _Row(job, prompt_ids)
-            token = self._sample(out.logits[:, -1, :], [row])
+            row = _Row(job)
+            logits = out.logits[:, -1, :]
+            sampling = BatchSampling.for_row(job.params, prompt_ids[0], logits.shape[-1])
+            token = sampling.sample(logits)
             running = self._emit(row, int(token[0]))
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
             logger.exception("prefill failed")
             job.fail(error)
             return
         if running:
-            batch.add(row, out.cache, prompt_ids.shape[1], token)
+            batch.add(row, out.cache, prompt_ids.shape[1], token, sampling)
 
     def _step(self, batch: _Batch) -> None:
         """One decode step for every row; rows that are done leave the batch."""
@@ -255,7 +260,8 @@ class BatchingEngine(LocalEngine):
                 use_cache=True,
                 logits_to_keep=1,
             )
-            tokens = self._sample(out.logits[:, -1, :], batch.rows)
+            assert batch.sampling is not None
+            tokens = batch.sampling.sample(out.logits[:, -1, :])
         except Exception as error:  # a batched step cannot say whose fault it was: fail them all
             logger.exception("batched decode step failed")
             for row in batch.rows:
@@ -278,40 +284,7 @@ class BatchingEngine(LocalEngine):
             job.finish("stop")
             return False
         job.accept((token,))
-        if job.params.repetition_penalty != 1.0:
-            row.seen = torch.cat([row.seen, row.seen.new_tensor([token])])
         if job.should_stop or job.stats.completion_tokens >= job.params.max_new_tokens:
             job.finish()
             return False
         return True
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """The next token of each row, with that row's own sampling parameters.
-
-        The order is transformers': repetition penalty, temperature, top-k, top-p.
-        """
-        tokens = logits.argmax(dim=-1)
-        for index, row in enumerate(rows):
-            params = row.job.params
-            if params.temperature == 0 and params.repetition_penalty == 1.0:
-                continue
-            scores = logits[index].float()
-            if params.repetition_penalty != 1.0:
-                seen = scores.gather(0, row.seen)
-                seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
-                scores = scores.scatter(0, row.seen, seen)
-            if params.temperature == 0:
-                tokens[index] = scores.argmax()
-                continue
-            scores = scores / params.temperature
-            if params.top_k and params.top_k < scores.shape[-1]:
-                kth = torch.topk(scores, params.top_k).values[-1]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if params.top_p < 1.0:
-                ordered, order = torch.sort(scores, descending=True)
-                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-                drop = cumulative - ordered.softmax(dim=-1) > params.top_p  # keep the token that crosses top_p
-                scores = scores.scatter(0, order, ordered.masked_fill(drop, float("-inf")))
-            probabilities = scores.softmax(dim=-1)
-            tokens[index] = torch.multinomial(probabilities, 1, generator=row.generator)[0]
-        return tokens
