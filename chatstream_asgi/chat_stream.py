@@ -30,11 +30,12 @@ from chatstream_asgi.errors import (
     SessionBusy,
     error_response,
 )
-from chatstream_asgi.exchange import exchange_of
+from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.params import GenerationParams, parse_chat_request
 from chatstream_asgi.prompt import AbstractChatPrompt, ChatPrompt
 from chatstream_asgi.routes import ApiOptions, append_apis, handle_api
-from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Session
+from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
+from chatstream_asgi.standalone import FallbackSessions, handle_without_middleware
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     ChatTurnResponse,
@@ -166,6 +167,8 @@ class ChatStream:
         #: Seconds a request may wait for a slot before 503 `queue_timeout` (None: as long as it takes).
         self.max_queue_wait = max_queue_wait
         self.admission = Admission(num_of_concurrent_executions, max_queue_size, replicas=len(self.engines))
+        #: Sessions for requests that reach the handler with none attached (no middleware in front).
+        self.fallback_sessions = FallbackSessions()
 
     @property
     def engine(self) -> Engine:
@@ -203,9 +206,13 @@ class ChatStream:
         """Answer one `POST /chat_stream`: an error, or the streamed reply once a slot is free.
 
         `request_body` is optional behind `ChatStreamMiddleware`, which replays the body.
+        Without the middleware (any path, any app) the handler reads the body, finds the
+        session and watches the client itself (`standalone`).
         `callback(request, outcome)` is called exactly once if the request reached admission.
         """
-        exchange = exchange_of(request.scope)
+        exchange = request.scope.get(EXCHANGE_KEY)
+        if not isinstance(exchange, ChatExchange):
+            return await handle_without_middleware(self, request, request_body, callback)
         session = exchange.session
         try:
             stream_format = choose_format(request.scope, self.stream_format)
@@ -295,7 +302,7 @@ class ChatStream:
         for engine in self.engines:
             engine.close()
 
-    def _session_prompt(self, session: Session) -> AbstractChatPrompt:
+    def _session_prompt(self, session: TurnSession) -> AbstractChatPrompt:
         data = session.get_session()
         prompt = data.get(CHAT_PROMPT_KEY)
         if not isinstance(prompt, AbstractChatPrompt):

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import anyio
-from starlette.types import Scope
+from starlette.types import Receive
 
-from chatstream_asgi.session import Session
+from chatstream_asgi.session import TurnSession
 
 EXCHANGE_KEY = "chatstream_asgi.exchange"
 
@@ -24,8 +24,12 @@ class _Abandonable(Protocol):
 class ChatExchange:
     """Per-request state of a `POST /chat_stream`, shared by the middleware and the handler."""
 
-    def __init__(self, body: bytes, session: Session | None, ping_interval: float) -> None:
+    def __init__(
+        self, body: bytes, session: TurnSession | None, ping_interval: float, *, watched_by_response: bool = False
+    ) -> None:
         self.body = body
+        #: True when no middleware watches the client: the response runs `watch` while it streams.
+        self.watched_by_response = watched_by_response
         self._session = session
         self.ping_interval = ping_interval
         #: Set when the client disconnects before the response is complete.
@@ -37,25 +41,22 @@ class ChatExchange:
         self.open_turn: _Abandonable | None = None
 
     @property
-    def session(self) -> Session:
+    def session(self) -> TurnSession:
         """The request's session (every path but the stateless `/v1` has one)."""
         if self._session is None:
             raise RuntimeError("this request is stateless: it has no session")
         return self._session
 
+    async def watch(self, receive: Receive) -> None:
+        """Read `receive` until `http.disconnect`; mark the client gone if the response was not complete."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        # After the final body, servers report a disconnect too: that one is not a client leaving.
+        if not self.response_complete:
+            self.client_left.set()
+        self.ended.set()
+
     async def close(self) -> None:
         """Finish a turn that was admitted but never streamed (an endpoint dropped the response)."""
         if self.open_turn is not None:
             await self.open_turn.abandon()
-
-
-def exchange_of(scope: Scope) -> ChatExchange:
-    """The exchange the middleware put in `scope`; a clear error if the middleware is missing."""
-    exchange = scope.get(EXCHANGE_KEY)
-    if not isinstance(exchange, ChatExchange):
-        raise RuntimeError(
-            "handle_chat_stream_request() needs ChatStreamMiddleware in front of this app, "
-            "e.g. app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream); "
-            "it reads the body, keeps the session and watches for the client leaving"
-        )
-    return exchange

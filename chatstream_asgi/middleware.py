@@ -212,16 +212,8 @@ class ChatStreamMiddleware:
             if exchange.response_complete:
                 exchange.ended.set()
 
-        async def watch_for_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            # After the final body, servers report a disconnect too: that one is not a client leaving.
-            if not exchange.response_complete:
-                exchange.client_left.set()
-            exchange.ended.set()
-
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(watch_for_disconnect)
+            task_group.start_soon(exchange.watch, receive)
             if session is not None and self.session_store.lock_ttl is not None:
                 task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
             try:

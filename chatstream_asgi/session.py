@@ -74,6 +74,39 @@ class SessionStore(Protocol):
         ...
 
 
+class TurnSession(Protocol):
+    """What a chat turn needs of a session: ours (`Session`), or one another middleware attached
+    (`attached.AttachedSession`)."""
+
+    session_id: str
+    #: True for a session this request created (nothing to re-read from a store).
+    is_new: bool
+
+    def get_session(self) -> dict[str, Any]:
+        """The live session dict (the conversation is under `"chat_prompt"`)."""
+        ...
+
+    def save_session(self) -> None:
+        """Mark the session to be stored."""
+        ...
+
+    async def persist(self) -> None:
+        """Store a marked session."""
+        ...
+
+    async def reload(self) -> None:
+        """Re-read the session in place (another replica may have changed it)."""
+        ...
+
+    async def lock_turn(self) -> bool:
+        """Take the conversation's turn lock; False if another turn holds it."""
+        ...
+
+    async def unlock_turn(self) -> None:
+        """Release the turn lock if this request holds it."""
+        ...
+
+
 def trim_turns(data: dict[str, Any], max_turns: int | None) -> dict[str, Any]:
     """`data` with its stored conversation cut to the newest `max_turns` turns (a turn = a request
     and its replies)."""

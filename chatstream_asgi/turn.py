@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from chatstream_asgi.admission import Slot
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
@@ -116,10 +116,30 @@ class AdmittedResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = UNKNOWN_ERROR_OCCURRED
         try:
-            outcome = await self.run(send)
+            if self._exchange.watched_by_response:
+                outcome = await self._run_watching(receive, send)
+            else:
+                outcome = await self.run(send)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(outcome)
+
+    async def _run_watching(self, receive: Receive, send: Send) -> str:
+        """`run`, watching the client itself (no middleware in front does), as StreamingResponse does."""
+        exchange = self._exchange
+
+        async def send_and_mark(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.response_complete = True
+            await send(message)
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(exchange.watch, receive)
+            try:
+                outcome = await self.run(send_and_mark)
+            finally:
+                task_group.cancel_scope.cancel()
+        return outcome
 
     async def run(self, send: Send) -> str:
         """Send the whole response; return the outcome."""

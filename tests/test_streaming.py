@@ -374,18 +374,19 @@ def test_serve_mode_leaves_other_methods_on_the_chat_path_to_the_app(make_chat_s
     assert get.status_code == 404
 
 
-def test_handler_without_the_middleware_says_what_is_missing(make_chat_stream: Any) -> None:
+def test_handler_without_the_middleware_answers_in_a_plain_starlette_app(make_chat_stream: Any, serve: Any) -> None:
     from starlette.routing import Route
-    from starlette.testclient import TestClient
 
     chat_stream = make_chat_stream()
 
     async def endpoint(request: Any) -> Any:
         return await chat_stream.handle_chat_stream_request(request)
 
-    app = Starlette(routes=[Route("/chat_stream", endpoint, methods=["POST"])])
-    with TestClient(app) as client, pytest.raises(RuntimeError, match="ChatStreamMiddleware"):
-        client.post("/chat_stream", json={"user_input": "hi"})
+    server = serve(Starlette(routes=[Route("/chat_stream", endpoint, methods=["POST"])]))
+    with server.client() as client:
+        response = client.post("/chat_stream", json={"user_input": "hi"})
+    assert response.status_code == 200 and response.text
+    assert response.headers["x-chatstream-last-generated-message-id"]
 
 
 def test_httpx_reads_an_ordinary_json_error(chat_server: Any) -> None:
