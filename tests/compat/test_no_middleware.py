@@ -68,7 +68,7 @@ def test_client_leaving_during_prefill_without_our_middleware_is_classified_befo
     start_app: Any, hooks: ModelHooks
 ) -> None:
     hooks.prefill_delay = 1.0
-    server, chat_stream, outcomes = start_app("fastsession", max_new_tokens=50)
+    server, _, outcomes = start_app("fastsession", max_new_tokens=50)
     sock = open_chat(server.url, "hello")
     assert read_until(sock, b"\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert hooks.prefill_started.wait(30)
