@@ -11,11 +11,29 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatstream_asgi.admission import Admission, Load
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_cyberagent_opencalm import ChatPromptCyberAgentOpenCalm
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_databricks_dolly import ChatPromptDatabricksDolly
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_linecorp_gpt_neox import ChatPromptLineCorpJpLargeLmInstSft
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_matsuolab_gpt_neox import ChatPromptMatsuoLabJpGptNeoxInstSft
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_metallama_llama2 import ChatPromptMetaLlamaLlama2Chat
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_mosaicml_mpt_chat import ChatPromptMosaicmlMptChat
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_openlmresearch_open_llama import ChatPromptOpenlmrOpenLlama
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_rinna_gpt_neox import (
+        ChatPromptRinnaJapaneseGPTNeoxInst,
+        ChatPromptRinnaJpGptNeoxInstSft,
+    )
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_stabilityai_gpt_neox import (
+        ChatPromptStabilityAiJpGptNeoxInstSft,
+    )
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_stockmark_gpt_neox import ChatPromptStockmarkGptNeoxJp
+    from chatstream_asgi.chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite import (
+        ChatPromptTogetherRedPajamaINCITEChat,
+    )
     from chatstream_asgi.chat_stream import ChatStream
     from chatstream_asgi.errors import ChatStreamError
     from chatstream_asgi.middleware import ChatStreamMiddleware
     from chatstream_asgi.params import GenerationParams
-    from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, RoleType
+    from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
     from chatstream_asgi.redis_store import RedisStore
     from chatstream_asgi.session import MemoryStore, Session, SessionStore
     from chatstream_asgi.turn import (
@@ -38,6 +56,19 @@ _HOMES = {
     "ChatContent": "prompt",
     "ChatPrompt": "prompt",
     "RoleType": "prompt",
+    "PromptTTL": "prompt",
+    "ChatPromptCyberAgentOpenCalm": "chat_prompt_presets.chat_prompt_cyberagent_opencalm",
+    "ChatPromptDatabricksDolly": "chat_prompt_presets.chat_prompt_databricks_dolly",
+    "ChatPromptLineCorpJpLargeLmInstSft": "chat_prompt_presets.chat_prompt_linecorp_gpt_neox",
+    "ChatPromptMatsuoLabJpGptNeoxInstSft": "chat_prompt_presets.chat_prompt_matsuolab_gpt_neox",
+    "ChatPromptMetaLlamaLlama2Chat": "chat_prompt_presets.chat_prompt_metallama_llama2",
+    "ChatPromptMosaicmlMptChat": "chat_prompt_presets.chat_prompt_mosaicml_mpt_chat",
+    "ChatPromptOpenlmrOpenLlama": "chat_prompt_presets.chat_prompt_openlmresearch_open_llama",
+    "ChatPromptRinnaJapaneseGPTNeoxInst": "chat_prompt_presets.chat_prompt_rinna_gpt_neox",
+    "ChatPromptRinnaJpGptNeoxInstSft": "chat_prompt_presets.chat_prompt_rinna_gpt_neox",
+    "ChatPromptStabilityAiJpGptNeoxInstSft": "chat_prompt_presets.chat_prompt_stabilityai_gpt_neox",
+    "ChatPromptStockmarkGptNeoxJp": "chat_prompt_presets.chat_prompt_stockmark_gpt_neox",
+    "ChatPromptTogetherRedPajamaINCITEChat": "chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite",
     "RedisStore": "redis_store",
     "MemoryStore": "session",
     "Session": "session",
@@ -59,6 +90,19 @@ __all__ = [
     "ChatContent",
     "ChatPrompt",
     "RoleType",
+    "PromptTTL",
+    "ChatPromptCyberAgentOpenCalm",
+    "ChatPromptDatabricksDolly",
+    "ChatPromptLineCorpJpLargeLmInstSft",
+    "ChatPromptMatsuoLabJpGptNeoxInstSft",
+    "ChatPromptMetaLlamaLlama2Chat",
+    "ChatPromptMosaicmlMptChat",
+    "ChatPromptOpenlmrOpenLlama",
+    "ChatPromptRinnaJapaneseGPTNeoxInst",
+    "ChatPromptRinnaJpGptNeoxInstSft",
+    "ChatPromptStabilityAiJpGptNeoxInstSft",
+    "ChatPromptStockmarkGptNeoxJp",
+    "ChatPromptTogetherRedPajamaINCITEChat",
     "RedisStore",
     "MemoryStore",
     "Session",

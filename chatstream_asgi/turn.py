@@ -27,6 +27,7 @@ from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
+from chatstream_asgi.reply import ReplyShaper
 from chatstream_asgi.session import CHAT_PROMPT_KEY
 from chatstream_asgi.wire import WireEncoder
 
@@ -218,11 +219,15 @@ class ChatTurnResponse(AdmittedResponse):
     async def run(self, send: Send) -> str:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         reply = ""
+        strip = self._prompt.strip_reply
+        shaper = ReplyShaper.for_prompt(self._prompt)  # None: shown as generated
 
         async def send_text(text: str) -> None:
             nonlocal reply
             reply += text
-            self._prompt.set_responder_last_msg(reply)  # recorded as it streams
+            self._prompt.set_responder_last_msg(reply.strip() if strip else reply)  # recorded as it streams
+            if shaper is not None and not (text := shaper.feed(text)):
+                return
             await send({"type": "http.response.body", "body": self._encoder.delta(text), "more_body": True})
             self.delivered = True
 
@@ -234,6 +239,9 @@ class ChatTurnResponse(AdmittedResponse):
             self.stats = gen.stats
             failure = await relay(gen, self._exchange, send_text, send_ping)
         outcome = self.outcome_after(failure)
+        if outcome == SUCCESS and shaper is not None and (tail := shaper.flush()):
+            await send({"type": "http.response.body", "body": self._encoder.delta(tail), "more_body": True})
+            self.delivered = True
         if outcome == SUCCESS:
             usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
             await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})

@@ -80,7 +80,7 @@ class LocalJob:
     def start_text(self, tokenizer: Any) -> None:
         """Prepare detokenization and stop strings (the server's, the request's, the prompt format's)."""
         self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._filter = StopStringFilter(list(self.params.stop) + list(self.prompt.get_stop_strs() or []))
+        self._filter = StopStringFilter(list(self.params.stop) + self.prompt.generation_stop_strs())
 
     def accept(self, token_ids: Iterable[int]) -> None:
         """Take the tokens of one decode step: count the step, send the text they complete."""

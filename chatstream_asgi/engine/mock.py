@@ -94,7 +94,7 @@ class MockEngine:
             pieces[: params.max_new_tokens],
             len(pieces) > params.max_new_tokens,
             1.0 / self.tokens_per_second,
-            StopStringFilter(params.stop),
+            StopStringFilter(list(params.stop) + prompt.generation_stop_strs()),
             stats,
         )
         try:

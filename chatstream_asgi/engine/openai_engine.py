@@ -72,7 +72,7 @@ class OpenAIEngine:
             "temperature": params.temperature,
             "top_p": params.top_p,
         }
-        stop = list(params.stop) + list(prompt.get_stop_strs() or [])
+        stop = list(params.stop) + prompt.generation_stop_strs()
         if stop:
             body["stop"] = stop[:4]  # OpenAI's limit; the filter below applies them all
         if params.seed is not None:
