@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import transformers
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chatstream_asgi.admission import Admission
+from chatstream_asgi.admission import Admission, Slot
 from chatstream_asgi.engine.base import Engine
 from chatstream_asgi.engine.batching import BatchingEngine, supports_batching
 from chatstream_asgi.engine.mock import MockEngine
@@ -28,6 +29,7 @@ from chatstream_asgi.errors import (
     InvalidRequest,
     NothingToRegenerate,
     SessionBusy,
+    error_body,
     error_response,
 )
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
@@ -38,11 +40,13 @@ from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Turn
 from chatstream_asgi.standalone import FallbackSessions, handle_without_middleware
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
+    MESSAGE_ID_HEADER,
+    STREAM_HEADERS,
     ChatTurnResponse,
     OutcomeCallback,
     report_outcome,
 )
-from chatstream_asgi.waiting import queue_deadline
+from chatstream_asgi.waiting import WaitingResponse, queue_deadline
 from chatstream_asgi.wire import STREAM_FORMATS, StreamFormat, choose_format, encoder_for
 
 logger = logging.getLogger(__name__)
@@ -234,30 +238,53 @@ class ChatStream:
                 prompt = self._session_prompt(session)
                 if turn.regenerate and not prompt.has_reply_to_regenerate():
                     raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-                slot = await self.admission.admit(exchange.client_left, max_wait=max_wait)
+                ticket = self.admission.enter(max_wait=max_wait)
+                # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
+                queued = ticket.slot is None and stream_format == "sse"
+                slot = None if queued else await ticket.wait(exchange.client_left)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await session.unlock_turn()
                 raise
         except ChatStreamError as error:
             return self._refusal(error)
+        encoder = encoder_for(stream_format)
+        message_id = str(uuid.uuid4())
+
+        def start_turn(slot: Slot) -> ChatTurnResponse:
+            return ChatTurnResponse(
+                request=request,
+                exchange=exchange,
+                slot=slot,
+                engine=self.engines[slot.replica],
+                prompt=prompt,
+                user_input=turn.user_input,
+                regenerate=turn.regenerate,
+                params=params,
+                context_len=self.context_len,
+                encoder=encoder,
+                callback=callback,
+                message_id=message_id,
+            )
+
+        if queued:
+            return WaitingResponse(
+                request=request,
+                exchange=exchange,
+                ticket=ticket,
+                callback=callback,
+                media_type=encoder.media_type,
+                headers={MESSAGE_ID_HEADER: message_id, **STREAM_HEADERS},
+                queue_frame=encoder.queue,
+                error_frame=lambda error: encoder.error(error_body(error)),
+                start=start_turn,
+                release=session.unlock_turn,
+            )
         if slot is None:
             await session.unlock_turn()
             await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
-        return ChatTurnResponse(
-            request=request,
-            exchange=exchange,
-            slot=slot,
-            engine=self.engines[slot.replica],
-            prompt=prompt,
-            user_input=turn.user_input,
-            regenerate=turn.regenerate,
-            params=params,
-            context_len=self.context_len,
-            encoder=encoder_for(stream_format),
-            callback=callback,
-        )
+        return start_turn(slot)
 
     def append_apis(self, app: Any, opts: ApiOptions | None = None) -> None:
         """Mount ChatStream's conversation APIs on a Starlette/FastAPI `app`, as ChatStream does.

@@ -32,7 +32,7 @@ from chatstream_asgi.turn import (
     relay,
     report_outcome,
 )
-from chatstream_asgi.waiting import queue_deadline
+from chatstream_asgi.waiting import WaitingResponse, queue_deadline
 
 if TYPE_CHECKING:
     from chatstream_asgi.admission import Slot
@@ -43,14 +43,20 @@ _CREATED = int(time.time())
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call")
 _MAX_STOP = 4
+_EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 
 def openai_error(error: ChatStreamError, *, status_code: int | None = None) -> JSONResponse:
     """`error` in OpenAI's shape."""
+    return JSONResponse(openai_error_body(error), status_code=status_code or error.status_code, headers=error.headers())
+
+
+def openai_error_body(error: ChatStreamError) -> dict[str, Any]:
+    """OpenAI's `{"error": {"message", "type", "param", "code"}}` for `error`."""
     kind = {401: "authentication_error", 429: "rate_limit_error"}.get(error.status_code)
     if kind is None:
         kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
-    body = {
+    return {
         "error": {
             "message": error.detail,
             "type": kind,
@@ -58,7 +64,6 @@ def openai_error(error: ChatStreamError, *, status_code: int | None = None) -> J
             "code": error.code,
         }
     }
-    return JSONResponse(body, status_code=status_code or error.status_code, headers=error.headers())
 
 
 def models_response(chat_stream: ChatStream) -> JSONResponse:
@@ -75,6 +80,7 @@ class CompletionRequest:
     params: GenerationParams
     stream: bool
     include_usage: bool
+    include_queue_status: bool
 
 
 def parse_completion_request(body: bytes, chat_stream: ChatStream) -> CompletionRequest:
@@ -119,7 +125,13 @@ def parse_completion_request(body: bytes, chat_stream: ChatStream) -> Completion
         raise InvalidParameter(name, error.detail.split(": ", 1)[1]) from None
     if data.get("seed") is not None:
         params = replace(params, seed=data["seed"])
-    return CompletionRequest(messages, params, stream, bool(options.get("include_usage", False)))
+    return CompletionRequest(
+        messages,
+        params,
+        stream,
+        include_usage=bool(options.get("include_usage", False)),
+        include_queue_status=bool(options.get("include_queue_status", False)),
+    )
 
 
 def _messages(raw: object) -> list[dict[str, str]]:
@@ -147,25 +159,60 @@ async def chat_completions(
     try:
         completion = parse_completion_request(exchange.body, chat_stream)
         max_wait = queue_deadline(request.scope, chat_stream.max_queue_wait)
-        slot = await chat_stream.admission.admit(exchange.client_left, max_wait=max_wait)
+        ticket = chat_stream.admission.enter(max_wait=max_wait)
+        # Queue chunks only for a client that asked: strict OpenAI clients see a silent wait.
+        queued = ticket.slot is None and completion.stream and completion.include_queue_status
+        slot = None if queued else await ticket.wait(exchange.client_left)
     except ChatStreamError as error:
         return openai_error(error, status_code=chat_stream.refusal_status(error))
+    prompt = ChatPrompt.from_messages(completion.messages)
+    prompt.set_tokenizer(chat_stream.tokenizer)
+    envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat_stream.name}
+
+    def start(slot: Slot) -> _CompletionResponse:
+        return _CompletionResponse(
+            request=request,
+            exchange=exchange,
+            slot=slot,
+            callback=callback,
+            engine=chat_stream.engines[slot.replica],
+            prompt=prompt,
+            completion=completion,
+            envelope=envelope,
+            context_len=chat_stream.context_len,
+        )
+
+    if queued:
+        return WaitingResponse(
+            request=request,
+            exchange=exchange,
+            ticket=ticket,
+            callback=callback,
+            media_type=_EVENT_STREAM,
+            headers=STREAM_HEADERS,
+            queue_frame=lambda position, eta_s: _event(
+                {**envelope, "object": "chat.completion.chunk", "choices": [], "queue": _queue(position, eta_s)}
+            ),
+            error_frame=lambda error: _event(openai_error_body(error)),
+            start=start,
+            release=_nothing_held,
+        )
     if slot is None:
         await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
         return Response(status_code=499)
-    prompt = ChatPrompt.from_messages(completion.messages)
-    prompt.set_tokenizer(chat_stream.tokenizer)
-    return _CompletionResponse(
-        request=request,
-        exchange=exchange,
-        slot=slot,
-        callback=callback,
-        engine=chat_stream.engines[slot.replica],
-        prompt=prompt,
-        completion=completion,
-        model=chat_stream.name,
-        context_len=chat_stream.context_len,
-    )
+    return start(slot)
+
+
+def _queue(position: int, eta_s: float) -> dict[str, Any]:
+    return {"position": position, "eta_s": eta_s}
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _nothing_held() -> None:
+    """A stateless request holds nothing while it waits (no session lock)."""
 
 
 class _CompletionResponse(AdmittedResponse):
@@ -181,10 +228,10 @@ class _CompletionResponse(AdmittedResponse):
         engine: Engine,
         prompt: ChatPrompt,
         completion: CompletionRequest,
-        model: str,
+        envelope: dict[str, Any],
         context_len: int,
     ) -> None:
-        media_type = "text/event-stream; charset=utf-8" if completion.stream else "application/json"
+        media_type = _EVENT_STREAM if completion.stream else "application/json"
         super().__init__(
             request=request,
             exchange=exchange,
@@ -196,7 +243,7 @@ class _CompletionResponse(AdmittedResponse):
         self._engine = engine
         self._prompt = prompt
         self._completion = completion
-        self._base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        self._base = envelope
         self._context_len = context_len
 
     async def run(self, send: Send) -> str:

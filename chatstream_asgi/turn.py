@@ -192,8 +192,9 @@ class ChatTurnResponse(AdmittedResponse):
         context_len: int,
         encoder: WireEncoder,
         callback: OutcomeCallback | None,
+        message_id: str | None = None,
     ) -> None:
-        self.message_id = str(uuid.uuid4())
+        self.message_id = message_id or str(uuid.uuid4())
         super().__init__(
             request=request,
             exchange=exchange,

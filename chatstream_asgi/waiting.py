@@ -1,18 +1,36 @@
-"""Waiting over HTTP: how long a client will wait for a slot.
+"""Waiting over HTTP: how long a client will wait for a slot, and what it sees meanwhile.
 
 `X-ChatStream-Deadline: <seconds>` is the client's own limit on its wait in the queue; with
 `ChatStream(max_queue_wait=...)` the smaller of the two wins. A request still waiting at its
 deadline is refused with 503 `queue_timeout` and a `Retry-After` estimate (DESIGN §5).
+
+A streaming request that must wait gets a `WaitingResponse`: its 200 goes out when it enters
+the queue, then queue frames tell the client its position and ETA until the slot comes, and
+the reply follows on the same stream. Non-streaming formats keep their status undecided until
+the slot is granted, so they never see this response.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 
+import anyio
 from starlette.datastructures import Headers
-from starlette.types import Scope
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
-from chatstream_asgi.errors import InvalidRequest
+from chatstream_asgi.admission import Slot, Ticket
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest
+from chatstream_asgi.exchange import ChatExchange
+from chatstream_asgi.turn import (
+    CLIENT_DISCONNECTED_BEFORE_STREAMING,
+    UNKNOWN_ERROR_OCCURRED,
+    AdmittedResponse,
+    OutcomeCallback,
+    report_outcome,
+)
 
 DEADLINE_HEADER = "X-ChatStream-Deadline"
 
@@ -29,3 +47,90 @@ def queue_deadline(scope: Scope, max_queue_wait: float | None) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds (0 or more), not {raw!r}")
     return seconds if max_queue_wait is None else min(seconds, max_queue_wait)
+
+
+class WaitingResponse(Response):
+    """The stream of a request that waits for a slot: 200 at once, queue frames, then the reply.
+
+    `queue_frame(position, eta_s)` encodes what the client is told whenever its position
+    changes and at least every ping interval (the frames keep proxies from timing out, as pings
+    do); `error_frame` encodes a refusal that comes after the 200 (the deadline). `start(slot)`
+    builds the admitted response once the slot is granted; it streams on after these headers.
+    `release()` undoes what the request held while it waited (the session's turn lock) when no
+    reply follows. A waiter that leaves gets its one outcome callback, as when it waits silently.
+    """
+
+    def __init__(
+        self,
+        *,
+        request: Request,
+        exchange: ChatExchange,
+        ticket: Ticket,
+        callback: OutcomeCallback | None,
+        media_type: str,
+        headers: dict[str, str],
+        queue_frame: Callable[[int, float], bytes],
+        error_frame: Callable[[ChatStreamError], bytes],
+        start: Callable[[Slot], AdmittedResponse],
+        release: Callable[[], Awaitable[None]],
+    ) -> None:
+        # As StreamingResponse does: no body attribute, so no Content-Length is declared.
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+        self._request = request
+        self._exchange = exchange
+        self._ticket = ticket
+        self._callback = callback
+        self._queue_frame = queue_frame
+        self._error_frame = error_frame
+        self._start = start
+        self._release = release
+        exchange.open_turn = self
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+            async def report(position: int, eta_s: float) -> None:
+                frame = self._queue_frame(position, eta_s)
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+
+            slot = await self._ticket.wait(self._exchange.client_left, report, self._exchange.ping_interval)
+        except ChatStreamError as error:  # too late for a status: the refusal is the stream's end
+            self._exchange.open_turn = None
+            await self._release()
+            await send({"type": "http.response.body", "body": self._error_frame(error), "more_body": False})
+            return
+        except BaseException:
+            self._exchange.open_turn = None
+            with anyio.CancelScope(shield=True):
+                await self._release()
+            raise
+        if slot is None:
+            await self.abandon()
+            return
+        await self._start(slot)(scope, receive, _after_start(send))
+
+    async def abandon(self) -> None:
+        """End a wait that will never stream: leave the queue, release, report the outcome once."""
+        if self._exchange.open_turn is not self:
+            return
+        self._exchange.open_turn = None
+        self._ticket.leave()
+        await self._release()
+        left = self._exchange.client_left.is_set()
+        await report_outcome(
+            self._callback, self._request, CLIENT_DISCONNECTED_BEFORE_STREAMING if left else UNKNOWN_ERROR_OCCURRED
+        )
+
+
+def _after_start(send: Send) -> Send:
+    """`send` for a response whose headers the waiting response already sent."""
+
+    async def send_body(message: Message) -> None:
+        if message["type"] != "http.response.start":
+            await send(message)
+
+    return send_body

@@ -41,6 +41,10 @@ class WireEncoder:
         """A keep-alive that carries no text (only SSE has one)."""
         return b""
 
+    def queue(self, position: int, eta_s: float) -> bytes:
+        """Where a waiting request stands (only SSE tells it): `position` 1 is next; `eta_s` estimates the wait."""
+        return b""
+
 
 class ChatStreamEncoder(WireEncoder):
     """ChatStream's format: every chunk is the whole reply so far, then `<::EOS::>`."""
@@ -69,6 +73,9 @@ class SSEEncoder(WireEncoder):
 
     def ping(self) -> bytes:
         return b": ping\r\n\r\n"
+
+    def queue(self, position: int, eta_s: float) -> bytes:
+        return _event("queue", {"position": position, "eta_s": eta_s})
 
 
 def _event(name: str | None, data: dict[str, Any]) -> bytes:

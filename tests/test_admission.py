@@ -132,3 +132,41 @@ async def test_waiter_past_its_deadline_leaves_the_queue_with_queue_timeout() ->
 async def test_free_slot_is_granted_whatever_the_deadline() -> None:
     admission = Admission(1, 5)
     assert await admission.admit(anyio.Event(), max_wait=0) is not None
+
+
+async def test_eta_and_retry_after_use_the_same_measured_hold_time() -> None:
+    admission = Admission(1, 10)
+    slot = await admission.admit(anyio.Event())
+    assert slot is not None
+    slot._acquired_at -= 8.0  # as if the generation had held its slot for 8 s
+    slot.release()
+    await admission.admit(anyio.Event())
+    first, second = admission.enter(), admission.enter()
+    assert (first.position(), second.position()) == (1, 2)
+    assert (first.eta_s(), second.eta_s()) == (round(admission.estimate(1), 1), round(admission.estimate(2), 1))
+    assert admission.estimate(2) == 2 * admission.estimate(1) >= 16.0
+    assert admission.retry_after() == admission.estimate(3)  # the next one would be third
+    first.leave()
+    assert second.position() == 1
+    second.leave()
+    assert admission.load().waiting == 0
+
+
+async def test_waiter_hears_its_position_whenever_it_changes() -> None:
+    admission = Admission(1, 5)
+    held = await admission.admit(anyio.Event())
+    ahead = admission.enter()
+    heard: list[int] = []
+
+    async def report(position: int, eta_s: float) -> None:
+        heard.append(position)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admission.enter().wait, anyio.Event(), report)
+        await _until(lambda: heard == [2])
+        ahead.leave()
+        await _until(lambda: heard == [2, 1])
+        assert held is not None
+        held.release()
+    assert heard == [2, 1]
+    assert admission.load().processing == 1

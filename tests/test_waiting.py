@@ -6,6 +6,9 @@ every other request must wait; nothing here depends on timing but the deadlines 
 
 from __future__ import annotations
 
+import json
+import re
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +22,41 @@ from chatstream_asgi.waiting import queue_deadline
 from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
 
 HI = [{"role": "user", "content": "Hi"}]
+QUEUE_EVENT = re.compile(rb"event: queue\r\ndata: (\{.*?\})\r\n\r\n")
+V1_QUEUE_CHUNK = re.compile(rb'data: (\{[^\n]*"queue": \{[^\n]*\})\n\n')
+
+
+def open_stream(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> socket.socket:
+    """A raw HTTP/1.1 POST, so the test reads frames as they come and decides when to leave."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    payload = json.dumps(body).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+class Frames:
+    """What a raw socket has received so far, read on demand until a pattern shows up."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def until(self, pattern: re.Pattern[bytes] | bytes, count: int = 1) -> list[Any]:
+        """Read until `pattern` has matched `count` times; the JSON (or bytes) of every match."""
+        while True:
+            found = (
+                [json.loads(m) for m in pattern.findall(self.data)]
+                if isinstance(pattern, re.Pattern)
+                else [pattern] * self.data.count(pattern)
+            )
+            if len(found) >= count:
+                return found
+            chunk = self.sock.recv(4096)
+            assert chunk, f"server closed the connection after {self.data!r}"
+            self.data += chunk
 
 
 @pytest.fixture
@@ -27,13 +65,16 @@ def busy_server(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> Iterato
     release = threading.Event()
     sockets: list[Any] = []
 
-    def start(**kwargs: Any) -> tuple[Any, Any, Outcomes]:
+    def start(ping_interval: float = 15.0, **kwargs: Any) -> tuple[Any, Any, Outcomes]:
         kwargs.setdefault("num_of_concurrent_executions", 1)
         chat_stream = make_chat_stream(**kwargs)
         hooks.hold = release  # after the engine's warm-up, which runs the model too
         hooks.prefill_started.clear()
         outcomes = Outcomes()
-        app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, openai=True, callback=outcomes)
+        app = ChatStreamMiddleware(
+            Starlette(), chat_stream=chat_stream, serve=True, openai=True, callback=outcomes,
+            ping_interval=ping_interval,
+        )
         server = serve(app)
         sockets.append(open_chat(server.url, "I hold the slot"))
         assert hooks.prefill_started.wait(30)
@@ -121,3 +162,78 @@ def test_waiter_served_before_its_deadline_streams_normally(busy_server: Any, ho
     read_until(waiter, b"0\r\n\r\n")
     waiter.close()
     assert "success" in outcomes.wait(1)
+
+
+def test_waiting_sse_client_gets_its_200_at_once_then_its_position_and_eta(busy_server: Any) -> None:
+    server, chat_stream, _ = busy_server()
+    waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "next"}))
+    [frame] = waiter.until(QUEUE_EVENT)
+    assert waiter.data.startswith(b"HTTP/1.1 200")
+    assert b"x-chatstream-last-generated-message-id" in waiter.data.lower()
+    assert frame["position"] == 1
+    assert frame["eta_s"] > 0
+    assert chat_stream.load()["waiting"] == 1
+
+
+def test_queue_frames_follow_position_changes_then_the_reply_streams(busy_server: Any, hooks: ModelHooks) -> None:
+    server, chat_stream, outcomes = busy_server()
+    first = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "one"}))
+    first.until(QUEUE_EVENT)
+    leaving = open_stream(server.url, "/chat_stream?format=sse", {"user_input": "two"})
+    assert wait_until(lambda: chat_stream.load()["waiting"] == 2)
+    second = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "three"}))
+    assert second.until(QUEUE_EVENT)[0]["position"] == 3
+    leaving.close()
+    assert [frame["position"] for frame in second.until(QUEUE_EVENT, 2)] == [3, 2]
+    assert outcomes.wait(1) == ["client_disconnected_before_streaming"]
+    assert hooks.hold is not None
+    hooks.hold.set()
+    first.until(b"event: done")
+    assert second.until(QUEUE_EVENT, 3)[2]["position"] == 1
+    second.until(b"event: done")
+    assert b'data: {"delta"' in second.data
+    assert outcomes.wait(4).count("success") == 3
+
+
+def test_queue_frames_repeat_every_ping_interval_while_nothing_moves(busy_server: Any) -> None:
+    server, _, _ = busy_server(ping_interval=0.05)
+    waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}))
+    assert [frame["position"] for frame in waiter.until(QUEUE_EVENT, 3)][:3] == [1, 1, 1]
+
+
+def test_deadline_after_the_200_comes_in_band_as_an_sse_error(busy_server: Any) -> None:
+    server, chat_stream, outcomes = busy_server(max_queue_wait=0.2)
+    waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}))
+    waiter.until(b"event: error")
+    error = json.loads(waiter.data.split(b"event: error\r\ndata: ")[1].split(b"\r\n")[0])
+    assert error["error"] == "queue_timeout"
+    assert error["retry_after"] >= 1
+    assert waiter.data.startswith(b"HTTP/1.1 200")
+    waiter.until(b"0\r\n\r\n")  # the stream ends there
+    assert chat_stream.load()["waiting"] == 0
+    assert outcomes.calls == []
+    # The session's turn lock went with it: its next turn waits again instead of `session_busy`.
+    cookie = re.search(rb"set-cookie: ([^;]+);", waiter.data, re.IGNORECASE)
+    assert cookie is not None
+    again = Frames(
+        open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, {"Cookie": cookie[1].decode()})
+    )
+    again.until(QUEUE_EVENT)
+    assert again.data.startswith(b"HTTP/1.1 200")
+
+
+def test_v1_stream_gets_queue_chunks_only_when_it_asks(busy_server: Any, hooks: ModelHooks) -> None:
+    server, _, outcomes = busy_server()
+    body = {"messages": HI, "stream": True, "stream_options": {"include_queue_status": True}}
+    waiter = Frames(open_stream(server.url, "/v1/chat/completions", body))
+    [chunk] = waiter.until(V1_QUEUE_CHUNK)
+    assert waiter.data.startswith(b"HTTP/1.1 200")
+    assert chunk["queue"] == {"position": 1, "eta_s": chunk["queue"]["eta_s"]}
+    assert chunk["object"] == "chat.completion.chunk"
+    assert chunk["choices"] == []
+    assert hooks.hold is not None
+    hooks.hold.set()
+    waiter.until(b"data: [DONE]")
+    ids = {json.loads(line)["id"] for line in re.findall(rb"data: (\{[^\n]*\})\n\n", waiter.data)}
+    assert ids == {chunk["id"]}  # the queue chunks belong to the completion that follows
+    assert "success" in outcomes.wait(2)
