@@ -29,6 +29,7 @@ from starlette.responses import Response
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.session import CookieSigner, MemoryStore, Session, TurnSession
 from chatstream_asgi.turn import AdmittedResponse, OutcomeCallback
+from chatstream_asgi.waiting import WaitingResponse
 
 if TYPE_CHECKING:
     from chatstream_asgi.chat_stream import ChatStream
@@ -140,6 +141,6 @@ async def handle_without_middleware(
             response = await chat_stream.handle_chat_stream_request(request, request_body, callback)
         finally:
             task_group.cancel_scope.cancel()
-    if cookie is not None and isinstance(response, AdmittedResponse):
+    if cookie is not None and isinstance(response, (AdmittedResponse, WaitingResponse)):
         response.raw_headers.append((b"set-cookie", cookie.encode()))
     return response

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from chatstream_asgi.admission import Slot, Ticket
+from chatstream_asgi.admission import PositionReport, Slot, Ticket
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.turn import (
@@ -97,7 +97,7 @@ class WaitingResponse(Response):
                 frame = self._queue_frame(position, eta_s)
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
 
-            slot = await self._ticket.wait(self._exchange.client_left, report, self._exchange.ping_interval)
+            slot = await self._wait(receive, report)
         except ChatStreamError as error:  # too late for a status: the refusal is the stream's end
             self._exchange.open_turn = None
             await self._release()
@@ -112,6 +112,20 @@ class WaitingResponse(Response):
             await self.abandon()
             return
         await self._start(slot)(scope, receive, _after_start(send))
+
+    async def _wait(self, receive: Receive, report: PositionReport) -> Slot | None:
+        """The ticket's wait; without a middleware in front, this response watches the client
+        meanwhile (and the turn, once it runs, watches on its own)."""
+        exchange = self._exchange
+        if not exchange.watched_by_response:
+            return await self._ticket.wait(exchange.client_left, report, exchange.ping_interval)
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(exchange.watch, receive)
+            try:
+                slot = await self._ticket.wait(exchange.client_left, report, exchange.ping_interval)
+            finally:
+                task_group.cancel_scope.cancel()
+        return slot
 
     async def abandon(self) -> None:
         """End a wait that will never stream: leave the queue, release, report the outcome once."""

@@ -3,6 +3,7 @@ classifies outcomes exactly as the middleware does (real uvicorn, raw sockets)."
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -88,3 +89,24 @@ def test_second_turn_of_an_attached_session_while_one_runs_gets_409(start_app: A
             second = client.post("/chat_stream", json={"user_input": "again"})
             assert second.status_code == 409 and second.json()["error"] == "session_busy"
     assert outcomes.wait() == ["client_disconnected_while_streaming"]
+
+
+def test_waiting_sse_client_without_our_middleware_sees_its_position_and_is_watched(
+    start_app: Any, hooks: ModelHooks
+) -> None:
+    hooks.step_delay = 0.02
+    server, chat_stream, outcomes = start_app("no_middleware", num_of_concurrent_executions=1, max_new_tokens=60)
+    running = open_chat(server.url, "first")
+    read_first_text(running)
+    waiter = socket.create_connection(running.getpeername(), timeout=30)
+    body = b'{"user_input": "second"}'
+    waiter.sendall(
+        b"POST /chat_stream?format=sse HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    head = read_until(waiter, b'event: queue\r\ndata: {"position": 1')
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"set-cookie: chatstream_session=" in head.lower()
+    waiter.close()
+    assert outcomes.wait(1) == ["client_disconnected_before_streaming"]
+    assert chat_stream.load()["waiting"] == 0
+    running.close()
