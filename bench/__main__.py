@@ -22,32 +22,40 @@ from typing import Any
 import torch
 
 from bench import figures
+from bench.client import MODES, PROMPT
 from bench.harness import ROOT
 from chatstream_asgi.demo_model import build_demo_model
 
+FIGURES = ("overhead", "event_loop", "scaling", "disconnect", "bytes", "memory", "passthrough")
 
-def run(quick: bool, device: str) -> dict[str, Any]:
-    """Every figure, as a dict."""
+
+def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, Any]:
+    """The figures named in `only` (all by default), as a dict."""
     os.environ["BENCH_DEVICE"] = device
     with tempfile.TemporaryDirectory() as folder:
         tiny = build_demo_model(Path(folder) / "tiny", seed=1)
         large = build_demo_model(Path(folder) / "large", hidden_size=512, num_hidden_layers=8, seed=1)
         tokens = 32 if quick else 128
         started = time.perf_counter()
-        results: dict[str, Any] = {
-            "machine": _machine(),
-            "quick": quick,
-            "overhead_tiny": figures.bench_overhead(tiny, 2 if quick else 7, tokens),
-            "overhead_large": figures.bench_overhead(large, 2 if quick else 5, tokens),
-            "event_loop": figures.bench_event_loop(large, 50 if quick else 400),
-            "scaling": figures.bench_scaling(
-                large, [1, 2, 4] if quick else [1, 2, 4, 8, 16], 16 if quick else 64, not quick
-            ),
-            "disconnect": figures.bench_disconnect(large, 2 if quick else 15),
-            "bytes": figures.bench_bytes(large, 16 if quick else 64),
-            "memory": figures.bench_memory(large, 20 if quick else 1000),
-            "passthrough": figures.bench_passthrough(500 if quick else 20000),
-        }
+        results: dict[str, Any] = {"machine": _machine(), "quick": quick, "prompt": PROMPT, "new_tokens": tokens}
+        if "overhead" in only:
+            results["overhead_tiny"] = figures.bench_overhead(tiny, 2 if quick else 5, tokens)
+            results["overhead_large"] = figures.bench_overhead(large, 2 if quick else 5, tokens)
+        if "event_loop" in only:
+            results["event_loop"] = figures.bench_event_loop(large, 50 if quick else 400)
+        if "scaling" in only:
+            counts = [1, 2, 4] if quick else [1, 8]
+            results["scaling"] = figures.bench_scaling(
+                large, counts, 16 if quick else tokens, not quick, 1 if quick else 3
+            )
+        if "disconnect" in only:
+            results["disconnect"] = figures.bench_disconnect(large, 2 if quick else 15)
+        if "bytes" in only:
+            results["bytes"] = figures.bench_bytes(large, 16 if quick else 64)
+        if "memory" in only:
+            results["memory"] = figures.bench_memory(large, 20 if quick else 1000)
+        if "passthrough" in only:
+            results["passthrough"] = figures.bench_passthrough(500 if quick else 20000)
         results["seconds"] = time.perf_counter() - started
     return results
 
@@ -56,108 +64,91 @@ def table(r: dict[str, Any]) -> str:
     """The figures as a Markdown table: figure, measured, baseline (same run), ratio."""
     rows: list[tuple[str, str, str, str]] = []
     for key, label in (("overhead_tiny", "tiny model"), ("overhead_large", "21M model")):
-        o = r[key]
+        for mode, o in r.get(key, {}).items():
+            rows.append(
+                (
+                    f"overhead, {label}, {mode}: tokens/s of one chat over HTTP",
+                    f"{o['http_tokens_per_second']:.1f}",
+                    f"model.generate {o['generate_tokens_per_second']:.1f}",
+                    f"{o['ratio']:.2f}x",
+                )
+            )
+            rows.append(
+                (
+                    f"overhead, {label}, {mode}: first byte over HTTP",
+                    f"{o['http_first_byte_ms']:.1f} ms",
+                    f"model.generate's first text {o['model_first_text_ms']:.1f} ms",
+                    f"+{o['first_byte_extra_ms']:.1f} ms",
+                )
+            )
+    if "event_loop" in r:
+        e = r["event_loop"]
         rows.append(
             (
-                f"overhead, {label}: tokens/s of one chat over HTTP",
-                f"{o['http_tokens_per_second']:.1f}",
-                f"model.generate {o['generate_tokens_per_second']:.1f}",
-                f"{o['ratio']:.2f}x",
+                "event loop: GET /health p50, all slots generating",
+                f"{e['loaded_p50_ms']:.2f} ms",
+                f"idle {e['idle_p50_ms']:.2f} ms",
+                f"{e['p50_ratio']:.2f}x",
             )
         )
         rows.append(
             (
-                f"overhead, {label}: first byte over HTTP",
-                f"{o['http_first_byte_ms']:.1f} ms",
-                f"model.generate's first text {o['model_first_text_ms']:.1f} ms",
-                f"+{o['first_byte_extra_ms']:.1f} ms",
+                "event loop: GET /health p99, all slots generating",
+                f"{e['loaded_p99_ms']:.2f} ms",
+                f"idle {e['idle_p99_ms']:.2f} ms",
+                f"{e['p99_ratio']:.2f}x",
             )
         )
-    e = r["event_loop"]
-    rows.append(
-        (
-            "event loop: GET /health p50, all slots generating",
-            f"{e['loaded_p50_ms']:.2f} ms",
-            f"idle {e['idle_p50_ms']:.2f} ms",
-            f"{e['p50_ratio']:.2f}x",
-        )
-    )
-    rows.append(
-        (
-            "event loop: GET /health p99, all slots generating",
-            f"{e['loaded_p99_ms']:.2f} ms",
-            f"idle {e['idle_p99_ms']:.2f} ms",
-            f"{e['p99_ratio']:.2f}x",
-        )
-    )
-    s = r["scaling"]
-    one = s["tokens_per_second"][min(s["tokens_per_second"])]
-    for count, value in s["tokens_per_second"].items():
-        rows.append(
-            (
-                f"scaling: aggregate tokens/s, {count} concurrent chats",
-                f"{value:.0f}",
-                f"one chat {one:.0f}",
-                f"{value / one:.2f}x",
+    for mode, s in r.get("scaling", {}).items():
+        one = s["tokens_per_second"][min(s["tokens_per_second"])]
+        for count, value in s["tokens_per_second"].items():
+            rows.append(
+                (
+                    f"scaling, {mode}: aggregate tokens/s, {count} concurrent chats",
+                    f"{value:.0f}",
+                    f"one chat {one:.0f}",
+                    f"{value / one:.2f}x",
+                )
             )
-        )
-    if "eight_chats_vs_static_batch8" in s:
-        rows.append(
-            (
-                "scaling: 8 chats vs model.generate on a static batch of 8",
-                f"{s['tokens_per_second'][8]:.0f}",
-                f"static batch {s['static_batch8_tokens_per_second']:.0f}",
-                f"{s['eight_chats_vs_static_batch8']:.2f}x",
+        if "eight_chats_vs_static_batch8" in s:
+            rows.append(
+                (
+                    f"scaling, {mode}: 8 chats vs model.generate on a static batch of 8",
+                    f"{s['tokens_per_second'][8]:.0f}",
+                    f"static batch {s['static_batch8_tokens_per_second']:.0f}",
+                    f"{s['eight_chats_vs_static_batch8']:.2f}x",
+                )
             )
-        )
-    if "eight_chats_vs_transformers_cb8" in s:
-        rows.append(
-            (
-                "scaling: 8 chats vs transformers' continuous batching, 8 requests",
-                f"{s['tokens_per_second'][8]:.0f}",
-                f"continuous batching {s['transformers_cb8_tokens_per_second']:.0f}",
-                f"{s['eight_chats_vs_transformers_cb8']:.2f}x",
+        if "eight_chats_vs_transformers_cb8" in s:
+            rows.append(
+                (
+                    f"scaling, {mode}: 8 chats vs transformers' continuous batching, 8 requests",
+                    f"{s['tokens_per_second'][8]:.0f}",
+                    f"continuous batching {s['transformers_cb8_tokens_per_second']:.0f}",
+                    f"{s['eight_chats_vs_transformers_cb8']:.2f}x",
+                )
             )
-        )
-    d = r["disconnect"]
-    rows.append(
-        (
-            "disconnect: decode steps after the client left (max)",
-            str(d["steps_after_cancel_max"]),
-            "the step in flight: 1",
-            f"{d['steps_after_cancel_max']:.2f}x",
-        )
-    )
-    rows.append(
-        (
-            "disconnect: queued request's first byte after the client left",
-            f"{d['handoff_first_byte_ms']:.1f} ms",
-            f"idle first byte {d['idle_first_byte_ms']:.1f} ms",
-            f"{d['handoff_ratio']:.2f}x",
-        )
-    )
-    for name, b in r["bytes"].items():
+    if "disconnect" in r:
+        d = r["disconnect"]
+        rows.append(("disconnect: decode steps after the client left (max)", str(d["steps_after_cancel_max"]),
+                     "the step in flight: 1", f"{d['steps_after_cancel_max']:.2f}x"))  # fmt: skip
+        rows.append(("disconnect: queued request's first byte after the client left",
+                     f"{d['handoff_first_byte_ms']:.1f} ms", f"idle first byte {d['idle_first_byte_ms']:.1f} ms",
+                     f"{d['handoff_ratio']:.2f}x"))  # fmt: skip
+    for name, b in r.get("bytes", {}).items():
         rows.append((f"bytes on the wire, {name} format", f"{b['wire_bytes']}", "reply bytes", f"{b['ratio']:.2f}x"))
-    m = r["memory"]
-    rows.append(
-        (
-            "memory: server RSS beyond the model, idle",
-            f"{m['idle_extra_mib']:.0f} MiB",
-            f"model alone {m['model_only_mib']:.0f} MiB",
-            f"{(m['model_only_mib'] + m['idle_extra_mib']) / m['model_only_mib']:.2f}x",
-        )
-    )
-    rows.append(
-        (
-            f"memory: server RSS beyond the model, {m['sessions']} sessions",
-            f"{m['with_sessions_extra_mib']:.0f} MiB",
-            f"model alone {m['model_only_mib']:.0f} MiB",
-            f"{m['per_session_kib']:.1f} KiB/session",
-        )
-    )
-    p = r["passthrough"]
-    rows.append(("passthrough: a route the middleware does not handle", f"{p['wrapped_us_per_request']:.1f} us",
-                 f"bare app {p['bare_us_per_request']:.1f} us", f"{p['ratio']:.2f}x"))  # fmt: skip
+    if "memory" in r:
+        m = r["memory"]
+        rows.append(("memory: server RSS beyond the model, idle", f"{m['idle_extra_mib']:.0f} MiB",
+                     f"model alone {m['model_only_mib']:.0f} MiB",
+                     f"{(m['model_only_mib'] + m['idle_extra_mib']) / m['model_only_mib']:.2f}x"))  # fmt: skip
+        rows.append((f"memory: server RSS beyond the model, {m['sessions']} sessions",
+                     f"{m['with_sessions_extra_mib']:.0f} MiB", f"model alone {m['model_only_mib']:.0f} MiB",
+                     f"{m['per_session_kib']:.1f} KiB/session"))  # fmt: skip
+    if "passthrough" in r:
+        p = r["passthrough"]
+        rows.append(("passthrough: a route the middleware does not handle", f"{p['wrapped_us_per_request']:.1f} us",
+                     f"bare app {p['bare_us_per_request']:.1f} us", f"{p['ratio']:.2f}x"))  # fmt: skip
     lines = ["| figure | measured | baseline (same run) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -179,9 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--device", default="auto", help="where the server runs the model (default: auto)")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument(
+        "--only", default=",".join(FIGURES), help=f"a comma-separated subset of {','.join(FIGURES)} (default: all)"
+    )
     args = parser.parse_args(argv)
-    results = run(args.quick, args.device)
-    print(f"machine: {results['machine']}; {results['seconds']:.0f} s\n")
+    only = tuple(args.only.split(","))
+    if unknown := set(only) - set(FIGURES):
+        parser.error(f"unknown figures: {', '.join(sorted(unknown))}")
+    results = run(args.quick, args.device, only)
+    print(f"machine: {results['machine']}; {results['seconds']:.0f} s")
+    print(f"prompt: {PROMPT!r} (chat template applied), {results['new_tokens']} new tokens a reply")
+    print(f"modes: {', '.join(f'{mode} {settings}' for mode, settings in MODES.items())}\n")
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))

@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,12 @@ from starlette.routing import Route
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from bench.harness import RawChat, load, percentile, rss_bytes, running_server, wait_for
+from bench import client
+from bench.client import MODES, PROMPT
+from bench.harness import RawChat, percentile, rss_bytes, running_server
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
 from chatstream_asgi.detokenize import IncrementalDetokenizer
 from chatstream_asgi.engine import MockEngine, resolve_device
-
-PROMPT = "Tell me a long story about servers that stream text."
 
 
 class InProcessModel:
@@ -39,8 +40,8 @@ class InProcessModel:
         )
         self.prompt_ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
 
-    def generate_seconds(self, batch: int, new_tokens: int) -> float:
-        """Wall time of greedy `model.generate` for `batch` copies of the prompt."""
+    def generate_seconds(self, batch: int, new_tokens: int, mode: str = "greedy") -> float:
+        """Wall time of `model.generate` for `batch` copies of the prompt, sampled as in `mode`."""
         ids = self.prompt_ids.repeat(batch, 1)
         with torch.inference_mode():
             start = time.perf_counter()
@@ -49,7 +50,7 @@ class InProcessModel:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                do_sample=False,
+                **_generate_settings(mode),
             )
             elapsed = time.perf_counter() - start
         assert out.shape[1] == ids.shape[1] + new_tokens
@@ -87,9 +88,11 @@ class InProcessModel:
             raise RuntimeError("the model produced no complete character in 16 tokens")
         return seen[0]
 
-    def continuous_batching_tokens_per_second(self, requests: int, new_tokens: int) -> dict[str, float]:
+    def continuous_batching_tokens_per_second(self, requests: int, new_tokens: int, mode: str) -> dict[str, float]:
         """transformers' own continuous batching, streaming, after a warm-up: tokens/s, start seconds."""
-        config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        config = GenerationConfig(
+            max_new_tokens=new_tokens, eos_token_id=-1, pad_token_id=0, **_generate_settings(mode)
+        )
         started = time.perf_counter()
         manager = self.model.init_continuous_batching(generation_config=config)
         manager.start()
@@ -114,60 +117,84 @@ class InProcessModel:
         return time.perf_counter() - start
 
 
-def _chat(url: str, new_tokens: int, path: str = "/chat_stream", **extra: Any) -> RawChat:
-    body = {"user_input": PROMPT, "max_new_tokens": new_tokens, **extra}
-    if path.startswith("/v1"):
-        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": new_tokens, "stream": True}
-    return RawChat(url, path, body)
+def _generate_settings(mode: str) -> dict[str, Any]:
+    """`model.generate`'s arguments for a mode of `bench.client.MODES`."""
+    settings = MODES[mode]
+    if settings["temperature"] == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, **settings}
 
 
-def bench_overhead(path: Path, reps: int, new_tokens: int) -> dict[str, float]:
-    """One chat streamed over HTTP vs `model.generate` in-process: tokens/s, and first byte vs first token."""
+async def _finished_tokens(url: str, count: int) -> int:
+    """Completion tokens of the last `count` generations the server finished (what it really made:
+    a sampled reply may end early on the end token)."""
+    async with httpx.AsyncClient(base_url=url) as client:
+        finished = (await client.get("/bench/finished")).json()
+    return sum(f["completion_tokens"] for f in finished[-count:])
+
+
+def bench_overhead(path: Path, reps: int, new_tokens: int) -> dict[str, dict[str, float]]:
+    """One chat streamed over HTTP vs `model.generate` in-process, greedy and sampled: tokens/s,
+    and first byte vs first text."""
     local = InProcessModel(path)
     local.generate_seconds(1, 4)  # warm-up
-    direct = [local.generate_seconds(1, new_tokens) for _ in range(reps)]
     first_token = [local.first_text_seconds() for _ in range(reps)]
-    served, first_byte = [], []
+    results = {}
     with running_server(path, concurrency=1, queue=2, max_new_tokens=new_tokens) as (url, _):
-        _chat(url, 4).to_the_end()  # warm-up
-        for _ in range(reps):
-            chat = _chat(url, new_tokens)
-            first_byte.append(chat.first_byte() - chat.started_at)
-            served.append(chat.to_the_end() - chat.started_at)
-    return {
-        "generate_tokens_per_second": new_tokens / statistics.median(direct),
-        "http_tokens_per_second": new_tokens / statistics.median(served),
-        "ratio": statistics.median(direct) / statistics.median(served),
-        "model_first_text_ms": statistics.median(first_token) * 1e3,
-        "http_first_byte_ms": statistics.median(first_byte) * 1e3,
-        "first_byte_extra_ms": (statistics.median(first_byte) - statistics.median(first_token)) * 1e3,
-    }
+
+        async def served(mode: str) -> list[tuple[float, float]]:
+            await client.chat(url, client.body(mode, 4))  # warm-up
+            measured = []
+            for _ in range(reps):
+                reply = await client.chat(url, client.body(mode, new_tokens))
+                tokens = await _finished_tokens(url, 1)
+                measured.append((tokens / reply.seconds, reply.first_byte))
+            return measured
+
+        for mode in MODES:
+            direct = [new_tokens / local.generate_seconds(1, new_tokens, mode) for _ in range(reps)]
+            over_http = anyio.run(served, mode)
+            results[mode] = {
+                "generate_tokens_per_second": statistics.median(direct),
+                "http_tokens_per_second": statistics.median(t for t, _ in over_http),
+                "ratio": statistics.median(t for t, _ in over_http) / statistics.median(direct),
+                "model_first_text_ms": statistics.median(first_token) * 1e3,
+                "http_first_byte_ms": statistics.median(f for _, f in over_http) * 1e3,
+                "first_byte_extra_ms": (statistics.median(f for _, f in over_http) - statistics.median(first_token))
+                * 1e3,
+            }
+    return results
 
 
-def _health_latencies(url: str, count: int) -> list[float]:
+async def _health_latencies(url: str, count: int) -> list[float]:
     latencies = []
-    with httpx.Client(base_url=url) as client:
-        client.get("/health")  # open the connection outside the measurement
+    async with httpx.AsyncClient(base_url=url) as http:
+        await http.get("/health")  # open the connection outside the measurement
         for _ in range(count):
             start = time.perf_counter()
-            client.get("/health")
+            await http.get("/health")
             latencies.append(time.perf_counter() - start)
     return latencies
 
 
 def bench_event_loop(path: Path, samples: int) -> dict[str, float]:
-    """p50/p99 of GET /health with every slot generating (and one more queued) ÷ the server idle."""
+    """p50/p99 of GET /health with every slot generating (and one more queued) ÷ the server idle;
+    the streams are read chunk by chunk by the same client meanwhile."""
     slots = 2
+
+    async def measure() -> tuple[list[float], list[float], bool]:
+        idle = await _health_latencies(url, samples)
+        async with anyio.create_task_group() as streams:
+            for _ in range(slots + 1):
+                streams.start_soon(client.chat, url, client.body("greedy", 3000))
+            await _wait_for(url, lambda state: state["processing"] == slots and state["waiting"] == 1)
+            loaded = await _health_latencies(url, samples)
+            still_busy = (await _load(url))["processing"] == slots
+            streams.cancel_scope.cancel()  # the clients leave
+        return idle, loaded, still_busy
+
     with running_server(path, concurrency=slots, queue=2, max_new_tokens=3000) as (url, _):
-        idle = _health_latencies(url, samples)
-        chats = [_chat(url, 3000) for _ in range(slots + 1)]
-        wait_for(lambda: load(url)["processing"] == slots and load(url)["waiting"] == 1)
-        for chat in chats[:slots]:
-            chat.first_byte()
-        loaded = _health_latencies(url, samples)
-        still_busy = load(url)["processing"] == slots
-        for chat in chats:
-            chat.leave()
+        idle, loaded, still_busy = anyio.run(measure)
     if not still_busy:
         raise RuntimeError("generations ended during the loaded measurement: raise max_new_tokens")
     return {
@@ -180,62 +207,104 @@ def bench_event_loop(path: Path, samples: int) -> dict[str, float]:
     }
 
 
-def bench_scaling(path: Path, counts: list[int], new_tokens: int, with_cb: bool) -> dict[str, Any]:
-    """Aggregate tokens/s with N concurrent chats ÷ one chat; the static-batch ceiling and
-    transformers' continuous batching beside it."""
+async def _load(url: str) -> dict[str, int]:
+    async with httpx.AsyncClient(base_url=url) as http:
+        state: dict[str, int] = (await http.get("/ready")).json()["load"]
+    return state
+
+
+async def _wait_for(url: str, condition: Callable[[dict[str, int]], bool], timeout: float = 120.0) -> None:
+    """Poll the server's load until `condition` holds."""
+    with anyio.fail_after(timeout):
+        while True:
+            if condition(await _load(url)):
+                return
+            await anyio.sleep(0.002)  # the server's state, not ours: polling is the only way
+
+
+def bench_scaling(path: Path, counts: list[int], new_tokens: int, with_cb: bool, reps: int) -> dict[str, Any]:
+    """Aggregate tokens/s with N concurrent chats ÷ one chat, greedy and sampled; the static-batch
+    ceiling (`model.generate` on a batch of 8, same sampling) and transformers' continuous batching
+    beside it."""
     local = InProcessModel(path)
     local.generate_seconds(8, 4)  # warm-up
-    ceiling = 8 * new_tokens / min(local.generate_seconds(8, new_tokens) for _ in range(2))
-    single_generate = new_tokens / min(local.generate_seconds(1, new_tokens) for _ in range(2))
-    cb = local.continuous_batching_tokens_per_second(8, new_tokens) if with_cb else None
-    aggregate: dict[int, float] = {}
+    results: dict[str, Any] = {}
     with running_server(path, concurrency=max(counts), queue=max(counts), max_new_tokens=new_tokens) as (url, _):
-        _chat(url, 4).to_the_end()  # warm-up
-        for count in counts:
-            best = 0.0
-            for _ in range(2):
-                start = time.perf_counter()
-                chats = [_chat(url, new_tokens) for _ in range(count)]
-                ended = max(chat.to_the_end() for chat in chats)
-                best = max(best, count * new_tokens / (ended - start))
-            aggregate[count] = best
-    one = aggregate[counts[0]]
-    result: dict[str, Any] = {
-        "tokens_per_second": aggregate,
-        "ratio_to_one_chat": {count: value / one for count, value in aggregate.items()},
-        "generate_batch1_tokens_per_second": single_generate,
-        "static_batch8_tokens_per_second": ceiling,
-        "static_batch8_ratio": ceiling / single_generate,
-    }
-    if 8 in aggregate:
-        result["eight_chats_vs_static_batch8"] = aggregate[8] / ceiling
-    if cb is not None:
-        result["transformers_cb8_tokens_per_second"] = cb["tokens_per_second"]
-        result["transformers_cb_start_seconds"] = cb["start_seconds"]
-        if 8 in aggregate:
-            result["eight_chats_vs_transformers_cb8"] = aggregate[8] / cb["tokens_per_second"]
-    return result
+
+        async def round_of(count: int, mode: str) -> float:
+            start = time.perf_counter()
+            async with anyio.create_task_group() as chats:
+                for _ in range(count):
+                    chats.start_soon(client.chat, url, client.body(mode, new_tokens))
+            elapsed = time.perf_counter() - start
+            return await _finished_tokens(url, count) / elapsed
+
+        anyio.run(client.chat, url, client.body("greedy", 4))  # warm-up
+        for mode in MODES:
+            ceiling = statistics.median(
+                8 * new_tokens / local.generate_seconds(8, new_tokens, mode) for _ in range(reps)
+            )
+            single = statistics.median(new_tokens / local.generate_seconds(1, new_tokens, mode) for _ in range(reps))
+            aggregate = {
+                count: statistics.median(anyio.run(round_of, count, mode) for _ in range(reps)) for count in counts
+            }
+            one = aggregate[counts[0]]
+            result: dict[str, Any] = {
+                "tokens_per_second": aggregate,
+                "ratio_to_one_chat": {count: value / one for count, value in aggregate.items()},
+                "generate_batch1_tokens_per_second": single,
+                "static_batch8_tokens_per_second": ceiling,
+                "static_batch8_ratio": ceiling / single,
+            }
+            if 8 in aggregate:
+                result["eight_chats_vs_static_batch8"] = aggregate[8] / ceiling
+            if with_cb:
+                cb = local.continuous_batching_tokens_per_second(8, new_tokens, mode)
+                result["transformers_cb8_tokens_per_second"] = cb["tokens_per_second"]
+                result["transformers_cb_start_seconds"] = cb["start_seconds"]
+                if 8 in aggregate:
+                    result["eight_chats_vs_transformers_cb8"] = aggregate[8] / cb["tokens_per_second"]
+            results[mode] = result
+    return results
 
 
 def bench_disconnect(path: Path, trials: int) -> dict[str, float]:
     """Decode steps after a client leaves; how soon a waiting request then streams (÷ an idle first byte)."""
-    with running_server(path, concurrency=1, queue=2, max_new_tokens=3000) as (url, _):
+
+    request = client.body("greedy", 3000)
+
+    async def handoff() -> float:
+        """A client leaves while another waits for its slot: seconds until the waiting one's first byte."""
+        waiting: list[client.Reply] = []
+
+        async def wait_in_line() -> None:
+            waiting.append(await client.chat(url, request, leave_after_first_chunk=True))
+
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=300) as http,
+            http.stream("POST", "/chat_stream", json=request) as running,
+        ):
+            chunks = running.aiter_text()  # kept, not left by `break`: that would close the stream
+            while not await anext(chunks):
+                pass
+            async with anyio.create_task_group() as line:
+                line.start_soon(wait_in_line)
+                await _wait_for(url, lambda state: state["waiting"] == 1)
+                left_at = time.perf_counter()
+                await running.aclose()  # unread: the connection closes, the client left
+        await _wait_for(url, lambda state: state["processing"] == 0)
+        return waiting[0].chunk_times[0] - left_at
+
+    async def measure() -> tuple[list[float], list[float]]:
         idle_first_byte = []
         for _ in range(trials):
-            chat = _chat(url, 3000)
-            idle_first_byte.append(chat.first_byte() - chat.started_at)
-            chat.leave()
-            wait_for(lambda: load(url)["processing"] == 0)
-        handoffs = []
-        for _ in range(trials):
-            running = _chat(url, 3000)
-            running.first_byte()
-            waiting = _chat(url, 3000)
-            wait_for(lambda: load(url)["waiting"] == 1)
-            left_at = running.leave()
-            handoffs.append(waiting.first_byte() - left_at)
-            waiting.leave()
-            wait_for(lambda: load(url)["processing"] == 0)
+            reply = await client.chat(url, request, leave_after_first_chunk=True)
+            idle_first_byte.append(reply.first_byte)
+            await _wait_for(url, lambda state: state["processing"] == 0)
+        return idle_first_byte, [await handoff() for _ in range(trials)]
+
+    with running_server(path, concurrency=1, queue=2, max_new_tokens=3000) as (url, _):
+        idle_first_byte, handoffs = anyio.run(measure)
         finished = httpx.get(f"{url}/bench/finished").json()
     left = [f for f in finished if f["outcome"] == "client_disconnected_while_streaming"]
     steps = [f["steps_after_cancel"] for f in left]
@@ -249,11 +318,19 @@ def bench_disconnect(path: Path, trials: int) -> dict[str, float]:
     }
 
 
+def _raw_chat(url: str, new_tokens: int, path: str = "/chat_stream") -> RawChat:
+    body: dict[str, Any] = client.body("greedy", new_tokens)
+    if path.startswith("/v1"):
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": new_tokens, "stream": True}
+    return RawChat(url, path, body)
+
+
 def bench_bytes(path: Path, new_tokens: int) -> dict[str, dict[str, float]]:
-    """Bytes on the wire (head, chunk framing and all) ÷ the reply's own UTF-8 bytes, per format."""
+    """Bytes on the wire (head, chunk framing and all) ÷ the reply's own UTF-8 bytes, per format
+    (a bare socket: an HTTP client hides the framing this figure counts)."""
     results = {}
     with running_server(path, concurrency=1, queue=2, max_new_tokens=new_tokens) as (url, _):
-        reference = _chat(url, new_tokens)
+        reference = _raw_chat(url, new_tokens)
         reference.to_the_end()
         reply_bytes = len(reference.body())
         for name, route in (
@@ -262,7 +339,7 @@ def bench_bytes(path: Path, new_tokens: int) -> dict[str, dict[str, float]]:
             ("sse", "/chat_stream?format=sse"),
             ("openai", "/v1/chat/completions"),
         ):
-            chat = _chat(url, new_tokens, route)
+            chat = _raw_chat(url, new_tokens, route)
             chat.to_the_end()
             results[name] = {"wire_bytes": len(chat.received), "ratio": len(chat.received) / reply_bytes}
     return results

@@ -1,4 +1,4 @@
-"""What every benchmark needs: the server in its own process, a raw HTTP client, RSS, percentiles."""
+"""What every benchmark needs: the server in its own process, a bare-socket client for the wire, RSS, percentiles."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,21 +51,6 @@ def running_server(model: Path, **settings: int) -> Iterator[tuple[str, int]]:
         log.close()
 
 
-def load(url: str) -> dict[str, int]:
-    """The server's admission state."""
-    state: dict[str, int] = httpx.get(f"{url}/ready").json()["load"]
-    return state
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 120.0) -> None:
-    """Poll until `condition` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError("a benchmark condition never came true")
-        time.sleep(0.002)
-
-
 def percentile(values: list[float], q: float) -> float:
     """The `q` quantile (0..1) of `values`, nearest rank."""
     ordered = sorted(values)
@@ -82,40 +67,27 @@ def rss_bytes(pid: int) -> int:
 
 
 class RawChat:
-    """One request over a bare socket: the benchmark sees every byte and decides when to leave."""
+    """One request over a bare socket: the benchmark sees every byte, head and chunk framing included."""
 
-    def __init__(self, url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, path: str, body: dict[str, Any]) -> None:
         host, port = url.removeprefix("http://").split(":")
         payload = json.dumps(body).encode()
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.started_at = time.perf_counter()
         self._sock = socket.create_connection((host, int(port)), timeout=300)
         self._sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{extra}"
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload
         )
         self.received = b""
-        self.first_byte_at: float | None = None
 
-    def first_byte(self) -> float:
-        """Wait for the first byte of reply text; return when it arrived."""
-        while b"\r\n\r\n" not in self.received or not self.received.split(b"\r\n\r\n", 1)[1]:
-            self._read()
-        return self.first_byte_at or time.perf_counter()
-
-    def to_the_end(self) -> float:
-        """Read the whole chunked reply; return when its last byte arrived."""
+    def to_the_end(self) -> None:
+        """Read the whole chunked reply."""
         while not self.received.endswith(b"0\r\n\r\n"):
-            self._read()
-        ended = time.perf_counter()
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("the server closed the connection")
+            self.received += chunk
         self._sock.close()
-        return ended
-
-    def leave(self) -> float:
-        """Close the connection mid-reply; return when."""
-        self._sock.close()
-        return time.perf_counter()
 
     def body(self) -> bytes:
         """The de-chunked body received so far."""
@@ -128,11 +100,3 @@ class RawChat:
                 break
             body, rest = body + rest[:size], rest[size + 2 :]
         return body
-
-    def _read(self) -> None:
-        chunk = self._sock.recv(65536)
-        if not chunk:
-            raise RuntimeError("the server closed the connection")
-        self.received += chunk
-        if self.first_byte_at is None and self.received.split(b"\r\n\r\n", 1)[1:] not in ([], [b""]):
-            self.first_byte_at = time.perf_counter()
