@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable)",
     )
     serve.add_argument("--no-openai", action="store_true", help="do not serve /v1/chat/completions and /v1/models")
+    serve.add_argument("--no-webui", action="store_true", help="do not serve the chat page at /")
     return parser
 
 
@@ -122,6 +123,7 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
         openai=not args.no_openai,
         api_keys=args.api_keys,
+        webui=_webui_on(args),
     )
     return app, source
 
@@ -141,6 +143,10 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()
     base = f"http://{args.host}:{args.port}"
     print(f"chatstream-asgi serving {source}", flush=True)
+    if _webui_on(args):
+        print(f"  chat page: {base}/   (open it in a browser)", flush=True)
+    elif not args.no_webui:
+        print("  chat page: off (with --api-key, a browser cannot send the key)", flush=True)
     print(f'  chat:   curl -N {base}/chat_stream -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
@@ -148,6 +154,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  OpenAI API: {base}/v1/chat/completions (model {app.chat_stream.name!r})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _webui_on(args: argparse.Namespace) -> bool:
+    """The page is on unless --no-webui, or --api-key (a browser has no way to send the key)."""
+    return not args.no_webui and not args.api_keys
 
 
 def _session_store_option(text: str) -> str:

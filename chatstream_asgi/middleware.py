@@ -8,7 +8,8 @@ listen for `http.disconnect` whatever ASGI spec version the server reports: uvic
 
 ChatStream's conversation APIs get the session too, whether the middleware serves them
 (`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
-`openai=True`) gets the same body replay and disconnect watch, without a session. With
+`openai=True`) gets the same body replay and disconnect watch, without a session. `webui=True`
+serves the chat page (`/` and its two files) and the session APIs it calls. With
 `api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key.
 Every other request (other paths and methods, websockets, lifespan) passes straight through, so an
 app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
@@ -20,6 +21,7 @@ import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 from starlette._utils import get_route_path
@@ -40,9 +42,10 @@ from chatstream_asgi.errors import (
 )
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.openai_api import chat_completions, models_response, openai_error
-from chatstream_asgi.routes import API_METHODS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
+from chatstream_asgi.routes import API_METHODS, PAGE_APIS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
 from chatstream_asgi.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
 from chatstream_asgi.turn import OutcomeCallback
+from chatstream_asgi.webui import ChatPage
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ class ChatStreamMiddleware:
         openai: bool = False,
         api_keys: Sequence[str] | None = None,
         health: bool = False,
+        webui: bool = False,
+        web_ui_params: dict[str, Any] | None = None,
         ping_interval: float = 15.0,
     ) -> None:
         if max_body_size < 1:
@@ -103,7 +108,9 @@ class ChatStreamMiddleware:
         self.openai = openai
         self.ping_interval = ping_interval
         self.api_options: ApiOptions = apis or {}
-        self.served_apis = enabled_apis(apis)
+        self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
+        # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
+        self.page = ChatPage(web_ui_params, model=chat_stream.name, chat_path=path) if webui else None
         self._api_keys = [key.encode() for key in api_keys or ()]
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
@@ -132,6 +139,9 @@ class ChatStreamMiddleware:
                 await self._completions(scope, receive, send)
         elif self.health and route in ("/health", "/ready") and method == "GET":
             await self._health(route, scope, receive, send)
+        elif self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
+            if await self._authorized(scope, send, "plain"):
+                await page(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 

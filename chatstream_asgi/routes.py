@@ -1,5 +1,6 @@
 """ChatStream's conversation APIs: `/clear_context`, `/get_prompt`, generation parameters,
-feedback, load and resource usage.
+feedback, load and resource usage; and `/get_history`, from which the chat page restores a
+conversation.
 
 Names, request keys and success shapes (`{"success": true, "message": ...}`) are ChatStream's,
 so its front-ends keep working. Errors differ on purpose: ChatStream answered 200 with
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response, quoted
 from chatstream_asgi.params import parse_json_object, session_params_update, session_params_view
+from chatstream_asgi.prompt import RoleType
 from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Session
 
 if TYPE_CHECKING:
@@ -44,16 +46,21 @@ API_METHODS: dict[str, str] = {
     "set_feedback": "POST",
     "get_load": "GET",
     "get_resource_usage": "GET",
+    "get_history": "GET",
 }
 #: The APIs that read or change a conversation, and so need the session.
 SESSION_APIS = frozenset(
-    {"clear_context", "get_prompt", "set_generation_params", "get_generation_params", "set_feedback"}
+    {"clear_context", "get_prompt", "set_generation_params", "get_generation_params", "set_feedback", "get_history"}
+)
+#: The APIs the chat page calls: `webui=True` serves them with the page.
+PAGE_APIS = frozenset(
+    {"get_history", "clear_context", "set_feedback", "set_generation_params", "get_generation_params"}
 )
 #: Names ChatStream's opts also accept, switched on elsewhere here.
 _OWN_OPTIONS = {
     "chat_stream": "POST /chat_stream is served with serve=True (or your own endpoint)",
-    "webui_index": "the web page is not part of this version",
-    "webui_js": "the web page is not part of this version",
+    "webui_index": "the chat page is served with webui=True",
+    "webui_js": "the chat page is served with webui=True",
 }
 
 
@@ -87,13 +94,45 @@ async def handle_api(chat_stream: ChatStream, name: str, request: Request, opts:
 
 
 def append_apis(chat_stream: ChatStream, app: Any, opts: ApiOptions) -> None:
-    """Add the APIs `opts` switch on as routes of a Starlette or FastAPI `app`."""
-    for name in sorted(enabled_apis(opts)):
+    """Add the APIs `opts` switch on as routes of a Starlette or FastAPI `app`; with them, as
+    ChatStream does, the chat page at `/` (its `webui_index`), initialised with
+    `opts["web_ui_params"]`, unless `opts` leave `webui_index` out."""
+    page_opts = {key: value for key, value in opts.items() if key != "web_ui_params"}
+    page_wanted = _page_enabled(page_opts)
+    for key in ("include", "exclude"):  # the page's names are valid here, but they are not APIs
+        if key in page_opts:
+            page_opts[key] = [name for name in page_opts[key] if name not in _PAGE_NAMES]
+    for name in sorted(enabled_apis(page_opts)):
 
         async def endpoint(request: Request, name: str = name) -> Response:
             return await handle_api(chat_stream, name, request, opts)
 
         app.router.routes.append(Route(f"/{name}", endpoint, methods=[API_METHODS[name]], name=name))
+    if page_wanted:
+        from chatstream_asgi.webui import PAGE_FILES, ChatPage
+
+        page = ChatPage(opts.get("web_ui_params"), model=chat_stream.name)
+        for path in PAGE_FILES:
+
+            async def serve_file(request: Request, path: str = path) -> Response:
+                response = page.response(path)
+                assert response is not None  # every path of PAGE_FILES has its file
+                return response
+
+            app.router.routes.append(Route(path, serve_file, methods=["GET"]))
+
+
+#: ChatStream's names of the page's routes (`/` and `/chatstream.js`).
+_PAGE_NAMES = ("webui_index", "webui_js")
+
+
+def _page_enabled(opts: ApiOptions) -> bool:
+    """Whether ChatStream-style `opts` switch the page on (as ChatStream's `is_enabled("webui_index")`)."""
+    if "include" in opts:
+        return "webui_index" in opts["include"]
+    if "exclude" in opts:
+        return "webui_index" not in opts["exclude"]
+    return bool(opts.get("all", False))
 
 
 def session_of(request: Request) -> Session:
@@ -124,6 +163,20 @@ async def _clear_context(chat_stream: ChatStream, request: Request, opts: ApiOpt
     async with _changing(session_of(request)) as data:
         data.pop(CHAT_PROMPT_KEY, None)
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
+
+
+async def _get_history(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
+    """The cookie's own conversation as messages (DESIGN §7), for the page to restore on reload."""
+    prompt = session_of(request).get_session().get(CHAT_PROMPT_KEY)
+    messages = []
+    for content in prompt.chat_contents if prompt is not None else []:
+        role = _HISTORY_ROLES.get(content.get_role_type())
+        if role is not None and content.get_message() is not None:  # None: a reply still to come
+            messages.append({"role": role, "content": content.get_message(), "id": content.get_message_id()})
+    return JSONResponse({"success": True, "message": "success", "messages": messages})
+
+
+_HISTORY_ROLES = {RoleType.REQUESTER: "user", RoleType.RESPONDER: "assistant"}
 
 
 async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
@@ -236,4 +289,5 @@ _HANDLERS: dict[str, _Handler] = {
     "set_feedback": _set_feedback,
     "get_load": _get_load,
     "get_resource_usage": _get_resource_usage,
+    "get_history": _get_history,
 }

@@ -149,3 +149,19 @@ def test_the_command_tunes_openmp_before_torch_loads() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env={**env, "GOMP_SPINCOUNT": "5"}
     )
     assert mine.stdout.split() == ["False", "5"]  # a user's own setting wins
+
+
+def test_serve_serves_the_chat_page_and_prints_its_url(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock")  # type: ignore[operator]
+    _banner(process)
+    assert process.stdout is not None
+    assert f"chat page: {url}/" in process.stdout.readline()
+    assert wait_until(lambda: _ready(url), timeout=60)
+    page = httpx.get(f"{url}/")
+    assert page.status_code == 200 and 'src="chatstream.js"' in page.text
+
+
+def test_serve_with_no_webui_leaves_the_root_alone(run_cli: object) -> None:
+    _, url = run_cli("--model", "mock", "--no-webui")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    assert httpx.get(f"{url}/").status_code == 404

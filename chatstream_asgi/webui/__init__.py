@@ -1,0 +1,70 @@
+"""The chat page (DESIGN §7): plain HTML, CSS and JavaScript files shipped in the package.
+
+No build step, no CDN, no request leaves the server the page came from, so it works offline and
+behind a firewall. The files are read once, when the page object is made (at start-up, not on
+the event loop of a request), and served from memory. ChatStream injected its `web_ui_params`
+by replacing `const opts = {}` in the script; here the options go into a JSON data block of the
+page instead (`<` escaped, so no option value can close the block), which the script reads
+with `JSON.parse`. A strict Content-Security-Policy allows only the page's own script and
+style, so even a bug that inserted text as markup could not run a script.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from typing import Any
+
+from starlette.responses import Response
+
+#: The page's files by path, with their content types. "/" and "/chatstream.js" are ChatStream's paths.
+PAGE_FILES: dict[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/chatstream.js": ("chatstream.js", "text/javascript; charset=utf-8"),
+    "/chatstream.css": ("chatstream.css", "text/css; charset=utf-8"),
+}
+
+_OPTIONS_BLOCK = '<script id="chatstream-options" type="application/json">{}</script>'
+
+_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # The page is tiny; revalidating it means an upgraded server never runs an old script.
+    "Cache-Control": "no-cache",
+}
+
+
+class ChatPage:
+    """The page's files in memory, with `params` (ChatStream's `web_ui_params`) injected.
+
+    `params` may set `title` (header and tab), `placeholder` (the message box) and `greeting`
+    (shown while the conversation is empty). `model` (the model's name, shown in the header)
+    and `chat_path` (where the page posts chats) come from the server; `params` may override them.
+    """
+
+    def __init__(
+        self, params: dict[str, Any] | None = None, *, model: str = "", chat_path: str = "/chat_stream"
+    ) -> None:
+        # Relative to the page, so the page keeps working when the app is mounted under a prefix.
+        merged = {"model": model, "chat_path": chat_path.lstrip("/"), **(params or {})}
+        options = json.dumps(merged, ensure_ascii=False).replace("<", "\\u003c")
+        folder = importlib.resources.files(__name__)
+        self._bodies: dict[str, bytes] = {}
+        for path, (name, _) in PAGE_FILES.items():
+            text = folder.joinpath(name).read_text(encoding="utf-8")
+            if path == "/":
+                if _OPTIONS_BLOCK not in text:
+                    raise RuntimeError("index.html lost its options block")
+                text = text.replace(_OPTIONS_BLOCK, _OPTIONS_BLOCK.replace("{}", options))
+            self._bodies[path] = text.encode()
+
+    def response(self, path: str) -> Response | None:
+        """The file served at `path`, or None if the page has none there."""
+        body = self._bodies.get(path)
+        if body is None:
+            return None
+        return Response(body, media_type=PAGE_FILES[path][1], headers=_HEADERS)
