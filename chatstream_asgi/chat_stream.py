@@ -184,6 +184,14 @@ class ChatStream:
         """True once every replica can generate (`/ready`)."""
         return all(engine.ready for engine in self.engines)
 
+    async def check_ready(self) -> bool:
+        """`ready`, and for engines that generate elsewhere, whether that server answers now."""
+        for engine in self.engines:
+            answers = getattr(engine, "answers", None)
+            if not engine.ready or (answers is not None and not await answers()):
+                return False
+        return True
+
     def load(self) -> dict[str, int]:
         """Generations running and waiting, and the limits."""
         return self.admission.load().as_dict()

@@ -96,6 +96,17 @@ class BodyTimeout(ChatStreamError):
     code = "body_timeout"
 
 
+class GenerationError(ChatStreamError):
+    """The engine failed before any of the reply was sent: 500 for a local model, 502 for an
+    upstream server that failed or cannot be reached, 504 for one that did not answer in time."""
+
+    code = "generation_failed"
+
+    def __init__(self, detail: str, status_code: int) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+
+
 class InvalidParameter(ChatStreamError):
     """A generation parameter is out of range or of the wrong type; `field` names it."""
 

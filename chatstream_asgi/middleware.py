@@ -310,7 +310,7 @@ class ChatStreamMiddleware:
     async def _health(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         if route == "/health":
             response = JSONResponse({"status": "ok"})
-        elif self.chat_stream.ready:
+        elif await self.chat_stream.check_ready():
             response = JSONResponse({"status": "ready", "load": self.chat_stream.load()})
         else:
             response = JSONResponse({"status": "loading", "load": self.chat_stream.load()}, status_code=503)

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from chatstream_asgi.errors import ChatStreamError, InvalidParameter, InvalidRequest, NotFound, quoted
+from chatstream_asgi.errors import ChatStreamError, GenerationError, InvalidParameter, InvalidRequest, NotFound, quoted
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams, parse_json_object
 from chatstream_asgi.prompt import ChatPrompt
@@ -29,6 +29,7 @@ from chatstream_asgi.turn import (
     UNKNOWN_ERROR_OCCURRED,
     AdmittedResponse,
     OutcomeCallback,
+    defers_head,
     relay,
     report_outcome,
 )
@@ -255,22 +256,32 @@ class _CompletionResponse(AdmittedResponse):
             return await self._whole(send, generation)
 
     async def _stream(self, send: Send, generation: Any) -> str:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-
         async def send_event(data: dict[str, Any] | str) -> None:
             text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
             await send({"type": "http.response.body", "body": f"data: {text}\n\n".encode(), "more_body": True})
 
+        async def start() -> None:
+            if not self.started:
+                await self.start(send)
+                await send_event(self._chunk({"role": "assistant", "content": ""}))
+
         async def send_text(text: str) -> None:
+            await start()
             await send_event(self._chunk({"content": text}))
             self.delivered = True
 
         async def send_ping() -> None:
+            await start()
             await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
 
-        await send_event(self._chunk({"role": "assistant", "content": ""}))
+        if not defers_head(generation):
+            await start()
         failure = await relay(generation, self._exchange, send_text, send_ping)
         outcome = self.outcome_after(failure)
+        if not self.started and outcome != SUCCESS:
+            await self.refuse_unstarted(send, outcome, failure)
+            return outcome
+        await start()
         if outcome == SUCCESS:
             await send_event(self._chunk({}, finish_reason=_finish_reason(generation.stats.finish_reason)))
             if self._completion.include_usage:
@@ -281,6 +292,11 @@ class _CompletionResponse(AdmittedResponse):
             await send_event({"error": error})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
+
+    async def send_failure(self, send: Send, error: GenerationError) -> None:
+        response = openai_error(error)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
     async def _whole(self, send: Send, generation: Any) -> str:
         parts: list[str] = []

@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from chatstream_asgi.admission import Slot
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
-from chatstream_asgi.errors import SessionStoreUnavailable
+from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, send_error
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
@@ -41,6 +41,8 @@ UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
 OutcomeCallback = Callable[[Request, str], "Awaitable[None] | None"]
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# nginx's code for "client closed request": the answer nobody receives after a client left.
+_CLIENT_CLOSED_REQUEST = 499
 
 
 async def report_outcome(callback: OutcomeCallback | None, request: Request, outcome: str) -> None:
@@ -53,6 +55,11 @@ async def report_outcome(callback: OutcomeCallback | None, request: Request, out
             await result
     except Exception:  # a user's callback must not break the server or the next request
         logger.exception("outcome callback %r raised", callback)
+
+
+def defers_head(generation: Generation) -> bool:
+    """Whether the response head should wait for the generation's first output (see `started`)."""
+    return bool(getattr(generation, "defers_head", False))
 
 
 async def relay(
@@ -111,6 +118,10 @@ class AdmittedResponse(Response):
         self._finished = False
         #: Whether any reply text reached the client: it decides between the two disconnect outcomes.
         self.delivered = False
+        #: Whether the head went out: at once for a local model (DESIGN §4: once a slot is held);
+        #: for a generation that `defers_head` (a remote one), at its first text, ping or end, so
+        #: that an upstream that cannot be reached still gets its real status (502/504).
+        self.started = False
         self.stats: GenerationStats | None = None
         exchange.open_turn = self
 
@@ -145,6 +156,25 @@ class AdmittedResponse(Response):
     async def run(self, send: Send) -> str:
         """Send the whole response; return the outcome."""
         raise NotImplementedError
+
+    async def start(self, send: Send) -> None:
+        """Send the head, once."""
+        if not self.started:
+            self.started = True
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+    async def refuse_unstarted(self, send: Send, outcome: str, failure: GenerationFailed | None) -> None:
+        """End a response whose head never went out: the failure with its own status, or (the
+        client left) nothing anyone reads."""
+        if failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
+            await self.send_failure(send, GenerationError(str(failure), failure.status_code))
+        else:
+            await send({"type": "http.response.start", "status": _CLIENT_CLOSED_REQUEST, "headers": []})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def send_failure(self, send: Send, error: GenerationError) -> None:
+        """Answer `error` as this route's error JSON (before the head went out)."""
+        await send_error(send, error)
 
     async def record(self, outcome: str) -> None:
         """Keep what the outcome leaves behind (history); runs before the slot is freed."""
@@ -218,7 +248,6 @@ class ChatTurnResponse(AdmittedResponse):
         prompt.set_responder_last_msg_id(self.message_id)
 
     async def run(self, send: Send) -> str:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         reply = ""
         strip = self._prompt.strip_reply
         shaper = ReplyShaper.for_prompt(self._prompt)  # None: shown as generated
@@ -229,17 +258,25 @@ class ChatTurnResponse(AdmittedResponse):
             self._prompt.set_responder_last_msg(reply.strip() if strip else reply)  # recorded as it streams
             if shaper is not None and not (text := shaper.feed(text)):
                 return
+            await self.start(send)
             await send({"type": "http.response.body", "body": self._encoder.delta(text), "more_body": True})
             self.delivered = True
 
         async def send_ping() -> None:
             if ping := self._encoder.ping():
+                await self.start(send)
                 await send({"type": "http.response.body", "body": ping, "more_body": True})
 
         async with self._engine.generate(self._prompt.clone(), self._params, context_len=self._context_len) as gen:
             self.stats = gen.stats
+            if not defers_head(gen):
+                await self.start(send)
             failure = await relay(gen, self._exchange, send_text, send_ping)
         outcome = self.outcome_after(failure)
+        if not self.started and outcome != SUCCESS:
+            await self.refuse_unstarted(send, outcome, failure)
+            return outcome
+        await self.start(send)
         if outcome == SUCCESS and shaper is not None and (tail := shaper.flush()):
             await send({"type": "http.response.body", "body": self._encoder.delta(tail), "more_body": True})
             self.delivered = True

@@ -74,17 +74,40 @@ def test_client_leaving_the_front_stops_the_upstream_generation(upstream: Any, s
     assert wait_until(lambda: first_stream.load()["processing"] == 0)
 
 
-def test_unreachable_upstream_is_502_before_streaming_and_an_error_outcome(serve: Any) -> None:
+def _unreachable_url() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    front, outcomes = _front(serve, OpenAIEngine(f"http://127.0.0.1:{port}/v1", model="x", timeout=2), name="x")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_unreachable_upstream_is_a_502_json_on_every_route_and_an_error_outcome(serve: Any) -> None:
+    front, outcomes = _front(serve, OpenAIEngine(_unreachable_url(), model="x", timeout=2), name="x")
+    messages = [{"role": "user", "content": "hi"}]
     with front.client() as client:
-        whole = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
-        streamed = client.post("/chat_stream?format=sse", json={"user_input": "hi"})
-    assert whole.status_code == 502 and whole.json()["error"]["code"] == "generation_failed"
-    assert streamed.status_code == 200 and "event: error" in streamed.text
-    assert outcomes.wait(2) == ["unknown_error_occurred", "unknown_error_occurred"]
+        answers = [
+            client.post("/v1/chat/completions", json={"messages": messages}),
+            client.post("/v1/chat/completions", json={"messages": messages, "stream": True}),
+            client.post("/chat_stream?format=sse", json={"user_input": "hi"}),
+            client.post("/chat_stream", json={"user_input": "hi"}),
+            client.post("/chat_stream?format=chatstream", json={"user_input": "hi"}),
+        ]
+    assert [answer.status_code for answer in answers] == [502] * 5
+    assert [answer.headers["content-type"] for answer in answers] == ["application/json"] * 5
+    assert [answer.json()["error"]["code"] for answer in answers[:2]] == ["generation_failed"] * 2
+    assert [answer.json()["error"] for answer in answers[2:]] == ["generation_failed"] * 3
+    assert outcomes.wait(5) == ["unknown_error_occurred"] * 5
+
+
+def test_ready_says_whether_the_upstream_answers(upstream: Any, serve: Any) -> None:
+    first, _, _ = upstream
+    fronts = []
+    for url in (f"{first.url}/v1", _unreachable_url()):
+        chat_stream = ChatStream(engine=OpenAIEngine(url, model="tiny", timeout=2))
+        fronts.append(serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, health=True)))
+    with fronts[0].client() as up, fronts[1].client() as down:
+        assert up.get("/ready").status_code == 200
+        assert down.get("/ready").status_code == 503
 
 
 def test_upstream_that_stalls_past_the_timeout_is_504(upstream: Any, serve: Any, hooks: ModelHooks) -> None:

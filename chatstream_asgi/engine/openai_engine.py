@@ -26,8 +26,15 @@ from chatstream_asgi.prompt import AbstractChatPrompt
 
 logger = logging.getLogger(__name__)
 
+# Seconds `/ready` waits for the upstream's answer.
+_PROBE_TIMEOUT = 2.0
+
 
 class _RemoteGeneration:
+    #: The upstream may fail before its first byte (unreachable, refusing): the response head
+    #: waits for the first text, so such a failure is answered with its own status.
+    defers_head = True
+
     def __init__(self) -> None:
         self.stats = GenerationStats()
         self.channel = TextChannel(from_thread=False)
@@ -83,6 +90,19 @@ class OpenAIEngine:
                 yield generation
             finally:
                 generation.cancel()
+
+    async def answers(self) -> bool:
+        """Whether the upstream answers `GET /models` now (what `/ready` reports): a front whose
+        upstream is down must not be sent traffic."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout)
+        try:
+            response = await self._client.get(
+                f"{self.base_url}/models", headers=self._headers, timeout=min(self.timeout, _PROBE_TIMEOUT)
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     def close(self) -> None:
         """Connections close with the process; `aclose()` closes them sooner."""
