@@ -4,7 +4,9 @@ Every key starts with `prefix` (`chatstream:session:<id>`, `chatstream:lock:<id>
 can serve several deployments. Sessions are JSON strings whose TTL is refreshed on every read
 (`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL that the running turn
 keeps refreshing, so a replica that dies mid-turn frees its sessions within `lock_ttl` seconds;
-release and refresh check the token in one Lua script, so nobody frees a lock it lost.
+release and refresh check the token in one Lua script, so nobody frees a lock it lost. Taking
+the lock carries the caller's deadline: a request that Redis stalled past its `timeout` gets 503,
+and its `SET NX`, when Redis runs it later, takes nothing.
 
 Every call is bounded by `timeout`: a Redis that is down or stalled turns into
 `SessionStoreUnavailable` (503) quickly instead of a hung request, and the next call simply
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from typing import Any
 
 import anyio
@@ -23,6 +26,18 @@ import anyio
 from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.session import trim_turns
 
+# Take the lock only while the request that asks is still waiting for the answer: a `SET NX`
+# queued behind a stalled Redis would otherwise run after the caller gave up (503) and hold the
+# conversation for the lock's whole TTL with a token nobody has. ARGV[3] is the caller's
+# deadline on Redis's own clock, in milliseconds.
+_LOCK_UNTIL_DEADLINE = """
+local now = redis.call('time')
+if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV[3]) then return -1 end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+# Seconds between measurements of the offset between Redis's clock and ours.
+_CLOCK_CHECK_EVERY = 300.0
 _UNLOCK_IF_OWNER = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -68,7 +83,10 @@ class RedisStore:
         self._redis = redis_asyncio.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
         )
+        self._lock = self._redis.register_script(_LOCK_UNTIL_DEADLINE)
         self._unlock = self._redis.register_script(_UNLOCK_IF_OWNER)
+        self._clock_offset_ms: float | None = None  # Redis's clock minus ours
+        self._clock_measured = 0.0
         self._extend = self._redis.register_script(_EXTEND_IF_OWNER)
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
@@ -87,8 +105,21 @@ class RedisStore:
 
     async def lock_turn(self, session_id: str) -> str | None:
         token = secrets.token_hex(16)
-        taken = await self._call(self._redis.set(self._lock_key(session_id), token, nx=True, px=self._lock_ttl_ms))
-        return token if taken else None
+        offset = await self._clock_offset()
+        deadline_ms = int(time.time() * 1000 + offset + self.timeout * 1000)
+        key = self._lock_key(session_id)
+        taken = await self._call(self._lock(keys=[key], args=[token, self._lock_ttl_ms, deadline_ms]))
+        return token if taken == 1 else None
+
+    async def _clock_offset(self) -> float:
+        """Redis's clock minus this process's, in ms (measured once, then every few minutes)."""
+        if self._clock_offset_ms is None or time.monotonic() - self._clock_measured > _CLOCK_CHECK_EVERY:
+            before = time.time()
+            seconds, microseconds = await self._call(self._redis.time())
+            after = time.time()
+            self._clock_offset_ms = (seconds + microseconds / 1e6 - (before + after) / 2) * 1000
+            self._clock_measured = time.monotonic()
+        return self._clock_offset_ms
 
     async def refresh_turn(self, session_id: str, token: str) -> None:
         await self._call(self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms]))

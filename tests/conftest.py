@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -247,6 +248,17 @@ class RedisServer:
             self._process.terminate()
             self._process.wait(HANG_GUARD)
             self._process = None
+
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): connections stay open, commands queue unanswered."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process run again; it then answers everything queued meanwhile."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+        assert wait_until(self._answers), "redis-server did not come back"
 
     def _answers(self) -> bool:
         try:

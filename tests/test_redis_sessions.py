@@ -132,3 +132,23 @@ def test_redis_going_away_mid_reply_does_not_stop_the_reply(replica: Any, hooks:
         assert wait_until(lambda: "not refreshed" in caplog.text and "not saved" in caplog.text)
     finally:
         redis_server.stop()
+
+
+def test_a_turn_that_timed_out_in_a_redis_freeze_leaves_no_lock_after_the_thaw(replica: Any) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    try:
+        server, outcomes = replica(redis_server.url, timeout=0.3)
+        with server.client() as warm:  # a pooled connection, so the frozen Redis gets the commands
+            assert warm.post("/chat_stream", json={"user_input": "warm"}).status_code == 200
+        with server.client() as client:
+            redis_server.freeze()
+            frozen = client.post("/chat_stream", json={"user_input": "during the freeze"})
+            assert frozen.status_code == 503  # its cookie came with it: the client will retry
+            redis_server.thaw()  # Redis now runs the SET NX that timed out
+            after = client.post("/chat_stream", json={"user_input": "after the thaw"})
+        assert after.status_code == 200  # not 409 for the lock's TTL
+        assert outcomes.wait(2) == ["success", "success"]
+    finally:
+        redis_server.thaw()
+        redis_server.stop()
