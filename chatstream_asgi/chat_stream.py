@@ -19,9 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from chatstream_asgi.admission import Admission, Slot
+from chatstream_asgi.app_setup import append_middlewares
+from chatstream_asgi.compat import DEFAULT, resolve_defaults
 from chatstream_asgi.engine.base import Engine
 from chatstream_asgi.engine.batching import BatchingEngine, supports_batching
-from chatstream_asgi.engine.mock import MockEngine
+from chatstream_asgi.engine.mock import mock_engine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine
 from chatstream_asgi.errors import (
     ChatStreamError,
@@ -35,6 +37,7 @@ from chatstream_asgi.errors import (
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.params import GenerationParams, parse_chat_request
 from chatstream_asgi.prompt import AbstractChatPrompt, ChatPrompt
+from chatstream_asgi.roles import ClientRoles, grant, refusal
 from chatstream_asgi.routes import ApiOptions, append_apis, handle_api
 from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
 from chatstream_asgi.standalone import FallbackSessions, handle_without_middleware
@@ -55,13 +58,10 @@ logger = logging.getLogger(__name__)
 _IGNORED_CHATSTREAM_ARGS = frozenset(
     {
         "token_sampler",
-        "mock_params",
         "repetition_penalty_method",
         "add_special_tokens",
         "request_handler",
-        "logger",
         "locale",
-        "client_roles",
         "probe_mode_enabled",
     }
 )
@@ -88,32 +88,59 @@ class ChatStream:
         device: str | None = "auto",
         num_of_concurrent_executions: int = 2,
         max_queue_size: int = 5,
-        too_many_request_as_http_error: bool = True,
+        too_many_request_as_http_error: bool = DEFAULT,
         chat_prompt_clazz: type[AbstractChatPrompt] | None = None,
         max_new_tokens: int = 256,
-        context_len: int = 2048,
-        temperature: float = 0.7,
-        top_k: int | None = 50,
-        top_p: float | None = 0.9,
+        context_len: int = DEFAULT,
+        temperature: float = DEFAULT,
+        top_k: int | None = DEFAULT,
+        top_p: float | None = DEFAULT,
         repetition_penalty: float | None = 1.0,
-        seed: int | None = None,
+        seed: int | None = DEFAULT,
         stop: list[str] | None = None,
-        stream_format: StreamFormat = "delta",
-        name: str | None = None,
+        stream_format: StreamFormat = DEFAULT,
+        name: str | None = DEFAULT,
         *,
         engine: Engine | None = None,
         devices: list[str] | None = None,
         num_gpus: int | None = None,
         use_mock_response: bool = False,
+        mock_params: dict[str, Any] | None = DEFAULT,
+        client_roles: dict[str, Any] | None = DEFAULT,
+        logger: logging.Logger | None = None,
+        compat: str | None = None,
         batching: bool | None = None,
         max_queue_wait: float | None = None,
         **chatstream_options: Any,
     ) -> None:
+        chosen = resolve_defaults(
+            compat,
+            name=name,
+            too_many_request_as_http_error=too_many_request_as_http_error,
+            context_len=context_len,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stream_format=stream_format,
+            client_roles=client_roles,
+            mock_params=mock_params,
+        )
+        name, too_many_request_as_http_error, context_len = (
+            chosen["name"],
+            chosen["too_many_request_as_http_error"],
+            chosen["context_len"],
+        )
+        temperature, top_k, top_p, seed = chosen["temperature"], chosen["top_k"], chosen["top_p"], chosen["seed"]
+        stream_format = chosen["stream_format"]
+        #: ChatStream's `logger`: the one passed, else this package's; the package's own modules
+        #: log under `chatstream_asgi.*` whichever it is.
+        self.logger = logger if logger is not None else logging.getLogger("chatstream_asgi")
         unknown = set(chatstream_options) - _IGNORED_CHATSTREAM_ARGS
         if unknown:
             raise TypeError(f"ChatStream() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
         if chatstream_options:
-            logger.warning(
+            logging.getLogger(__name__).warning(  # `logger` here is the argument
                 "ChatStream arguments without a counterpart in chatstream-asgi are ignored: %s",
                 ", ".join(sorted(chatstream_options)),
             )
@@ -141,7 +168,7 @@ class ChatStream:
         if devices is None and num_gpus:  # ChatStream's way to ask for one replica per GPU
             devices = [f"cuda:{index}" for index in range(num_gpus)]
         if use_mock_response and engine is None:
-            engine = MockEngine()
+            engine = mock_engine(chosen["mock_params"])
         if engine is not None:
             if devices is not None:
                 raise ValueError("devices= (or num_gpus=) places a local model; a ready engine= runs where it is")
@@ -171,6 +198,9 @@ class ChatStream:
         #: Seconds a request may wait for a slot before 503 `queue_timeout` (None: as long as it takes).
         self.max_queue_wait = max_queue_wait
         self.admission = Admission(num_of_concurrent_executions, max_queue_size, replicas=len(self.engines))
+        #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
+        self.client_roles: dict[str, Any] | None = chosen["client_roles"]
+        self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
         #: Sessions for requests that reach the handler with none attached (no middleware in front).
         self.fallback_sessions = FallbackSessions()
 
@@ -226,11 +256,17 @@ class ChatStream:
         if not isinstance(exchange, ChatExchange):
             return await handle_without_middleware(self, request, request_body, callback)
         session = exchange.session
+        denied = refusal(self.roles, request, session.get_session(), "chat_stream")
+        if denied is not None:
+            return denied
         try:
             stream_format = choose_format(request.scope, self.stream_format)
             if stream_format is None:
                 raise InvalidRequest(f"'format' must be one of {', '.join(STREAM_FORMATS)}")
             turn = parse_chat_request(exchange.body if request_body is None else request_body)
+            promoted = self.roles.promotion(turn.user_input) if self.roles is not None else None
+            if promoted is not None:  # a pass phrase: answered here, never shown to the model
+                return await grant(session, promoted, stream_format)
             max_wait = queue_deadline(request.scope, self.max_queue_wait)
             limit = self.params.max_new_tokens
             self.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
@@ -301,6 +337,11 @@ class ChatStream:
         `"on_feedback_received": fn`. The middleware attaches sessions on these paths.
         """
         append_apis(self, app, opts or {})
+
+    def append_middlewares(self, app: Any, opts: dict[str, Any] | None = None, **middleware_options: Any) -> None:
+        """Install `ChatStreamMiddleware` on `app` (keyword arguments are its options) and, with
+        ChatStream's `opts={"cors": {"allow_origins": [...]}}`, CORS exposing ChatStream's headers."""
+        append_middlewares(self, app, opts, middleware_options)
 
     # ChatStream's per-API handlers, for endpoints written against them.
 

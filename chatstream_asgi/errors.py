@@ -68,6 +68,13 @@ class Unauthorized(ChatStreamError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ChatStreamError):
+    """The client's role (`client_roles`) does not allow this API."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFound(ChatStreamError):
     """The thing named (a message id, a model) does not exist."""
 
@@ -148,6 +155,13 @@ class SessionStoreUnavailable(ChatStreamError):
 
     status_code = 503
     code = "session_store_unavailable"
+
+
+class SessionValueNotStorable(ChatStreamError):
+    """An app put a value in the session that JSON cannot hold (the store keeps JSON only)."""
+
+    status_code = 500
+    code = "session_value_not_storable"
 
 
 def error_body(error: ChatStreamError, *, chatstream_shape: bool = False) -> dict[str, object]:

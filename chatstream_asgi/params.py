@@ -60,6 +60,35 @@ class GenerationParams:
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "stop", tuple(self.stop))
 
+    # ChatStream's `chat_stream.params` is a dict under its names: code that reads it keeps working.
+
+    def as_chatstream_dict(self) -> dict[str, Any]:
+        """These parameters under ChatStream's `params` keys."""
+        return {
+            "temperature": self.temperature,
+            "max_new_tokens": self.max_new_tokens,
+            "use_top_k_sampling": self.top_k > 0,
+            "top_k_value": self.top_k or None,
+            "use_top_p_sampling": self.top_p < 1.0,
+            "top_p_value": self.top_p,
+            "use_repetition_penalty": self.repetition_penalty != 1.0,
+            "repetition_penalty": self.repetition_penalty,
+        }
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """`params.get("temperature")`, as on ChatStream's dict."""
+        return self.as_chatstream_dict().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.as_chatstream_dict()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.as_chatstream_dict()
+
+    def keys(self) -> list[str]:
+        """ChatStream's key names."""
+        return list(self.as_chatstream_dict())
+
     def with_overrides(self, overrides: dict[str, Any], *, max_new_tokens_limit: int) -> GenerationParams:
         """A copy with request or session overrides applied; `InvalidParameter` names a bad one.
 

@@ -27,7 +27,9 @@ from starlette.routing import Route
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response, quoted
 from chatstream_asgi.params import parse_json_object, session_params_update, session_params_view
 from chatstream_asgi.prompt import RoleType
-from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, Session
+from chatstream_asgi.roles import refusal
+from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
+from chatstream_asgi.standalone import attached_session
 
 if TYPE_CHECKING:
     from chatstream_asgi.chat_stream import ChatStream
@@ -87,6 +89,11 @@ def enabled_apis(opts: ApiOptions | None) -> frozenset[str]:
 
 async def handle_api(chat_stream: ChatStream, name: str, request: Request, opts: ApiOptions) -> Response:
     """Answer the API `name`; refusals in ChatStream's shape with a real status."""
+    if chat_stream.roles is not None:
+        session = attached_session(request, chat_stream.fallback_sessions)
+        denied = refusal(chat_stream.roles, request, session.get_session() if session else None, name)
+        if denied is not None:
+            return denied
     try:
         return await _HANDLERS[name](chat_stream, request, opts)
     except ChatStreamError as error:
@@ -95,13 +102,19 @@ async def handle_api(chat_stream: ChatStream, name: str, request: Request, opts:
 
 def append_apis(chat_stream: ChatStream, app: Any, opts: ApiOptions) -> None:
     """Add the APIs `opts` switch on as routes of a Starlette or FastAPI `app`; with them, as
-    ChatStream does, the chat page at `/` (its `webui_index`), initialised with
-    `opts["web_ui_params"]`, unless `opts` leave `webui_index` out."""
+    ChatStream's `append_apis` does, `POST /chat_stream` and the chat page at `/` (its
+    `webui_index`), initialised with `opts["web_ui_params"]`, unless `opts` leave them out."""
+    if _chat_route_enabled(opts):
+
+        async def chat(request: Request) -> Response:
+            return await chat_stream.handle_chat_stream_request(request)
+
+        app.router.routes.append(Route("/chat_stream", chat, methods=["POST"], name="chat_stream"))
     page_opts = {key: value for key, value in opts.items() if key != "web_ui_params"}
     page_wanted = _page_enabled(page_opts)
-    for key in ("include", "exclude"):  # the page's names are valid here, but they are not APIs
+    for key in ("include", "exclude"):  # the chat's and the page's names are valid here, but they are not APIs
         if key in page_opts:
-            page_opts[key] = [name for name in page_opts[key] if name not in _PAGE_NAMES]
+            page_opts[key] = [name for name in page_opts[key] if name not in _PAGE_NAMES and name != "chat_stream"]
     for name in sorted(enabled_apis(page_opts)):
 
         async def endpoint(request: Request, name: str = name) -> Response:
@@ -135,19 +148,28 @@ def _page_enabled(opts: ApiOptions) -> bool:
     return bool(opts.get("all", False))
 
 
-def session_of(request: Request) -> Session:
-    """The session the middleware attached; a clear error if it is missing."""
-    session = request.scope.get("state", {}).get("session")
-    if not isinstance(session, Session):
+def _chat_route_enabled(opts: ApiOptions) -> bool:
+    if "include" in opts:
+        return "chat_stream" in opts["include"]
+    if "exclude" in opts:
+        return "chat_stream" not in opts["exclude"]
+    return bool(opts.get("all"))
+
+
+def session_of(chat_stream: ChatStream, request: Request) -> TurnSession:
+    """The session the middleware (or another, such as fastsession's) attached; a clear error if none did."""
+    session = attached_session(request, chat_stream.fallback_sessions)
+    if session is None:
         raise RuntimeError(
-            f"{request.url.path} needs ChatStreamMiddleware in front of the app to attach the session: "
-            "app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream)"
+            f"{request.url.path} needs a session: put ChatStreamMiddleware in front of the app "
+            "(app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream)) or a session middleware "
+            "such as fastsession's FastSessionMiddleware"
         )
     return session
 
 
 @asynccontextmanager
-async def _changing(session: Session) -> AsyncIterator[dict[str, Any]]:
+async def _changing(session: TurnSession) -> AsyncIterator[dict[str, Any]]:
     """Change a session between turns: a running turn would overwrite the change when it ends."""
     if not await session.lock_turn():
         raise SessionBusy("a turn of this conversation is running; try again once the reply has ended")
@@ -160,14 +182,14 @@ async def _changing(session: Session) -> AsyncIterator[dict[str, Any]]:
 
 
 async def _clear_context(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    async with _changing(session_of(request)) as data:
+    async with _changing(session_of(chat_stream, request)) as data:
         data.pop(CHAT_PROMPT_KEY, None)
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
 
 
 async def _get_history(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
     """The cookie's own conversation as messages (DESIGN §7), for the page to restore on reload."""
-    prompt = session_of(request).get_session().get(CHAT_PROMPT_KEY)
+    prompt = session_of(chat_stream, request).get_session().get(CHAT_PROMPT_KEY)
     messages = []
     for content in prompt.chat_contents if prompt is not None else []:
         role = _HISTORY_ROLES.get(content.get_role_type())
@@ -180,7 +202,7 @@ _HISTORY_ROLES = {RoleType.REQUESTER: "user", RoleType.RESPONDER: "assistant"}
 
 
 async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    prompt = session_of(request).get_session().get(CHAT_PROMPT_KEY)
+    prompt = session_of(chat_stream, request).get_session().get(CHAT_PROMPT_KEY)
     if prompt is None or prompt.is_empty():
         return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
     text = await anyio.to_thread.run_sync(prompt.create_prompt)  # a long history renders off the loop
@@ -190,7 +212,7 @@ async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOption
 
 async def _set_generation_params(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
     update = parse_json_object(await request.body())
-    async with _changing(session_of(request)) as data:
+    async with _changing(session_of(chat_stream, request)) as data:
         stored = session_params_update(data.get(GENERATION_PARAMS_KEY, {}), update, defaults=chat_stream.params)
         data[GENERATION_PARAMS_KEY] = stored
     view = session_params_view(stored, chat_stream.params)
@@ -198,13 +220,13 @@ async def _set_generation_params(chat_stream: ChatStream, request: Request, opts
 
 
 async def _get_generation_params(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    stored = session_of(request).get_session().get(GENERATION_PARAMS_KEY, {})
+    stored = session_of(chat_stream, request).get_session().get(GENERATION_PARAMS_KEY, {})
     view = session_params_view(stored, chat_stream.params)
     return JSONResponse({"success": True, "message": "success", "generation_params": view})
 
 
 async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    session = session_of(request)
+    session = session_of(chat_stream, request)
     feedback = parse_json_object(await request.body())
     message_id = feedback.get("message_id")
     if not isinstance(message_id, str):

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import anyio
 import anyio.lowlevel
 
-from chatstream_asgi.errors import SessionStoreUnavailable
+from chatstream_asgi.errors import SessionStoreUnavailable, SessionValueNotStorable
 from chatstream_asgi.prompt import AbstractChatPrompt
 
 logger = logging.getLogger(__name__)
@@ -276,10 +276,38 @@ class Session:
         """Mark the session to be stored when the turn or request ends."""
         self._dirty = True
 
+    def get_session_id(self) -> str:
+        """The session's id (as fastsession's `get_session_id()`)."""
+        return self.session_id
+
+    def clear_session(self) -> None:
+        """Empty the session, conversation included; stored when the request ends."""
+        self._data.clear()
+        self._dirty = True
+
+    def check_storable(self) -> None:
+        """Refuse a marked session holding a value JSON cannot hold, naming its key, before a
+        store would fail on it (`SessionValueNotStorable`, 500)."""
+        if not self._dirty:
+            return
+        for key, value in self._data.items():
+            if key == CHAT_PROMPT_KEY and isinstance(value, AbstractChatPrompt):
+                continue
+            try:
+                if not isinstance(key, str):
+                    raise TypeError(f"keys must be strings, not {type(key).__name__}")
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise SessionValueNotStorable(
+                    f"session value {key!r} cannot be stored ({error}): a session keeps JSON values "
+                    "(str, number, bool, None, list, dict) and the chat_prompt"
+                ) from None
+
     async def persist(self) -> None:
         """Write the session to its store if it was marked; the chat path awaits this itself."""
         if not self._dirty:
             return
+        self.check_storable()
         data = dict(self._data)
         prompt = data.get(CHAT_PROMPT_KEY)
         if isinstance(prompt, AbstractChatPrompt):

@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from chatstream_asgi.admission import Slot
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
-from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, send_error
+from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, SessionValueNotStorable, send_error
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
@@ -296,7 +296,7 @@ class ChatTurnResponse(AdmittedResponse):
         session.save_session()
         try:
             await session.persist()
-        except SessionStoreUnavailable as error:
+        except (SessionStoreUnavailable, SessionValueNotStorable) as error:
             # The reply was delivered; only its record is lost. Nothing in memory is half-written.
             logger.warning("session %s not saved after its turn: %s", session.session_id, error.detail)
         await session.unlock_turn()

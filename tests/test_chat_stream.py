@@ -32,9 +32,9 @@ def test_chatstreams_other_arguments_are_accepted_with_one_warning(
     make_chat_stream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="chatstream_asgi"):
-        make_chat_stream(client_roles={"user": {}}, locale="ja", probe_mode_enabled=False)
+        make_chat_stream(token_sampler=None, locale="ja", probe_mode_enabled=False)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "client_roles" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "token_sampler" in warnings[0].getMessage()
 
 
 def test_an_argument_chatstream_never_had_is_a_type_error(model: Any, tokenizer: Any) -> None:
