@@ -522,11 +522,44 @@ class _CountsTokens(Protocol):
 
 
 def fit_prompt(prompt: AbstractChatPrompt, count_tokens: _CountsTokens, budget: int) -> str:
-    """Render `prompt` (a copy the caller owns), dropping oldest turns until it fits `budget` tokens.
+    """Render `prompt` (a copy the caller owns), keeping only the newest turns that fit `budget` tokens.
 
-    The newest request always stays; if it alone is too long, the caller cuts tokens from the left.
+    It walks back from the newest turn, counting each older message's tokens once, and stops at
+    the first turn that does not fit: about one context of tokenizer work per turn however long
+    the history, where rendering the whole history once per dropped turn grew with its square.
+    The template's own tokens per message are estimated from the newest turn, rendered alone; a
+    final render checks the estimate (and drops one more turn if it was short). The newest
+    request always stays; if it alone is too long, the caller cuts tokens from the left.
     """
+    history = list(prompt.chat_contents)
+    starts = [i for i, c in enumerate(history) if c.role_type is RoleType.REQUESTER]
+    if len(starts) < 2:
+        return prompt.create_prompt()
+    _keep_from(prompt, history, starts[-1])
+    text = prompt.create_prompt()
+    used: float = count_tokens(text)
+    newest = history[starts[-1] :]
+    content_tokens = sum(count_tokens(c.message or "") for c in newest)
+    per_message = max(0, used - content_tokens) / len(newest)  # an over-estimate: it holds the system text too
+    keep = len(starts) - 1
+    while keep > 0 and used <= budget:
+        turn = history[starts[keep - 1] : starts[keep]]
+        cost = sum(count_tokens(c.message or "") + per_message for c in turn)
+        if used + cost > budget:
+            break
+        used += cost
+        keep -= 1
+    if keep == len(starts) - 1:
+        return text
+    _keep_from(prompt, history, starts[keep])
     text = prompt.create_prompt()
     while count_tokens(text) > budget and prompt.drop_oldest_turn():
         text = prompt.create_prompt()
     return text
+
+
+def _keep_from(prompt: AbstractChatPrompt, history: list[ChatContent], start: int) -> None:
+    """Make `prompt`'s conversation `history[start:]`."""
+    prompt.chat_contents = history[start:]
+    prompt.requester_messages = [c for c in prompt.chat_contents if c.role_type is RoleType.REQUESTER]
+    prompt.responder_messages = [c for c in prompt.chat_contents if c.role_type is RoleType.RESPONDER]

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 
 from chatstream_asgi.errors import SessionStoreUnavailable
-from chatstream_asgi.session import trim_turns
+from chatstream_asgi.session import DEFAULT_MAX_SESSION_BYTES, stored_text
 
 # Take the lock only while the request that asks is still waiting for the answer: a `SET NX`
 # queued behind a stalled Redis would otherwise run after the caller gave up (503) and hold the
@@ -62,6 +62,7 @@ class RedisStore:
         timeout: float = 2.0,
         max_turns: int | None = 100,
         lock_ttl: float = 30.0,
+        max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
     ) -> None:
         try:
             import redis.asyncio as redis_asyncio
@@ -77,6 +78,7 @@ class RedisStore:
         self.ttl = ttl
         self.timeout = timeout
         self.max_turns = max_turns
+        self.max_session_bytes = max_session_bytes
         self.lock_ttl: float | None = lock_ttl
         self._lock_ttl_ms = int(lock_ttl * 1000)
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
@@ -97,7 +99,7 @@ class RedisStore:
         return data
 
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
-        text = json.dumps(trim_turns(data, self.max_turns))
+        text = stored_text(data, self.max_turns, self.max_session_bytes)
         await self._call(self._redis.set(self._session_key(session_id), text, ex=int(self.ttl)))
 
     async def delete(self, session_id: str) -> None:

@@ -127,8 +127,39 @@ def trim_turns(data: dict[str, Any], max_turns: int | None) -> dict[str, Any]:
     return {**data, CHAT_PROMPT_KEY: trimmed}
 
 
+#: Default bounds of one stored conversation: its newest turns, and its size as stored JSON.
+DEFAULT_MAX_TURNS = 100
+DEFAULT_MAX_SESSION_BYTES = 1 << 20
+
+
+def stored_text(data: dict[str, Any], max_turns: int | None, max_bytes: int | None) -> str:
+    """`data` as the JSON a store keeps: its conversation cut to the newest `max_turns` turns,
+    then, oldest first, to at most `max_bytes` (the newest turn always stays: it is what the
+    next reply continues, and `max_body_size` already bounds it)."""
+    data = trim_turns(data, max_turns)
+    text = json.dumps(data)
+    prompt = data.get(CHAT_PROMPT_KEY)
+    if max_bytes is None or len(text) <= max_bytes or not isinstance(prompt, dict):
+        return text
+    contents = prompt.get("chat_contents", [])
+    starts = [i for i, c in enumerate(contents) if c.get("role_type") == "REQUESTER"]
+    if len(starts) < 2:
+        return text
+    # Each message is stored twice (in chat_contents and in its role's list).
+    sizes = [2 * len(json.dumps(contents[a:b])) for a, b in zip(starts, [*starts[1:], len(contents)], strict=True)]
+    excess, dropped = len(text) - max_bytes, 0
+    while dropped < len(starts) - 1 and excess > 0:
+        excess -= sizes[dropped]
+        dropped += 1
+    return json.dumps(trim_turns(data, len(starts) - dropped))
+
+
 class MemoryStore:
     """In-process store: bounded (least recently used goes first) and expiring.
+
+    Bounded by count and by bytes: `max_bytes` is the stored JSON of all sessions together, so
+    a few clients with huge conversations cannot take the process's memory; each conversation
+    keeps at most `max_turns` turns and `max_session_bytes` bytes.
 
     Data is kept as JSON text, like a shared store would keep it, so a handler that mutates a
     loaded dict cannot change what is stored until it saves.
@@ -137,7 +168,16 @@ class MemoryStore:
     shared: bool = False
     lock_ttl: float | None = None  # process-local locks die with the process
 
-    def __init__(self, max_sessions: int = 10000, ttl: float = 86400, max_turns: int | None = None) -> None:
+    def __init__(
+        self,
+        max_sessions: int = 10000,
+        ttl: float = 86400,
+        max_turns: int | None = DEFAULT_MAX_TURNS,
+        max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
+        max_bytes: int = 256 << 20,
+    ) -> None:
+        if (max_session_bytes is not None and max_session_bytes < 1) or max_bytes < 1:
+            raise ValueError("max_session_bytes and max_bytes must be at least 1 byte")
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, not {max_sessions}")
         if ttl <= 0:
@@ -147,6 +187,9 @@ class MemoryStore:
         self.max_sessions = max_sessions
         self.ttl = ttl
         self.max_turns = max_turns
+        self.max_session_bytes = max_session_bytes
+        self.max_bytes = max_bytes
+        self.stored_bytes = 0
         self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._turn_locks: dict[str, str] = {}
 
@@ -160,7 +203,7 @@ class MemoryStore:
             return None
         expires, text = entry
         if expires <= time.monotonic():
-            del self._entries[session_id]
+            self._forget(session_id)
             return None
         self._entries[session_id] = (time.monotonic() + self.ttl, text)  # use refreshes the TTL
         self._entries.move_to_end(session_id)
@@ -169,14 +212,21 @@ class MemoryStore:
 
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
         await anyio.lowlevel.checkpoint()
-        self._entries[session_id] = (time.monotonic() + self.ttl, json.dumps(trim_turns(data, self.max_turns)))
-        self._entries.move_to_end(session_id)
-        while len(self._entries) > self.max_sessions:
-            self._entries.popitem(last=False)
+        text = stored_text(data, self.max_turns, self.max_session_bytes)
+        self._forget(session_id)
+        self._entries[session_id] = (time.monotonic() + self.ttl, text)
+        self.stored_bytes += len(text)
+        while len(self._entries) > self.max_sessions or (self.stored_bytes > self.max_bytes and len(self._entries) > 1):
+            self._forget(next(iter(self._entries)))
 
     async def delete(self, session_id: str) -> None:
         await anyio.lowlevel.checkpoint()
-        self._entries.pop(session_id, None)
+        self._forget(session_id)
+
+    def _forget(self, session_id: str) -> None:
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self.stored_bytes -= len(entry[1])
 
     async def lock_turn(self, session_id: str) -> str | None:
         await anyio.lowlevel.checkpoint()

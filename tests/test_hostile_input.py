@@ -10,7 +10,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi import ChatStreamMiddleware, MemoryStore
 
 from .conftest import Outcomes
 from .rawhttp import exchange, request_head
@@ -179,3 +179,30 @@ def test_a_route_this_server_does_not_serve_sets_no_cookie(
         response = client.request(method, path)
     assert response.status_code == 404  # the app's own answer: the middleware let it through
     assert "set-cookie" not in response.headers
+
+
+def test_memory_store_is_bounded_by_bytes_across_sessions(make_chat_stream: Any, serve: Any) -> None:
+    store = MemoryStore(max_bytes=400_000)
+    chat_stream = make_chat_stream(max_new_tokens=2)
+    live = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, session_store=store))
+    for _ in range(10):
+        with live.client() as client:  # a new session each
+            assert client.post("/chat_stream", json={"user_input": "x" * 90_000}).status_code == 200
+    assert store.stored_bytes <= 400_000
+    assert 0 < len(store) < 10  # the least recently used went first
+
+
+def test_one_conversation_is_bounded_by_bytes_keeping_its_newest_turns(make_chat_stream: Any, serve: Any) -> None:
+    store = MemoryStore(max_session_bytes=250_000)
+    chat_stream = make_chat_stream(max_new_tokens=2)
+    outcomes = Outcomes()
+    app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, session_store=store, callback=outcomes)
+    live = serve(app)
+    with live.client() as client:
+        for turn in range(6):
+            assert client.post("/chat_stream", json={"user_input": f"{turn}" * 50_000}).status_code == 200
+    outcomes.wait(6)
+    assert store.stored_bytes <= 250_000
+    session = outcomes.calls[-1][0].state.session
+    stored = store._entries[session.session_id][1]  # the JSON as kept
+    assert '"' + "5" * 50_000 in stored and '"' + "0" * 50_000 not in stored

@@ -143,3 +143,47 @@ def test_openai_messages_round_trip_with_the_reply_pending(tokenizer: Any) -> No
     assert prompt.to_messages() == messages
     assert prompt.create_prompt() == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt.get_turn() == 2 and prompt.drop_oldest_turn() and prompt.to_messages()[1:] == messages[3:]
+
+
+def test_fitting_a_long_history_tokenizes_about_one_context_not_the_whole_history(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    turn_text = "a long turn of many words " * 40  # about a thousand characters a message
+    for _ in range(200):
+        prompt.add_requester_msg(turn_text)
+        prompt.add_responder_msg(turn_text)
+    prompt.add_requester_msg("the newest question")
+    prompt.add_responder_msg(None)
+    history_chars = len(turn_text) * 400
+    counted = 0
+
+    def count(text: str) -> int:
+        nonlocal counted
+        counted += len(text)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    budget = count(turn_text) * 6  # room for a few turns
+    counted = 0
+    text = fit_prompt(prompt, count, budget)
+    assert count(text) <= budget and "the newest question" in text
+    assert counted < 4 * len(text) + 4 * len(turn_text)  # proportional to what fits, not to the history
+    assert counted < history_chars / 10
+
+
+def test_the_window_kept_is_as_large_as_fits_within_one_turn(tokenizer: Any) -> None:
+    prompt = _prompt(tokenizer)
+    for turn in range(30):
+        prompt.add_requester_msg(f"question {turn} " * 8)
+        prompt.add_responder_msg(f"answer {turn} " * 8)
+    prompt.add_requester_msg("newest")
+    prompt.add_responder_msg(None)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    budget = count(prompt.create_prompt()) // 2
+    reference = prompt.clone()
+    while count(reference.create_prompt()) > budget and reference.drop_oldest_turn():
+        pass  # the old algorithm: the largest window that fits
+    text = fit_prompt(prompt, count, budget)
+    assert count(text) <= budget
+    assert reference.get_turn() - 1 <= prompt.get_turn() <= reference.get_turn()
