@@ -26,7 +26,7 @@ from bench.client import MODES, PROMPT
 from bench.harness import ROOT
 from chatstream_asgi.demo_model import build_demo_model
 
-FIGURES = ("overhead", "event_loop", "scaling", "disconnect", "bytes", "memory", "passthrough")
+FIGURES = ("overhead", "event_loop", "scaling", "conversation", "disconnect", "bytes", "memory", "passthrough")
 
 
 def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, Any]:
@@ -47,6 +47,10 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, 
             counts = [1, 2, 4] if quick else [1, 8]
             results["scaling"] = figures.bench_scaling(
                 large, counts, 16 if quick else tokens, not quick, 1 if quick else 3
+            )
+        if "conversation" in only:
+            results["conversation"] = figures.bench_conversation(
+                large, 3 if quick else 10, 70, 16 if quick else 64, 1 if quick else 3
             )
         if "disconnect" in only:
             results["disconnect"] = figures.bench_disconnect(large, 2 if quick else 15)
@@ -128,6 +132,13 @@ def table(r: dict[str, Any]) -> str:
                     f"{s['eight_chats_vs_transformers_cb8']:.2f}x",
                 )
             )
+    if "conversation" in r:
+        c = r["conversation"]
+        turns = len(c["with_cache"]["first_byte_ms"])
+        for label, key in (("with the conversation cache", "with_cache"), ("without it", "without_cache")):
+            ms, ratio = c[key]["first_byte_ms"], c[key]["last_over_first"]
+            rows.append((f"conversation, 70-word turns, sampled: first byte of turn {turns}, {label}",
+                         f"{ms[-1]:.1f} ms", f"turn 1 {ms[0]:.1f} ms", f"{ratio:.2f}x"))  # fmt: skip
     if "disconnect" in r:
         d = r["disconnect"]
         rows.append(("disconnect: decode steps after the client left (max)", str(d["steps_after_cancel_max"]),

@@ -20,6 +20,7 @@ from chatstream_asgi import ChatStream, ChatStreamMiddleware
 
 _model_path = os.environ["BENCH_MODEL"]
 _finished: list[dict[str, Any]] = []
+_cache_bytes = int(os.environ.get("BENCH_CONVERSATION_CACHE_BYTES", "-1"))
 
 chat_stream = ChatStream(
     model=AutoModelForCausalLM.from_pretrained(_model_path),
@@ -30,6 +31,8 @@ chat_stream = ChatStream(
     max_new_tokens=int(os.environ.get("BENCH_MAX_NEW_TOKENS", "256")),
     context_len=int(os.environ.get("BENCH_CONTEXT_LEN", "4096")),
     temperature=0,
+    # -1 (the default): sized from free memory, as ChatStream does unless told.
+    conversation_cache_bytes=None if _cache_bytes < 0 else _cache_bytes,
 )
 
 

@@ -268,6 +268,46 @@ def bench_scaling(path: Path, counts: list[int], new_tokens: int, with_cb: bool,
     return results
 
 
+def _words(count: int, seed: int) -> str:
+    """`count` plain English words, different for each `seed`: a user's message of known length."""
+    vocabulary = "the a server stream token reply model cache turn user question answer long short river "
+    vocabulary += "mountain city night morning story engine window light green blue quiet loud fast slow"
+    words = vocabulary.split()
+    return " ".join(words[(seed * 7 + i * 13) % len(words)] for i in range(count))
+
+
+def bench_conversation(path: Path, turns: int, words: int, new_tokens: int, reps: int) -> dict[str, Any]:
+    """Time to first byte of each turn of a conversation (`words`-word messages, default sampling),
+    with the conversation cache and without it (`conversation_cache_bytes=0`): turn `turns` ÷ turn 1,
+    each turn's median over `reps` conversations.
+
+    Sampled, not greedy: a random-weight model's greedy reply can loop on byte tokens that never
+    make a whole character, and its first byte then comes with its last.
+    """
+
+    async def converse(url: str) -> list[float]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as http:  # one visitor: one session
+            return [
+                (
+                    await client.chat(url, client.body("sampled", new_tokens, _words(words, turn)), client=http)
+                ).first_byte
+                for turn in range(turns)
+            ]
+
+    results: dict[str, Any] = {}
+    for label, cache_bytes in (("with_cache", -1), ("without_cache", 0)):
+        settings = {"concurrency": 1, "queue": 1, "max_new_tokens": new_tokens, "conversation_cache_bytes": cache_bytes}
+        with running_server(path, **settings) as (url, _):
+            anyio.run(client.chat, url, client.body("greedy", 2, "warm up"))
+            runs = [anyio.run(converse, url) for _ in range(reps)]
+        first_bytes = [statistics.median(run[turn] for run in runs) for turn in range(turns)]
+        results[label] = {
+            "first_byte_ms": [value * 1e3 for value in first_bytes],
+            "last_over_first": first_bytes[-1] / first_bytes[0],
+        }
+    return results
+
+
 def bench_disconnect(path: Path, trials: int) -> dict[str, float]:
     """Decode steps after a client leaves; how soon a waiting request then streams (÷ an idle first byte)."""
 

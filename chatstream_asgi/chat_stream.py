@@ -110,6 +110,7 @@ class ChatStream:
         logger: logging.Logger | None = None,
         compat: str | None = None,
         batching: bool | None = None,
+        conversation_cache_bytes: int | None = None,
         max_queue_wait: float | None = None,
         **chatstream_options: Any,
     ) -> None:
@@ -186,7 +187,14 @@ class ChatStream:
                 batching = supports_batching(model)
             elif batching and not supports_batching(model):
                 raise ValueError(f"{type(model).__name__} cannot use the batching engine; pass batching=False")
-            self.engines = _local_replicas(model, tokenizer, places, num_of_concurrent_executions, batching=batching)
+            self.engines = _local_replicas(
+                model,
+                tokenizer,
+                places,
+                num_of_concurrent_executions,
+                batching=batching,
+                conversation_cache_bytes=conversation_cache_bytes,
+            )
         if seed is not None:
             transformers.set_seed(seed)
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.engine, "tokenizer", None)
@@ -397,7 +405,13 @@ class ChatStream:
 
 
 def _local_replicas(
-    model: Any, tokenizer: Any, devices: list[str | None], concurrency: int, *, batching: bool
+    model: Any,
+    tokenizer: Any,
+    devices: list[str | None],
+    concurrency: int,
+    *,
+    batching: bool,
+    conversation_cache_bytes: int | None,
 ) -> list[Engine]:
     """One engine per device (`BatchingEngine`, or `TransformersEngine` without batching), each
     with a model object of its own.
@@ -409,7 +423,13 @@ def _local_replicas(
     models = [model] + [_load_again(model) for _ in devices[1:]]
     if batching:
         return [
-            BatchingEngine(replica, tokenizer, device=device, max_batch_size=concurrency)
+            BatchingEngine(
+                replica,
+                tokenizer,
+                device=device,
+                max_batch_size=concurrency,
+                conversation_cache_bytes=conversation_cache_bytes,
+            )
             for replica, device in zip(models, devices, strict=True)
         ]
     return [

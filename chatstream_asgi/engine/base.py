@@ -37,6 +37,8 @@ class GenerationStats:
     """
 
     prompt_tokens: int = 0
+    #: Of `prompt_tokens`, those whose keys and values came from the conversation cache.
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     steps_after_cancel: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"

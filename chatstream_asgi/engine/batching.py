@@ -7,6 +7,10 @@ padding, while each row keeps its own position ids. A row leaves on its end toke
 a stop string or a cancel, without stalling the others; columns no row needs any more are
 trimmed. Each row samples with its own parameters, all rows of a step at once (`BatchSampling`).
 
+When a generation ends, its row's cache is kept in the replica's `ConversationCache`: the next
+prompt that starts with the same tokens (the conversation's next turn, a regenerate) borrows the
+keys and values of that prefix and prefills only the rest.
+
 A batch of one does exactly what `model.generate` does, step for step (the tests check the
 tokens are identical under greedy decoding), and eight rows cost little more than one on a
 CPU and far less than eight on a GPU: the forward pass reads the weights once for all of them.
@@ -28,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chatstream_asgi.engine.channel import Wakeups
+from chatstream_asgi.engine.conversation_cache import ConversationCache, Hit, Layers, default_cache_bytes
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
 from chatstream_asgi.engine.sampling import BatchSampling
 
@@ -52,8 +57,10 @@ def supports_batching(model: Any) -> bool:
 class _Row:
     """One generation in the batch."""
 
-    def __init__(self, job: LocalJob) -> None:
+    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None) -> None:
         self.job = job
+        self.ids = prompt_ids  # every token so far: what its cache holds keys and values of
+        self.hit = hit  # the kept cache its prompt started from
 
 
 class _Batch:
@@ -103,6 +110,13 @@ class _Batch:
         assert self.sampling is not None
         self.sampling = BatchSampling.concat([self.sampling, sampling])
 
+    def row_cache(self, index: int) -> tuple[int, Layers]:
+        """The tokens row `index` has keys and values for, and a copy of them of its own."""
+        assert self.cache is not None
+        length = int(self.positions[index])  # its columns are the last ones: padding is on the left
+        rows = slice(index, index + 1)
+        return length, [(k[rows, :, -length:].clone(), v[rows, :, -length:].clone()) for k, v in _layers(self.cache)]
+
     def keep(self, keep: list[int]) -> None:
         """Drop every row not in `keep`, and the cache columns only they needed."""
         if len(keep) == len(self.rows):
@@ -128,6 +142,15 @@ class _Batch:
                 layer.values = layer.values[..., start:, :]
 
 
+def _layers(cache: DynamicCache) -> Layers:
+    """The keys and values of every layer of `cache`."""
+    layers = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
     if amount == 0:
         return tensor
@@ -140,7 +163,8 @@ class BatchingEngine(LocalEngine):
     """Generates with a Hugging Face causal LM, all running requests in one batch per step.
 
     `max_batch_size` bounds the rows; admission (`num_of_concurrent_executions`) keeps the
-    number of running requests within it.
+    number of running requests within it. `conversation_cache_bytes` bounds the kept caches of
+    finished generations (None: a quarter of the memory free on the device at start; 0: off).
     """
 
     def __init__(
@@ -150,6 +174,7 @@ class BatchingEngine(LocalEngine):
         *,
         device: str | torch.device | None = "auto",
         max_batch_size: int = 16,
+        conversation_cache_bytes: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
@@ -160,6 +185,9 @@ class BatchingEngine(LocalEngine):
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._wakeups = Wakeups()
+        if conversation_cache_bytes is None:
+            conversation_cache_bytes = default_cache_bytes(self.device)
+        self.conversations = ConversationCache(conversation_cache_bytes)  # the engine thread's alone
         self._start_threads(1, self._work)
 
     # -- the engine thread ------------------------------------------------------------------------
@@ -221,13 +249,18 @@ class BatchingEngine(LocalEngine):
         try:
             prompt_ids = self.encode_prompt(job)
             job.start_text(self.tokenizer)
+            hit = self.conversations.match(prompt_ids[0])
+            cache = DynamicCache(config=self.model.config)
+            for index, (keys, values) in enumerate(hit.layers if hit is not None else []):
+                cache.update(keys, values, index)
+            job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
             out = self.model(
-                input_ids=prompt_ids,
-                cache=DynamicCache(config=self.model.config),
+                input_ids=prompt_ids[:, job.stats.cached_prompt_tokens :],
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-            row = _Row(job)
+            row = _Row(job, prompt_ids[0].tolist(), hit)
             logits = out.logits[:, -1, :]
             sampling = BatchSampling.for_row(job.params, prompt_ids[0], logits.shape[-1])
             token = sampling.sample(logits)
@@ -238,6 +271,8 @@ class BatchingEngine(LocalEngine):
             return
         if running:
             batch.add(row, out.cache, prompt_ids.shape[1], token, sampling)
+        else:
+            self._keep_conversation(row, prompt_ids.shape[1], _layers(out.cache))
 
     def _step(self, batch: _Batch) -> None:
         """One decode step for every row; rows that are done leave the batch."""
@@ -247,7 +282,7 @@ class BatchingEngine(LocalEngine):
                 row.job.finish()
             else:
                 keep.append(index)
-        batch.keep(keep)
+        self._leave(batch, keep)
         if not batch.rows:
             return
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
@@ -274,7 +309,20 @@ class BatchingEngine(LocalEngine):
         keep = [
             i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)) if self._emit(row, token)
         ]
+        self._leave(batch, keep)
+
+    def _leave(self, batch: _Batch, keep: list[int]) -> None:
+        """Drop the rows not in `keep`, keeping the cache of each for the conversation's next turn."""
+        if self.conversations.capacity_bytes and len(keep) < len(batch.rows):
+            staying = set(keep)
+            for index, row in enumerate(batch.rows):
+                if index not in staying:
+                    self._keep_conversation(row, *batch.row_cache(index))
         batch.keep(keep)
+
+    def _keep_conversation(self, row: _Row, length: int, layers: Layers) -> None:
+        """Keep the keys and values of a finished row's first `length` tokens."""
+        self.conversations.put(torch.tensor(row.ids[:length]), layers, extends=row.hit)
 
     def _emit(self, row: _Row, token: int) -> bool:
         """Hand one token to its job; False (and the job finished) when the row is done."""
@@ -284,6 +332,7 @@ class BatchingEngine(LocalEngine):
             job.finish("stop")
             return False
         job.accept((token,))
+        row.ids.append(token)
         if job.should_stop or job.stats.completion_tokens >= job.params.max_new_tokens:
             job.finish()
             return False
