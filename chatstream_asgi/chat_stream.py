@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from starlette.responses import Response
 from chatstream_asgi.admission import Admission, Slot
 from chatstream_asgi.app_setup import append_middlewares
 from chatstream_asgi.compat import DEFAULT, resolve_defaults
+from chatstream_asgi.console import ConsoleConversation
 from chatstream_asgi.engine.base import Engine
 from chatstream_asgi.engine.batching import BatchingEngine, supports_batching
 from chatstream_asgi.engine.mock import mock_engine
@@ -50,7 +52,7 @@ from chatstream_asgi.turn import (
     report_outcome,
 )
 from chatstream_asgi.waiting import WaitingResponse, queue_deadline
-from chatstream_asgi.wire import STREAM_FORMATS, StreamFormat, choose_format, encoder_for
+from chatstream_asgi.wire import CHATSTREAM_EOS, STREAM_FORMATS, StreamFormat, choose_format, encoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +211,7 @@ class ChatStream:
         #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
         self.client_roles: dict[str, Any] | None = chosen["client_roles"]
         self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
+        self._console: ConsoleConversation | None = None  # handle_console_input's conversation
         #: Sessions for requests that reach the handler with none attached (no middleware in front).
         self.fallback_sessions = FallbackSessions()
 
@@ -350,6 +353,19 @@ class ChatStream:
         """Install `ChatStreamMiddleware` on `app` (keyword arguments are its options) and, with
         ChatStream's `opts={"cors": {"allow_origins": [...]}}`, CORS exposing ChatStream's headers."""
         append_middlewares(self, app, opts, middleware_options)
+
+    async def handle_console_input(self, user_input: str) -> AsyncIterator[tuple[str, str, str]]:
+        """ChatStream's console API: the reply to `user_input` in one conversation kept for the
+        console, streamed as ChatStream yields it: `(reply so far + "<::EOS::>", new text, pos)`,
+        `pos` "begin" for the first piece, then "mid". Same engine, prompt and admission as the server.
+        """
+        if self._console is None:
+            self._console = ConsoleConversation(self)
+        reply = ""
+        async for text in self._console.reply(user_input):
+            pos = "mid" if reply else "begin"
+            reply += text
+            yield reply + CHATSTREAM_EOS, text, pos
 
     # ChatStream's per-API handlers, for endpoints written against them.
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from chatstream_asgi.demo_model import CHAT_TEMPLATE
 
 from .conftest import wait_until
 
@@ -90,8 +95,8 @@ def test_serve_with_a_missing_model_folder_fails_with_a_message(tmp_path: Path) 
         timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode == 1
-    assert "cannot start" in result.stderr
+    line = _one_line_error(result)
+    assert "no model folder at" in line and "Repo id" not in line
 
 
 def test_serve_with_a_redis_store_needs_a_shared_key(run_cli: object, model_dir: Path, redis_url: str) -> None:
@@ -103,7 +108,7 @@ def test_serve_with_a_redis_store_needs_a_shared_key(run_cli: object, model_dir:
         timeout=120,
         env=env,
     )
-    assert refused.returncode == 1 and "secret_key" in refused.stderr
+    assert "--secret-key" in _one_line_error(refused)
     _, url = run_cli("--model", str(model_dir), "--session-store", redis_url, "--secret-key", "k")  # type: ignore[operator]
     assert wait_until(lambda: _ready(url), timeout=60)
     with httpx.Client(base_url=url) as client:
@@ -165,3 +170,95 @@ def test_serve_with_no_webui_leaves_the_root_alone(run_cli: object) -> None:
     _, url = run_cli("--model", "mock", "--no-webui")  # type: ignore[operator]
     assert wait_until(lambda: _ready(url), timeout=60)
     assert httpx.get(f"{url}/").status_code == 404
+
+
+def _run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "chatstream_asgi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The error line of a command that failed; before it, only progress lines may come."""
+    assert result.returncode == 1, result
+    *before, error = result.stderr.strip().splitlines()
+    assert all(line.startswith("chatstream-asgi: ") and line.endswith("...") for line in before), result.stderr
+    assert error.startswith("chatstream-asgi: ") and "Traceback" not in result.stderr
+    return error
+
+
+def test_version_prints_the_packages_version() -> None:
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"chatstream-asgi {importlib.metadata.version('chatstream-asgi')}"
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("serve", "--port", str(port))
+    assert f"cannot listen on 127.0.0.1:{port}" in _one_line_error(result)
+    assert "serving" not in result.stdout
+
+
+def test_serve_on_a_device_torch_cannot_see_says_so_in_one_line() -> None:
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    assert f"--device {device}" in _one_line_error(_run("serve", "--model", "mock", "--device", device))
+
+
+def test_a_redis_store_without_redis_py_says_what_to_install(tmp_path: Path) -> None:
+    shadow = tmp_path / "redis"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named redis')\n")
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    store = ("--session-store", "redis://127.0.0.1:1/0")
+    result = _run("serve", "--model", "mock", *store, env={"PYTHONPATH": pythonpath})
+    assert 'pip install "chatstream-asgi[redis]"' in _one_line_error(result)
+
+
+@pytest.fixture
+def model_without_template(model_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "no-template"
+    shutil.copytree(model_dir, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_model_without_a_chat_template_asks_for_one(model_without_template: Path) -> None:
+    result = _run("chat", "--model", str(model_without_template), stdin="Hi\n")
+    assert "--chat-template" in _one_line_error(result).partition("has no chat template")[2]
+    assert "loading the model" not in result.stderr  # found out before the weights load
+
+
+def test_chat_template_takes_a_jinja_file(model_without_template: Path, tmp_path: Path) -> None:
+    template = tmp_path / "template.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    result = _run("chat", "--model", str(model_without_template), "--chat-template", str(template), stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_chat_template_takes_a_chatstream_prompt_class(model_without_template: Path) -> None:
+    args = ("chat", "--model", str(model_without_template), "--chat-template", "ChatPromptRinnaJapaneseGPTNeoxInst")
+    result = _run(*args, "--max-new-tokens", "8", stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+
+
+def test_dtype_loads_the_weights_in_that_type_and_says_each_stage(model_dir: Path) -> None:
+    result = _run("chat", "--model", str(model_dir), "--dtype", "bfloat16", "--max-new-tokens", "4", stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+    assert "loading the tokenizer" in result.stderr
+    assert "loading the model" in result.stderr and "(bfloat16)" in result.stderr
+    assert "warming up" in result.stderr

@@ -354,3 +354,30 @@ def test_web_ui_params_set_the_title_placeholder_and_greeting(
     assert page.text_content("#title") == "Support"
     assert page.get_attribute("#input", "placeholder") == "Ask about your order"
     assert page.text_content("#greeting") == "Hi! How can I help?"
+
+
+def test_a_waiting_page_shows_how_many_are_ahead_and_about_how_long(
+    make_chat_stream: Callable[..., ChatStream], hooks: ModelHooks, serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=2, max_new_tokens=8)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True))
+    page = open_page(server.url)
+    stuck = threading.Event()
+    hooks.hold = stuck  # the model stalls mid-step: the one slot stays taken
+    running = open_chat(server.url, "I hold the only slot")
+    waiting = None
+    try:
+        assert hooks.prefill_started.wait(HANG_GUARD)
+        waiting = open_chat(server.url, "I wait first")
+        assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
+        send(page, "Let me in")
+        page.wait_for_selector("#status.wait:has-text('1 ahead of you, about')")
+        hooks.hold = None
+        stuck.set()
+        read_first_text(running)
+    finally:
+        running.close()
+        if waiting is not None:
+            waiting.close()
+    wait_for_replies(page, 1)
+    assert messages(page)[1][1]
