@@ -11,9 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from chatstream_asgi import ChatStream
+from chatstream_asgi.console import ConsoleConversation
 from chatstream_asgi.engine.mock import MockEngine
 
 from .conftest import HANG_GUARD
@@ -111,3 +113,26 @@ async def test_handle_console_input_yields_chatstreams_tuples() -> None:
     assert [pos for _, _, pos in pieces] == ["begin"] + ["mid"] * (len(pieces) - 1)
     assert "".join(text for _, text, _ in pieces) == "one two three"
     assert pieces[-1][0] == "one two three<::EOS::>"
+
+
+@pytest.mark.anyio
+async def test_a_console_reply_holds_an_admission_slot_while_it_streams() -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000), num_of_concurrent_executions=1)
+    conversation = ConsoleConversation(chat_stream)
+    loads = [chat_stream.load()["processing"] async for _ in conversation.reply("one two three")]
+    assert set(loads) == {1}
+    assert chat_stream.load()["processing"] == 0
+
+
+@pytest.mark.anyio
+async def test_a_stopped_console_reply_keeps_what_was_shown() -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
+    conversation = ConsoleConversation(chat_stream)
+    shown = ""
+    with anyio.CancelScope() as scope:
+        async for piece in conversation.reply("alpha beta gamma delta"):
+            shown += piece
+            scope.cancel()
+    assert shown and shown != "alpha beta gamma delta"
+    assert conversation.prompt.get_responder_last_msg() == shown
+    assert conversation.prompt.get_requester_last_msg() == "alpha beta gamma delta"
