@@ -43,6 +43,7 @@ from chatstream_asgi.roles import ClientRoles, grant, refusal
 from chatstream_asgi.routes import ApiOptions, append_apis, handle_api
 from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
 from chatstream_asgi.standalone import FallbackSessions, handle_without_middleware
+from chatstream_asgi.telemetry import telemetry_of
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     MESSAGE_ID_HEADER,
@@ -50,6 +51,7 @@ from chatstream_asgi.turn import (
     ChatTurnResponse,
     OutcomeCallback,
     report_outcome,
+    wait_for_slot,
 )
 from chatstream_asgi.waiting import WaitingResponse, queue_deadline
 from chatstream_asgi.wire import CHATSTREAM_EOS, STREAM_FORMATS, StreamFormat, choose_format, encoder_for
@@ -296,13 +298,13 @@ class ChatStream:
                 ticket = self.admission.enter(max_wait=max_wait)
                 # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
                 queued = ticket.slot is None and stream_format == "sse"
-                slot = None if queued else await ticket.wait(exchange.client_left)
+                slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await session.unlock_turn()
                 raise
         except ChatStreamError as error:
-            return self._refusal(error)
+            return self._refusal(request, error)
         encoder = encoder_for(stream_format)
         message_id = str(uuid.uuid4())
 
@@ -416,7 +418,8 @@ class ChatStream:
             return 200
         return error.status_code
 
-    def _refusal(self, error: ChatStreamError) -> Response:
+    def _refusal(self, request: Request, error: ChatStreamError) -> Response:
+        telemetry_of(request.scope).refused(error)
         return error_response(error, status_code=self.refusal_status(error))
 
 

@@ -21,10 +21,12 @@ import importlib.metadata
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -107,11 +109,21 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key",
         action="append",
         dest="api_keys",
-        metavar="KEY",
-        help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable)",
+        type=_api_key_option,
+        metavar="KEY[:SCOPE,...]",
+        help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable); "
+        "scopes chat, apis, admin limit what the key may do (default: all)",
     )
     serve.add_argument("--no-openai", action="store_true", help="do not serve /v1/chat/completions and /v1/models")
     serve.add_argument("--no-webui", action="store_true", help="do not serve the chat page at /")
+    serve.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, seconds running and queued chats may take to finish before they are "
+        "cut short (default: %(default)s)",
+    )
     return parser
 
 
@@ -286,8 +298,9 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         secret_key=args.secret_key,
         apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
         openai=not args.no_openai,
-        api_keys=args.api_keys,
+        api_keys=dict(args.api_keys) if args.api_keys else None,
         webui=_webui_on(args),
+        metrics=args.metrics,
     )
     return app, source
 
@@ -304,9 +317,11 @@ def _redis_store(url: str) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from chatstream_asgi.telemetry import RequestIdFormatter
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RequestIdFormatter("%(levelname)s:     %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     _check_port(args.host, args.port)
     try:
         app, source = build_app(args)
@@ -327,7 +342,9 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
     if not args.no_openai:
         print(f"  OpenAI API: {base}/v1/chat/completions (model {app.chat_stream.name!r})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    if args.metrics:
+        print(f"  metrics: {base}/metrics", flush=True)
+    _run_until_stopped(app, args)
     return 0
 
 
@@ -366,10 +383,57 @@ def _webui_on(args: argparse.Namespace) -> bool:
     return not args.no_webui and not args.api_keys
 
 
+def _run_until_stopped(app: ChatStreamMiddleware, args: argparse.Namespace) -> None:
+    """Serve until SIGTERM or Ctrl-C; then take no new chats, give running and queued ones up to
+    `--shutdown-timeout` seconds, cancel the rest (each still gets its outcome) and stop the engines.
+
+    uvicorn stops accepting and waits for open requests, then cancels them at its graceful-shutdown
+    timeout; the middleware answers the cancelled ones and holds the lifespan shutdown until they
+    have finished. A second Ctrl-C skips that wait: it cancels the requests at once, rather than
+    uvicorn's force-quit, which would skip the lifespan shutdown (and so the engines' stop).
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            app.begin_shutdown()  # new chats get 503 from the first signal on
+            if self.should_exit and sig == signal.SIGINT:
+                for task in list(self.server_state.tasks):  # signal-safe: the loop runs the cancel
+                    task.get_loop().call_soon_threadsafe(task.cancel)
+                return
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
+    )
+    # uvicorn raises the stopping signal again once it is done, for the handler it found; with
+    # these, a stop it handled ends in a clean exit (0) rather than death by the signal.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    DrainingServer(config).run()
+
+
+def _api_key_option(text: str) -> tuple[str, tuple[str, ...]]:
+    from chatstream_asgi.access import KEY_SCOPES
+
+    key, colon, listed = text.partition(":")
+    scopes = tuple(listed.split(",")) if colon else KEY_SCOPES
+    if not key or not set(scopes) <= set(KEY_SCOPES):
+        raise argparse.ArgumentTypeError(f"expected KEY or KEY:SCOPE,... with scopes {', '.join(KEY_SCOPES)}")
+    return key, scopes
+
+
 def _session_store_option(text: str) -> str:
     if text != "memory" and not text.startswith(("redis://", "rediss://", "unix://")):
         raise argparse.ArgumentTypeError(f"expected memory or a redis:// URL, not {text!r}")
     return text
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -69,7 +69,8 @@ class Unauthorized(ChatStreamError):
 
 
 class Forbidden(ChatStreamError):
-    """The client's role (`client_roles`) does not allow this API."""
+    """The client may not call this: its role (`client_roles`) does not allow the API, or its
+    bearer key lacks the scope the route needs (`chat`, `apis`, `admin`)."""
 
     status_code = 403
     code = "forbidden"
@@ -162,6 +163,13 @@ class SessionValueNotStorable(ChatStreamError):
 
     status_code = 500
     code = "session_value_not_storable"
+
+
+class ShuttingDown(ChatStreamError):
+    """The server is stopping: it takes no new chats, and cuts short those it could not finish."""
+
+    status_code = 503
+    code = "shutting_down"
 
 
 def error_body(error: ChatStreamError, *, chatstream_shape: bool = False) -> dict[str, object]:

@@ -36,6 +36,7 @@ class ChatExchange:
         self.client_left = anyio.Event()
         #: Set when there is nothing more to receive: the client left or the response is complete.
         self.ended = anyio.Event()
+        self.response_started = False
         self.response_complete = False
         #: The admitted turn, until it finishes; the middleware closes it if nobody streamed it.
         self.open_turn: _Abandonable | None = None

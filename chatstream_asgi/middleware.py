@@ -10,26 +10,30 @@ ChatStream's conversation APIs get the session too, whether the middleware serve
 (`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
 `openai=True`) gets the same body replay and disconnect watch, without a session. `webui=True`
 serves the chat page (`/` and its two files) and the session APIs it calls. With
-`api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key.
+`api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key
+whose scopes include the route's: `chat` (`/chat_stream`, `/v1`, the page), `apis` (the
+conversation APIs) or `admin` (`get_prompt`, `get_resource_usage`, `/metrics`).
+Every route it serves gets an `X-Request-Id` and a `RequestTelemetry` (`telemetry.py`) that its
+log lines and metrics (`metrics=True`: `/metrics`) go through.
 Every other request (other paths and methods, websockets, lifespan) passes straight through, so an
 app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
 """
 
 from __future__ import annotations
 
-import hmac
-import logging
+import functools
 import os
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from starlette.requests import Request, cookie_parser
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatstream_asgi.access import ADMIN_APIS, ApiKeys, KeyRing
 from chatstream_asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body
 from chatstream_asgi.chat_stream import ChatStream
 from chatstream_asgi.errors import (
@@ -37,17 +41,32 @@ from chatstream_asgi.errors import (
     BodyTooLarge,
     ChatStreamError,
     SessionStoreUnavailable,
-    Unauthorized,
+    ShuttingDown,
     send_error,
 )
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
 from chatstream_asgi.openai_api import chat_completions, models_response, openai_error
 from chatstream_asgi.routes import API_METHODS, PAGE_APIS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
 from chatstream_asgi.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
+from chatstream_asgi.telemetry import (
+    bind_request_id,
+    request_logger,
+    send_with_request_id,
+    start_request,
+    telemetry_of,
+    unbind_request_id,
+)
 from chatstream_asgi.turn import OutcomeCallback
 from chatstream_asgi.webui import ChatPage
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from chatstream_asgi.metrics import ChatMetrics
+
+logger = request_logger(__name__)
+_Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
+FINISH_GRACE = 10.0
 
 
 def check_shared_key(store: SessionStore, secret_key: str | bytes | None) -> None:
@@ -79,10 +98,12 @@ class ChatStreamMiddleware:
         https_only: bool = False,
         apis: ApiOptions | None = None,
         openai: bool = False,
-        api_keys: Sequence[str] | None = None,
+        api_keys: ApiKeys | None = None,
         health: bool = False,
         webui: bool = False,
         web_ui_params: dict[str, Any] | None = None,
+        metrics: bool = False,
+        log_content: bool = False,
         ping_interval: float = 15.0,
     ) -> None:
         if max_body_size < 1:
@@ -91,8 +112,6 @@ class ChatStreamMiddleware:
             raise ValueError(f"body_timeout must be positive seconds, not {body_timeout}")
         if ping_interval <= 0:
             raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
-        if isinstance(api_keys, str) or (api_keys is not None and not all(api_keys)):
-            raise ValueError("api_keys must be a list of non-empty keys")
         store: SessionStore = session_store if session_store is not None else MemoryStore()
         check_shared_key(store, secret_key)
         self.app = app
@@ -107,55 +126,130 @@ class ChatStreamMiddleware:
         self.health = health
         self.openai = openai
         self.ping_interval = ping_interval
+        self.log_content = log_content
+        self._metrics: ChatMetrics | None = None
+        self._shutting_down = False
+        self._in_flight = 0  # served requests not yet ended, for the lifespan shutdown to wait on
+        self._idle: anyio.Event | None = None
+        if metrics:  # imported only when asked for: without metrics, prometheus-client is never loaded
+            from chatstream_asgi.metrics import ChatMetrics
+
+            self._metrics = ChatMetrics(chat_stream.admission.load)
         self.api_options: ApiOptions = apis or {}
         self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
         # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
         self.page = ChatPage(web_ui_params, model=chat_stream.name, chat_path=path) if webui else None
-        self._api_keys = [key.encode() for key in api_keys or ()]
+        self._api_keys = KeyRing(api_keys)
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._hold_lifespan_shutdown(receive)
             await self.app(scope, receive, send)
             return
-        route = get_route_path(scope)
-        method = scope["method"]
+        match = self._match(get_route_path(scope), scope["method"])
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        handler, needed, shape = match
+        telemetry = start_request(scope, self._metrics, log_content=self.log_content)
+        send = send_with_request_id(send, telemetry.request_id)
+        bound = bind_request_id(telemetry.request_id)
+        self._in_flight += 1
+        try:
+            if needed is not None and not await self._authorized(scope, send, needed, shape):
+                return
+            await handler(scope, receive, send)
+        except anyio.get_cancelled_exc_class():
+            # The server cancelled the request: it is stopping (uvicorn's graceful-shutdown timeout).
+            # The request was answered and its turn finished on the way out; re-raising would only
+            # make the server log a traceback for a routine deploy.
+            logger.warning("%s %s cut short: the server is shutting down", scope["method"], scope["path"])
+        finally:
+            unbind_request_id(bound)
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once `begin_shutdown()` was called or the server began its lifespan shutdown."""
+        return self._shutting_down
+
+    def begin_shutdown(self) -> None:
+        """Refuse new chats from now on (503 `shutting_down`); running and queued ones go on.
+
+        `chatstream-asgi serve` calls this on SIGTERM or Ctrl-C; under another server, call it
+        when draining starts. Lifespan shutdown calls it too.
+        """
+        self._shutting_down = True
+
+    def _hold_lifespan_shutdown(self, receive: Receive) -> Receive:
+        """`receive` for the lifespan, holding `lifespan.shutdown` back until requests have ended."""
+
+        async def receive_lifespan() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self._drain()
+            return message
+
+        return receive_lifespan
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for requests still finishing, then stop the engines.
+
+        A server that cancels request tasks at its graceful-shutdown timeout (uvicorn) does not
+        wait for them: it goes on to the lifespan shutdown and then exits, which would cut their
+        shielded finish (history, slot, callback) short.
+        """
+        self.begin_shutdown()
+        with anyio.move_on_after(FINISH_GRACE):
+            while self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        if self._in_flight:
+            logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
+        self.chat_stream.close()
+
+    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, str] | None:
+        """The handler of a route this middleware serves, the key scope it needs (None: no key),
+        and the shape of its errors; None for everything that passes through."""
         api = route[1:]
         if route == self.path and method == "POST":
-            if self.serve and not await self._authorized(scope, send, "plain"):
-                return
-            await self._chat(scope, receive, send)
-        elif API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
-            if api in self.served_apis and not await self._authorized(scope, send, "chatstream"):
-                return
-            await self._api(api, scope, receive, send)
-        elif self.openai and (route, method) in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
-            if not await self._authorized(scope, send, "openai"):
-                return
-            if route == "/v1/models":
-                await models_response(self.chat_stream)(scope, receive, send)
-            else:
-                await self._completions(scope, receive, send)
-        elif self.health and route in ("/health", "/ready") and method == "GET":
-            await self._health(route, scope, receive, send)
-        elif self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
-            if await self._authorized(scope, send, "plain"):
-                await page(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+            return self._chat, "chat" if self.serve else None, "plain"
+        if API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
+            needed = ("admin" if api in ADMIN_APIS else "apis") if api in self.served_apis else None
+            return functools.partial(self._api, api), needed, "chatstream"
+        if self.openai and (route, method) == ("/v1/chat/completions", "POST"):
+            return self._completions, "chat", "openai"
+        if self.openai and (route, method) == ("/v1/models", "GET"):
+            return models_response(self.chat_stream), "chat", "openai"
+        if self.health and route in ("/health", "/ready") and method == "GET":
+            return functools.partial(self._health, route), None, "plain"
+        if self._metrics is not None and (route, method) == ("/metrics", "GET"):
+            return self._metrics_response, "admin", "plain"
+        if self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
+            return page, "chat", "plain"
+        return None
 
-    async def _authorized(self, scope: Scope, send: Send, shape: str) -> bool:
-        """With `api_keys` set, check `Authorization: Bearer <key>` before anything else; 401 if not."""
+    async def _authorized(self, scope: Scope, send: Send, needed: str, shape: str) -> bool:
+        """With `api_keys` set, check `Authorization: Bearer <key>` before anything else: 401
+        without a valid key, 403 with a key that lacks the `needed` scope."""
         if not self._api_keys:
             return True
-        scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(key.strip().encode(), k) for k in self._api_keys):
+        refusal = self._api_keys.refusal(Headers(scope=scope).get("authorization", ""), needed)
+        if refusal is None:
             return True
-        await self._refuse(send, Unauthorized("a valid API key is required: Authorization: Bearer <key>"), shape)
+        await self._refuse(scope, send, refusal, shape)
         return False
 
-    async def _refuse(self, send: Send, error: ChatStreamError, shape: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, error: ChatStreamError, shape: str) -> None:
+        telemetry_of(scope).refused(error)
+        await self._send_error(send, error, shape)
+
+    async def _send_error(self, send: Send, error: ChatStreamError, shape: str) -> None:
         if shape == "openai":
             response = openai_error(error)
             await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
@@ -164,6 +258,9 @@ class ChatStreamMiddleware:
             await send_error(send, error, chatstream_shape=shape == "chatstream")
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._shutting_down:
+            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "plain")
+            return
         body = await self._read_body_or_refuse(scope, receive, send, "plain")
         if body is None:
             return
@@ -177,11 +274,14 @@ class ChatStreamMiddleware:
                 else:
                     await self.app(scope, receive, send)
 
-            await self._converse(scope, receive, send, body, session, answer)
+            await self._converse(scope, receive, send, body, session, answer, "plain")
 
         await self._with_session(scope, send, converse, chatstream_shape=False)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._shutting_down:
+            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "openai")
+            return
         body = await self._read_body_or_refuse(scope, receive, send, "openai")
         if body is None:
             return
@@ -191,7 +291,7 @@ class ChatStreamMiddleware:
             response = await chat_completions(self.chat_stream, request, exchange, self.callback)
             await response(scope, receive, send)
 
-        await self._converse(scope, receive, send, body, None, answer)
+        await self._converse(scope, receive, send, body, None, answer, "openai")
 
     async def _converse(
         self,
@@ -201,8 +301,10 @@ class ChatStreamMiddleware:
         body: bytes,
         session: Session | None,
         answer: Callable[[ChatExchange, Receive, Send], Awaitable[None]],
+        shape: str,
     ) -> None:
-        """Run `answer` with the body replayed, the client watched and the exchange in the scope."""
+        """Run `answer` with the body replayed, the client watched and the exchange in the scope;
+        if the server cancels it before a response started, answer 503 `shutting_down`."""
         exchange = ChatExchange(body, session, self.ping_interval)
         scope[EXCHANGE_KEY] = exchange
         body_replayed = False
@@ -216,18 +318,30 @@ class ChatStreamMiddleware:
             return {"type": "http.disconnect"}
 
         async def send_and_watch(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message["type"] == "http.response.start":
+                exchange.response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 exchange.response_complete = True
             await send(message)
             if exchange.response_complete:
                 exchange.ended.set()
 
+        async def watch_and_mark_ending() -> None:
+            await exchange.watch(receive)
+            if session is not None and exchange.client_left.is_set():
+                await session.mark_turn_ending()  # the next turn of the session may wait for this one
+
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(exchange.watch, receive)
+            task_group.start_soon(watch_and_mark_ending)
             if session is not None and self.session_store.lock_ttl is not None:
                 task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
             try:
                 await answer(exchange, replay_receive, send_and_watch)
+            except anyio.get_cancelled_exc_class():
+                if not exchange.response_started and not exchange.client_left.is_set():
+                    with anyio.CancelScope(shield=True):  # queued or not yet streaming: it had its outcome
+                        await self._send_error(send_and_watch, ShuttingDown("the server is shutting down"), shape)
+                raise
             finally:
                 with anyio.CancelScope(shield=True):
                     await exchange.close()
@@ -272,6 +386,7 @@ class ChatStreamMiddleware:
         try:
             session = await self._open_session(scope)
         except SessionStoreUnavailable as error:
+            telemetry_of(scope).refused(error)
             await send_error(send, error, chatstream_shape=chatstream_shape)
             return
         scope["state"] = {**scope.get("state", {}), "session": session}
@@ -298,7 +413,7 @@ class ChatStreamMiddleware:
         try:
             return await read_body(scope, receive, max_size=self.max_body_size, timeout=self.body_timeout)
         except (BodyTooLarge, BodyTimeout) as error:
-            await self._refuse(send, error, shape)
+            await self._refuse(scope, send, error, shape)
             return None
 
     async def _open_session(self, scope: Scope) -> Session:
@@ -315,3 +430,9 @@ class ChatStreamMiddleware:
         else:
             response = JSONResponse({"status": "loading", "load": self.chat_stream.load()}, status_code=503)
         await response(scope, receive, send)
+
+    async def _metrics_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._metrics is not None  # routed here only with metrics on
+        from chatstream_asgi.metrics import CONTENT_TYPE
+
+        await Response(self._metrics.exposition(), media_type=CONTENT_TYPE)(scope, receive, send)

@@ -18,10 +18,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from chatstream_asgi.errors import ChatStreamError, GenerationError, InvalidParameter, InvalidRequest, NotFound, quoted
+from chatstream_asgi.errors import (
+    ChatStreamError,
+    GenerationError,
+    InvalidParameter,
+    InvalidRequest,
+    NotFound,
+    ShuttingDown,
+    quoted,
+)
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams, parse_json_object
 from chatstream_asgi.prompt import ChatPrompt
+from chatstream_asgi.telemetry import telemetry_of
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     STREAM_HEADERS,
@@ -32,6 +41,7 @@ from chatstream_asgi.turn import (
     defers_head,
     relay,
     report_outcome,
+    wait_for_slot,
 )
 from chatstream_asgi.waiting import WaitingResponse, queue_deadline
 
@@ -54,7 +64,7 @@ def openai_error(error: ChatStreamError, *, status_code: int | None = None) -> J
 
 def openai_error_body(error: ChatStreamError) -> dict[str, Any]:
     """OpenAI's `{"error": {"message", "type", "param", "code"}}` for `error`."""
-    kind = {401: "authentication_error", 429: "rate_limit_error"}.get(error.status_code)
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(error.status_code)
     if kind is None:
         kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
     return {
@@ -163,8 +173,9 @@ async def chat_completions(
         ticket = chat_stream.admission.enter(max_wait=max_wait)
         # Queue chunks only for a client that asked: strict OpenAI clients see a silent wait.
         queued = ticket.slot is None and completion.stream and completion.include_queue_status
-        slot = None if queued else await ticket.wait(exchange.client_left)
+        slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)
     except ChatStreamError as error:
+        telemetry_of(request.scope).refused(error)
         return openai_error(error, status_code=chat_stream.refusal_status(error))
     prompt = ChatPrompt.from_messages(completion.messages)
     prompt.set_tokenizer(chat_stream.tokenizer)
@@ -246,6 +257,7 @@ class _CompletionResponse(AdmittedResponse):
         self._completion = completion
         self._base = envelope
         self._context_len = context_len
+        self.telemetry.content("prompt", completion.messages[-1]["content"])
 
     async def run(self, send: Send) -> str:
         params = self._completion.params
@@ -260,12 +272,15 @@ class _CompletionResponse(AdmittedResponse):
             text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
             await send({"type": "http.response.body", "body": f"data: {text}\n\n".encode(), "more_body": True})
 
+        parts: list[str] = []
+
         async def start() -> None:
             if not self.started:
                 await self.start(send)
                 await send_event(self._chunk({"role": "assistant", "content": ""}))
 
         async def send_text(text: str) -> None:
+            parts.append(text)
             await start()
             await send_event(self._chunk({"content": text}))
             self.delivered = True
@@ -276,7 +291,8 @@ class _CompletionResponse(AdmittedResponse):
 
         if not defers_head(generation):
             await start()
-        failure = await relay(generation, self._exchange, send_text, send_ping)
+        failure = await relay(generation, self._exchange, send_text, send_ping, telemetry=self.telemetry)
+        self.telemetry.content("reply", "".join(parts))
         outcome = self.outcome_after(failure)
         if not self.started and outcome != SUCCESS:
             await self.refuse_unstarted(send, outcome, failure)
@@ -304,7 +320,8 @@ class _CompletionResponse(AdmittedResponse):
         async def collect(text: str) -> None:
             parts.append(text)
 
-        failure = await relay(generation, self._exchange, collect)
+        failure = await relay(generation, self._exchange, collect, telemetry=self.telemetry)
+        self.telemetry.content("reply", "".join(parts))
         outcome = self.outcome_after(failure)
         if outcome == CLIENT_DISCONNECTED_BEFORE_STREAMING:
             return outcome  # nobody is left to answer
@@ -325,6 +342,10 @@ class _CompletionResponse(AdmittedResponse):
         await send({"type": "http.response.body", "body": payload, "more_body": False})
         self.delivered = True
         return outcome
+
+    async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
+        # Only a stream has started before its end, so this is always an SSE event.
+        await send({"type": "http.response.body", "body": _event(openai_error_body(error)), "more_body": False})
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {**self._base, "object": kind, "system_fingerprint": None}

@@ -6,7 +6,9 @@ can serve several deployments. Sessions are JSON strings whose TTL is refreshed 
 keeps refreshing, so a replica that dies mid-turn frees its sessions within `lock_ttl` seconds;
 release and refresh check the token in one Lua script, so nobody frees a lock it lost. Taking
 the lock carries the caller's deadline: a request that Redis stalled past its `timeout` gets 503,
-and its `SET NX`, when Redis runs it later, takes nothing.
+and its `SET NX`, when Redis runs it later, takes nothing. A turn whose client left marks its
+lock as ending (`chatstream:ending:<id>` holds its token), so the next turn of that conversation
+waits for it instead of being refused.
 
 Every call is bounded by `timeout`: a Redis that is down or stalled turns into
 `SessionStoreUnavailable` (503) quickly instead of a hung request, and the next call simply
@@ -39,7 +41,16 @@ return 0
 # Seconds between measurements of the offset between Redis's clock and ours.
 _CLOCK_CHECK_EVERY = 300.0
 _UNLOCK_IF_OWNER = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1], KEYS[2]) end
+return 0
+"""
+_MARK_ENDING_IF_OWNER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2]) end
+return 0
+"""
+_ENDING = """
+local holder = redis.call('get', KEYS[1])
+if holder and holder == redis.call('get', KEYS[2]) then return 1 end
 return 0
 """
 _EXTEND_IF_OWNER = """
@@ -90,6 +101,8 @@ class RedisStore:
         self._clock_offset_ms: float | None = None  # Redis's clock minus ours
         self._clock_measured = 0.0
         self._extend = self._redis.register_script(_EXTEND_IF_OWNER)
+        self._mark_ending = self._redis.register_script(_MARK_ENDING_IF_OWNER)
+        self._ending = self._redis.register_script(_ENDING)
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
         text = await self._call(self._redis.getex(self._session_key(session_id), ex=int(self.ttl)))
@@ -127,7 +140,13 @@ class RedisStore:
         await self._call(self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms]))
 
     async def unlock_turn(self, session_id: str, token: str) -> None:
-        await self._call(self._unlock(keys=[self._lock_key(session_id)], args=[token]))
+        await self._call(self._unlock(keys=self._lock_keys(session_id), args=[token]))
+
+    async def mark_turn_ending(self, session_id: str, token: str) -> None:
+        await self._call(self._mark_ending(keys=self._lock_keys(session_id), args=[token, self._lock_ttl_ms]))
+
+    async def turn_ending(self, session_id: str) -> bool:
+        return bool(await self._call(self._ending(keys=self._lock_keys(session_id))))
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -147,6 +166,10 @@ class RedisStore:
 
     def _lock_key(self, session_id: str) -> str:
         return f"{self.prefix}lock:{session_id}"
+
+    def _lock_keys(self, session_id: str) -> list[str]:
+        """The turn lock and its "ending" mark (the holder's token, set when its client left)."""
+        return [self._lock_key(session_id), f"{self.prefix}ending:{session_id}"]
 
     def _safe_url(self) -> str:
         """The URL without a password, for error messages."""

@@ -11,7 +11,6 @@ The handlers are served by the middleware (`apis=`) or mounted on an app (`appen
 from __future__ import annotations
 
 import inspect
-import logging
 import os
 import sys
 import urllib.parse
@@ -30,11 +29,12 @@ from chatstream_asgi.prompt import RoleType
 from chatstream_asgi.roles import refusal
 from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
 from chatstream_asgi.standalone import attached_session
+from chatstream_asgi.telemetry import request_logger, telemetry_of
 
 if TYPE_CHECKING:
     from chatstream_asgi.chat_stream import ChatStream
 
-logger = logging.getLogger(__name__)
+logger = request_logger(__name__)
 
 ApiOptions = dict[str, Any]
 _Handler = Callable[["ChatStream", Request, ApiOptions], Awaitable[Response]]
@@ -97,6 +97,7 @@ async def handle_api(chat_stream: ChatStream, name: str, request: Request, opts:
     try:
         return await _HANDLERS[name](chat_stream, request, opts)
     except ChatStreamError as error:
+        telemetry_of(request.scope).refused(error)
         return error_response(error, chatstream_shape=True)
 
 

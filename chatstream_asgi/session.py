@@ -15,7 +15,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import time
@@ -28,14 +27,21 @@ import anyio.lowlevel
 
 from chatstream_asgi.errors import SessionStoreUnavailable, SessionValueNotStorable
 from chatstream_asgi.prompt import AbstractChatPrompt
+from chatstream_asgi.telemetry import request_logger
 
-logger = logging.getLogger(__name__)
+logger = request_logger(__name__)
 
 #: The session key under which ChatStream (and the seed's callbacks) keep the conversation.
 CHAT_PROMPT_KEY = "chat_prompt"
 #: The session key of the per-session generation parameters (`/set_generation_params`).
 GENERATION_PARAMS_KEY = "generation_params"
 SECRET_KEY_ENV = "CHATSTREAM_SECRET_KEY"
+#: Seconds a new turn waits for the previous turn of its session to end after its client left.
+ENDING_TURN_WAIT = 5.0
+#: Seconds a new turn waits before calling a running turn busy: long enough for a Stop that went
+#: to another replica (the client closing its stream) to be noted in the shared store.
+STOP_SETTLE = 0.25
+_LOCK_POLL = 0.02
 
 
 class SessionStore(Protocol):
@@ -71,6 +77,14 @@ class SessionStore(Protocol):
 
     async def unlock_turn(self, session_id: str, token: str) -> None:
         """Release the lock if `token` still holds it."""
+        ...
+
+    async def mark_turn_ending(self, session_id: str, token: str) -> None:
+        """Note that the turn holding the lock with `token` is ending (its client left)."""
+        ...
+
+    async def turn_ending(self, session_id: str) -> bool:
+        """True while the lock's holder has said it is ending."""
         ...
 
 
@@ -192,6 +206,7 @@ class MemoryStore:
         self.stored_bytes = 0
         self._entries: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._turn_locks: dict[str, str] = {}
+        self._ending: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -242,6 +257,16 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         if self._turn_locks.get(session_id) == token:
             del self._turn_locks[session_id]
+            self._ending.discard(session_id)
+
+    async def mark_turn_ending(self, session_id: str, token: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self._turn_locks.get(session_id) == token:
+            self._ending.add(session_id)
+
+    async def turn_ending(self, session_id: str) -> bool:
+        await anyio.lowlevel.checkpoint()
+        return session_id in self._ending
 
 
 class CookieSigner:
@@ -368,9 +393,35 @@ class Session:
     # -- the turn lock: one running turn per conversation ---------------------------------
 
     async def lock_turn(self) -> bool:
-        """Take this conversation's turn lock; False if another turn holds it (anywhere)."""
-        self._turn_token = await self._store.lock_turn(self.session_id)
-        return self._turn_token is not None
+        """Take this conversation's turn lock; False if another turn holds it (anywhere).
+
+        A turn that is ending because its client left (the user pressed Stop and sent again at
+        once) is waited for, up to `ENDING_TURN_WAIT` seconds; the session is then re-read, since
+        that turn has just saved it. A holder whose client is still reading gets a short
+        `STOP_SETTLE` grace: a Stop sent to another replica may still be on its way.
+        """
+        started = anyio.current_time()
+        waited = False
+        while (token := await self._store.lock_turn(self.session_id)) is None:
+            limit = ENDING_TURN_WAIT if await self._store.turn_ending(self.session_id) else STOP_SETTLE
+            if anyio.current_time() - started >= limit:
+                return False
+            waited = True
+            await anyio.sleep(_LOCK_POLL)
+        self._turn_token = token
+        if waited:
+            await self.reload()
+        return True
+
+    async def mark_turn_ending(self) -> None:
+        """Say this session's running turn is ending because its client left, so that the next
+        turn waits for it instead of being refused."""
+        if self._turn_token is None:
+            return
+        try:
+            await self._store.mark_turn_ending(self.session_id, self._turn_token)
+        except SessionStoreUnavailable as error:
+            logger.warning("session %s: could not mark its turn as ending: %s", self.session_id, error.detail)
 
     async def unlock_turn(self) -> None:
         """Release the turn lock if this request holds it (a store that is down lets it expire)."""

@@ -12,7 +12,7 @@ callback hears the outcome. `ChatTurnResponse` is the `/chat_stream` turn of a s
 from __future__ import annotations
 
 import inspect
-import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -21,22 +21,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from chatstream_asgi.admission import Slot
+from chatstream_asgi.admission import Slot, Ticket
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
-from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, SessionValueNotStorable, send_error
+from chatstream_asgi.errors import (
+    GenerationError,
+    SessionStoreUnavailable,
+    SessionValueNotStorable,
+    ShuttingDown,
+    error_body,
+    send_error,
+)
 from chatstream_asgi.exchange import ChatExchange
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
 from chatstream_asgi.reply import ReplyShaper
 from chatstream_asgi.session import CHAT_PROMPT_KEY
+from chatstream_asgi.telemetry import RequestTelemetry, request_logger, telemetry_of
 from chatstream_asgi.wire import WireEncoder
 
-logger = logging.getLogger(__name__)
+logger = request_logger(__name__)
 
 SUCCESS = "success"
 CLIENT_DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
 CLIENT_DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
+OUTCOMES = (SUCCESS, CLIENT_DISCONNECTED_WHILE_STREAMING, CLIENT_DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR_OCCURRED)
 
 OutcomeCallback = Callable[[Request, str], "Awaitable[None] | None"]
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
@@ -46,7 +55,9 @@ _CLIENT_CLOSED_REQUEST = 499
 
 
 async def report_outcome(callback: OutcomeCallback | None, request: Request, outcome: str) -> None:
-    """Call a user's callback (plain or async); its exception is logged, never propagated."""
+    """Count the outcome, then call a user's callback (plain or async); its exception is logged,
+    never propagated. Every outcome of every route passes here."""
+    telemetry_of(request.scope).finished(outcome, getattr(request.state, "chat_generation", None))
     if callback is None:
         return
     try:
@@ -62,11 +73,38 @@ def defers_head(generation: Generation) -> bool:
     return bool(getattr(generation, "defers_head", False))
 
 
+def cut_short_outcome(exchange: ChatExchange, delivered: bool) -> str:
+    """The outcome of a request the server cancelled: its client's leaving if it had left, else an error."""
+    if exchange.client_left.is_set():
+        return CLIENT_DISCONNECTED_WHILE_STREAMING if delivered else CLIENT_DISCONNECTED_BEFORE_STREAMING
+    return UNKNOWN_ERROR_OCCURRED
+
+
+async def wait_for_slot(
+    ticket: Ticket, request: Request, exchange: ChatExchange, callback: OutcomeCallback | None
+) -> Slot | None:
+    """`ticket.wait` for a request that waits silently, its wait timed for the queue-wait
+    histogram. A request cancelled while it waits (the server stopping) has reached admission:
+    it still gets its one outcome."""
+    started = time.monotonic()
+    try:
+        slot = await ticket.wait(exchange.client_left)
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await report_outcome(callback, request, cut_short_outcome(exchange, delivered=False))
+        raise
+    if slot is not None:
+        telemetry_of(request.scope).admitted(time.monotonic() - started)
+    return slot
+
+
 async def relay(
     generation: Generation,
     exchange: ChatExchange,
     on_text: Callable[[str], Awaitable[None]],
     on_silence: Callable[[], Awaitable[None]] | None = None,
+    *,
+    telemetry: RequestTelemetry | None = None,
 ) -> GenerationFailed | None:
     """Hand each piece of text to `on_text` until the generation ends; cancel it if the client
     leaves. Returns the failure, if the engine reported one."""
@@ -83,6 +121,8 @@ async def relay(
                 if exchange.client_left.is_set():
                     continue
                 if text:
+                    if telemetry is not None:
+                        telemetry.first_text()
                     await on_text(text)
                 elif on_silence is not None:
                     await on_silence()
@@ -116,6 +156,7 @@ class AdmittedResponse(Response):
         self._slot = slot
         self._callback = callback
         self._finished = False
+        self.telemetry = telemetry_of(request.scope)
         #: Whether any reply text reached the client: it decides between the two disconnect outcomes.
         self.delivered = False
         #: Whether the head went out: at once for a local model (DESIGN §4: once a slot is held);
@@ -132,6 +173,15 @@ class AdmittedResponse(Response):
                 outcome = await self._run_watching(receive, send)
             else:
                 outcome = await self.run(send)
+        except anyio.get_cancelled_exc_class():
+            # The server cancelled the request (it is stopping): close a stream its client still
+            # reads, so the client sees an end rather than a cut connection.
+            outcome = cut_short_outcome(self._exchange, self.delivered)
+            exchange = self._exchange
+            if exchange.response_started and not exchange.response_complete and not exchange.client_left.is_set():
+                with anyio.CancelScope(shield=True):
+                    await self.end_cut_short(send, ShuttingDown("the server is shutting down"))
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(outcome)
@@ -141,7 +191,9 @@ class AdmittedResponse(Response):
         exchange = self._exchange
 
         async def send_and_mark(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message["type"] == "http.response.start":
+                exchange.response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 exchange.response_complete = True
             await send(message)
 
@@ -175,6 +227,10 @@ class AdmittedResponse(Response):
     async def send_failure(self, send: Send, error: GenerationError) -> None:
         """Answer `error` as this route's error JSON (before the head went out)."""
         await send_error(send, error)
+
+    async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
+        """End a started response that the server cut short (SSE formats say why)."""
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def record(self, outcome: str) -> None:
         """Keep what the outcome leaves behind (history); runs before the slot is freed."""
@@ -246,6 +302,7 @@ class ChatTurnResponse(AdmittedResponse):
             prompt.add_requester_msg(user_input)
             prompt.add_responder_msg(None)
         prompt.set_responder_last_msg_id(self.message_id)
+        self.telemetry.content("prompt", user_input)
 
     async def run(self, send: Send) -> str:
         reply = ""
@@ -271,7 +328,8 @@ class ChatTurnResponse(AdmittedResponse):
             self.stats = gen.stats
             if not defers_head(gen):
                 await self.start(send)
-            failure = await relay(gen, self._exchange, send_text, send_ping)
+            failure = await relay(gen, self._exchange, send_text, send_ping, telemetry=self.telemetry)
+        self.telemetry.content("reply", reply)
         outcome = self.outcome_after(failure)
         if not self.started and outcome != SUCCESS:
             await self.refuse_unstarted(send, outcome, failure)
@@ -287,6 +345,9 @@ class ChatTurnResponse(AdmittedResponse):
             body = {"error": "generation_failed", "detail": str(failure)}
             await send({"type": "http.response.body", "body": self._encoder.error(body), "more_body": False})
         return outcome
+
+    async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
+        await send({"type": "http.response.body", "body": self._encoder.error(error_body(error)), "more_body": False})
 
     async def record(self, outcome: str) -> None:
         session = self._exchange.session

@@ -13,6 +13,7 @@ the slot is granted, so they never see this response.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -22,8 +23,9 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from chatstream_asgi.admission import PositionReport, Slot, Ticket
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
 from chatstream_asgi.exchange import ChatExchange
+from chatstream_asgi.telemetry import telemetry_of
 from chatstream_asgi.turn import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     UNKNOWN_ERROR_OCCURRED,
@@ -97,12 +99,22 @@ class WaitingResponse(Response):
                 frame = self._queue_frame(position, eta_s)
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
 
+            started = time.monotonic()
             slot = await self._wait(receive, report)
         except ChatStreamError as error:  # too late for a status: the refusal is the stream's end
+            telemetry_of(self._request.scope).refused(error)
             self._exchange.open_turn = None
             await self._release()
             await send({"type": "http.response.body", "body": self._error_frame(error), "more_body": False})
             return
+        except anyio.get_cancelled_exc_class():
+            # The server is stopping: the waiter hears why in-band and gets its one outcome.
+            with anyio.CancelScope(shield=True):
+                if not self._exchange.client_left.is_set():
+                    frame = self._error_frame(ShuttingDown("the server is shutting down"))
+                    await send({"type": "http.response.body", "body": frame, "more_body": False})
+                await self.abandon()
+            raise
         except BaseException:
             self._exchange.open_turn = None
             with anyio.CancelScope(shield=True):
@@ -111,6 +123,7 @@ class WaitingResponse(Response):
         if slot is None:
             await self.abandon()
             return
+        telemetry_of(self._request.scope).admitted(time.monotonic() - started)
         await self._start(slot)(scope, receive, _after_start(send))
 
     async def _wait(self, receive: Receive, report: PositionReport) -> Slot | None:

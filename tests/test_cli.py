@@ -262,3 +262,35 @@ def test_dtype_loads_the_weights_in_that_type_and_says_each_stage(model_dir: Pat
     assert "loading the tokenizer" in result.stderr
     assert "loading the model" in result.stderr and "(bfloat16)" in result.stderr
     assert "warming up" in result.stderr
+
+
+def test_serve_with_metrics_answers_prometheus_text_with_request_ids(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock", "--metrics")  # type: ignore[operator]
+    _banner(process)
+    assert wait_until(lambda: _ready(url), timeout=60)
+    with httpx.Client(base_url=url) as client:
+        assert client.post("/chat_stream", json={"user_input": "count me"}).text == "count me"
+        metrics = client.get("/metrics")
+    assert 'chatstream_requests_total{outcome="success"} 1.0' in metrics.text
+    assert metrics.headers["x-request-id"]
+
+
+def test_serve_api_key_scopes_limit_what_a_key_may_do(run_cli: object) -> None:
+    _, url = run_cli("--model", "mock", "--metrics", "--api-key", "ops:admin", "--api-key", "user:chat,apis")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    with httpx.Client(base_url=url) as client:
+        user, ops = {"Authorization": "Bearer user"}, {"Authorization": "Bearer ops"}
+        assert client.post("/chat_stream", json={"user_input": "hi"}, headers=user).status_code == 200
+        assert client.get("/metrics", headers=user).status_code == 403
+        assert client.get("/metrics", headers=ops).status_code == 200
+        assert client.post("/chat_stream", json={"user_input": "hi"}, headers=ops).status_code == 403
+
+
+def test_serve_refuses_an_unknown_key_scope() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--api-key", "k:chat,root"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "chat, apis, admin" in result.stderr

@@ -98,7 +98,9 @@ async def test_client_leaving_mid_stream_on_this_backend(
     assert chat_stream.load()["processing"] == 0
 
 
-async def test_websocket_and_lifespan_scopes_pass_through_untouched(make_chat_stream: Any, anyio_backend: str) -> None:
+async def test_websocket_passes_through_untouched_and_lifespan_keeps_its_send(
+    make_chat_stream: Any, anyio_backend: str
+) -> None:
     seen: list[tuple[str, Any, Any]] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -108,10 +110,14 @@ async def test_websocket_and_lifespan_scopes_pass_through_untouched(make_chat_st
     for scope in ({"type": "websocket", "path": "/chat_stream"}, {"type": "lifespan"}):
         client = ScriptedClient(b"")
         await app(scope, client.receive, client.send)
-    assert [(t, r.__func__, s.__func__) for t, r, s in seen] == [
-        ("websocket", ScriptedClient.receive, ScriptedClient.send),
-        ("lifespan", ScriptedClient.receive, ScriptedClient.send),
-    ]
+    (websocket, ws_receive, ws_send), (lifespan, _, lifespan_send) = seen
+    assert (websocket, ws_receive.__func__, ws_send.__func__) == (
+        "websocket",
+        ScriptedClient.receive,
+        ScriptedClient.send,
+    )
+    # The lifespan's receive is wrapped: it holds `lifespan.shutdown` until cut-short chats have finished.
+    assert (lifespan, lifespan_send.__func__) == ("lifespan", ScriptedClient.send)
     assert "chatstream_asgi.exchange" not in seen[0]
 
 

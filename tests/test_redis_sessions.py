@@ -71,7 +71,7 @@ def test_second_turn_on_another_replica_while_one_runs_is_409(replica: Any, hook
         client_a.post("/chat_stream", json={"user_input": "hello"})
         cookie = f"chatstream_session={client_a.cookies['chatstream_session']}"
     a_outcomes.wait()
-    hooks.step_delay = 0.02
+    hooks.step_delay = 0.1  # the turn outlasts both refusals below (each waits a short grace for a Stop)
     running = open_chat(a.url, "a long one", cookie=cookie)
     read_until(running, b"data: ")
     with b.client(headers={"Cookie": cookie}) as client_b:

@@ -9,7 +9,6 @@ renders and tokenizes prompts on the engine's thread, and gives every engine the
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterable
@@ -24,8 +23,9 @@ from chatstream_asgi.engine.base import Generation, GenerationFailed, Generation
 from chatstream_asgi.engine.channel import TextChannel
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt, fit_prompt
+from chatstream_asgi.telemetry import request_logger
 
-logger = logging.getLogger(__name__)
+logger = request_logger(__name__)
 
 # Seconds a cancelled generation may take to stop (one decode step, or a long prefill) before
 # its slot is freed regardless.

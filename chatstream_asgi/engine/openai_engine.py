@@ -10,7 +10,6 @@ with 502 (an error or a broken stream) or 504 (no answer within `timeout`).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,8 +22,9 @@ from chatstream_asgi.engine.base import Generation, GenerationFailed, Generation
 from chatstream_asgi.engine.channel import TextChannel
 from chatstream_asgi.params import GenerationParams
 from chatstream_asgi.prompt import AbstractChatPrompt
+from chatstream_asgi.telemetry import request_logger
 
-logger = logging.getLogger(__name__)
+logger = request_logger(__name__)
 
 # Seconds `/ready` waits for the upstream's answer.
 _PROBE_TIMEOUT = 2.0

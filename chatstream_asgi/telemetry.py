@@ -1,0 +1,161 @@
+"""What one request tells operators: its id, the log lines that carry it, and what metrics count.
+
+The middleware starts a `RequestTelemetry` for every route it serves and keeps it in the scope
+(`chatstream_asgi.telemetry`), as it keeps the exchange; the chat path reports through it
+(`refused`, `first_text`, `finished`), so every refusal and every outcome is counted in one place
+whichever route or module produced it. Module loggers on the request path are `RequestLogger`s:
+each line gets the current request's id as the `request_id` attribute (`extra`), which JSON log
+formatters pick up; the id travels in a context variable, so lines from tasks and worker threads
+the request starts carry it too. Prompts and replies are logged only with `log_content=True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import MutableMapping
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import Headers
+from starlette.types import Message, Scope, Send
+
+if TYPE_CHECKING:
+    from chatstream_asgi.engine.base import GenerationStats
+    from chatstream_asgi.errors import ChatStreamError
+    from chatstream_asgi.metrics import ChatMetrics
+
+TELEMETRY_KEY = "chatstream_asgi.telemetry"
+REQUEST_ID_HEADER = "x-request-id"
+#: The longest client-sent request id we keep; a longer or unprintable one is replaced.
+MAX_REQUEST_ID_LENGTH = 128
+
+_request_id: ContextVar[str | None] = ContextVar("chatstream_asgi_request_id", default=None)
+
+
+class RequestLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A module logger whose lines carry the current request's id as `record.request_id`."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        request_id = _request_id.get()
+        if request_id is not None:
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), "request_id": request_id}
+        return msg, kwargs
+
+
+def request_logger(name: str) -> RequestLogger:
+    """`logging.getLogger(name)`, with the request id added to each line logged during a request."""
+    return RequestLogger(logging.getLogger(name), {})
+
+
+logger = request_logger(__name__)
+
+
+class RequestIdFormatter(logging.Formatter):
+    """Plain-text lines that end with `[request <id>]` when they are about a request."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = getattr(record, "request_id", None)
+        return line if request_id is None else f"{line} [request {request_id}]"
+
+
+def sane_request_id(value: str | None) -> str | None:
+    """A client's `X-Request-Id` if it is worth keeping: printable ASCII, 1 to 128 characters."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not 0 < len(value) <= MAX_REQUEST_ID_LENGTH or not all(" " <= c <= "~" for c in value):
+        return None
+    return value
+
+
+class RequestTelemetry:
+    """One request's id, clock and counters (see the module docstring)."""
+
+    def __init__(self, request_id: str, metrics: ChatMetrics | None = None, *, log_content: bool = False) -> None:
+        self.request_id = request_id
+        self.metrics = metrics
+        self.log_content = log_content
+        self.started_at = time.monotonic()
+        self._first_text_seen = False
+
+    def refused(self, error: ChatStreamError) -> None:
+        """Count and log a refusal (any 4xx/429/503 the package answers); every refusal ends here."""
+        logger.info("refused with %s %s: %s", error.status_code, error.code, error.detail)
+        if self.metrics is not None:
+            self.metrics.rejected(error.code)
+
+    def admitted(self, queue_wait: float) -> None:
+        """A slot was granted after `queue_wait` seconds in the queue."""
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(queue_wait)
+
+    def first_text(self) -> None:
+        """The generation produced text; the first call times the first token."""
+        if self._first_text_seen:
+            return
+        self._first_text_seen = True
+        if self.metrics is not None:
+            self.metrics.time_to_first_token.observe(time.monotonic() - self.started_at)
+
+    def finished(self, outcome: str, stats: GenerationStats | None) -> None:
+        """Count and log the one outcome of an admitted request."""
+        prompt_tokens = stats.prompt_tokens if stats is not None else 0
+        completion_tokens = stats.completion_tokens if stats is not None else 0
+        duration = time.monotonic() - self.started_at
+        logger.info(
+            "chat ended: %s after %.2f s (%d prompt + %d completion tokens)",
+            outcome,
+            duration,
+            prompt_tokens,
+            completion_tokens,
+        )
+        if self.metrics is not None:
+            self.metrics.finished(outcome, duration, prompt_tokens, completion_tokens)
+
+    def content(self, what: str, text: str) -> None:
+        """Log a prompt or a reply, only where `log_content=True` asked for it."""
+        if self.log_content:
+            logger.info("%s: %r", what, text)
+
+
+def start_request(scope: Scope, metrics: ChatMetrics | None, *, log_content: bool) -> RequestTelemetry:
+    """Begin a served request: its id (the client's sane one, else a new one) goes in the scope."""
+    request_id = sane_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER)) or secrets.token_hex(16)
+    telemetry = RequestTelemetry(request_id, metrics, log_content=log_content)
+    scope[TELEMETRY_KEY] = telemetry
+    return telemetry
+
+
+def telemetry_of(scope: Scope) -> RequestTelemetry:
+    """The request's telemetry; a request the middleware did not start gets one (no metrics)."""
+    telemetry = scope.get(TELEMETRY_KEY)
+    if not isinstance(telemetry, RequestTelemetry):
+        telemetry = scope[TELEMETRY_KEY] = RequestTelemetry(secrets.token_hex(16))
+    return telemetry
+
+
+def bind_request_id(request_id: str) -> Token[str | None]:
+    """Make log lines of the current task (and what it starts) carry `request_id`."""
+    return _request_id.set(request_id)
+
+
+def unbind_request_id(token: Token[str | None]) -> None:
+    """Undo `bind_request_id`."""
+    _request_id.reset(token)
+
+
+def send_with_request_id(send: Send, request_id: str) -> Send:
+    """`send`, adding `X-Request-Id` to the response head unless the app set one itself."""
+    header = (REQUEST_ID_HEADER.encode(), request_id.encode())
+
+    async def send_and_tag(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            if all(name.lower() != header[0] for name, _ in headers):
+                message = {**message, "headers": [*headers, header]}
+        await send(message)
+
+    return send_and_tag
