@@ -308,9 +308,13 @@ class ChatTurnResponse(AdmittedResponse):
         reply = ""
         strip = self._prompt.strip_reply
         shaper = ReplyShaper.for_prompt(self._prompt)  # None: shown as generated
+        # Outside chat mode the model continues the user's text, and ChatStream's reply is that
+        # text followed by its continuation.
+        echo = "" if self._prompt.is_chat_mode_enabled() else self._prompt.create_prompt()
 
         async def send_text(text: str) -> None:
-            nonlocal reply
+            nonlocal reply, echo
+            text, echo = echo + text, ""
             reply += text
             self._prompt.set_responder_last_msg(reply.strip() if strip else reply)  # recorded as it streams
             if shaper is not None and not (text := shaper.feed(text)):
@@ -335,6 +339,8 @@ class ChatTurnResponse(AdmittedResponse):
             await self.refuse_unstarted(send, outcome, failure)
             return outcome
         await self.start(send)
+        if outcome == SUCCESS and echo:  # the model added nothing to it
+            await send_text("")
         if outcome == SUCCESS and shaper is not None and (tail := shaper.flush()):
             await send({"type": "http.response.body", "body": self._encoder.delta(tail), "more_body": True})
             self.delivered = True

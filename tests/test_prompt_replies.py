@@ -9,7 +9,7 @@ import pytest
 import torch
 from starlette.applications import Starlette
 
-from chatstream_asgi import AbstractChatPrompt, ChatStream, ChatStreamMiddleware
+from chatstream_asgi import AbstractChatPrompt, ChatPromptStockmarkGptNeoxJp, ChatStream, ChatStreamMiddleware
 from chatstream_asgi.engine import MockEngine, OpenAIEngine
 
 from .conftest import Outcomes, greedy_reply
@@ -133,3 +133,17 @@ def test_stop_strings_of_the_prompt_class_stop_the_openai_engine(
     )
     text, _ = chat_once(serve, chat_stream, "Hi")
     assert text == raw[: raw.index(stop)].strip()
+
+
+def test_outside_chat_mode_the_reply_is_the_users_text_and_its_continuation(
+    model: Any, tokenizer: Any, make_chat_stream: Any, serve: Any
+) -> None:
+    class Completion(ChatPromptStockmarkGptNeoxJp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.set_chat_mode_enabled(False)
+
+    raw = raw_reply(model, tokenizer, "Once upon", 24)
+    text, prompt = chat_once(serve, make_chat_stream(chat_prompt_clazz=Completion), "Once upon")
+    assert text == ("Once upon" + raw).strip()
+    assert prompt.get_responder_last_msg() == text
