@@ -189,13 +189,21 @@ async def _clear_context(chat_stream: ChatStream, request: Request, opts: ApiOpt
 
 
 async def _get_history(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    """The cookie's own conversation as messages (DESIGN §7), for the page to restore on reload."""
+    """The cookie's own conversation as messages (DESIGN §7), for the page to restore on reload.
+
+    The history is kept in the model's spelling (Rinna's "<NL>"); the prompt class's output
+    replacements turn it back into what people were shown.
+    """
     prompt = session_of(chat_stream, request).get_session().get(CHAT_PROMPT_KEY)
     messages = []
-    for content in prompt.chat_contents if prompt is not None else []:
-        role = _HISTORY_ROLES.get(content.get_role_type())
-        if role is not None and content.get_message() is not None:  # None: a reply still to come
-            messages.append({"role": role, "content": content.get_message(), "id": content.get_message_id()})
+    if prompt is not None:
+        shown = prompt.get_replacement_when_output()
+        for content in prompt.chat_contents:
+            role = _HISTORY_ROLES.get(content.get_role_type())
+            text = content.get_message()
+            if role is not None and text is not None:  # None: a reply still to come
+                text = prompt.replace_string(text, shown)
+                messages.append({"role": role, "content": text, "id": content.get_message_id()})
     return JSONResponse({"success": True, "message": "success", "messages": messages})
 
 

@@ -147,3 +147,17 @@ def test_outside_chat_mode_the_reply_is_the_users_text_and_its_continuation(
     text, prompt = chat_once(serve, make_chat_stream(chat_prompt_clazz=Completion), "Once upon")
     assert text == ("Once upon" + raw).strip()
     assert prompt.get_responder_last_msg() == text
+
+
+def test_get_history_shows_the_conversation_in_peoples_spelling(serve: Any) -> None:
+    chat_stream = ChatStream(
+        engine=MockEngine(tokens_per_second=1000), chat_prompt_clazz=prompt_class([("<NL>", "\n")])
+    )
+    app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"include": ["get_history"]})
+    try:
+        with serve(app).client() as client:
+            assert client.post("/chat_stream", json={"user_input": "one\ntwo"}).text == "one\ntwo"
+            messages = client.get("/get_history").json()["messages"]
+    finally:
+        chat_stream.close()
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "one\ntwo"), ("assistant", "one\ntwo")]
