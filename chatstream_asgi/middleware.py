@@ -41,10 +41,12 @@ from chatstream_asgi.errors import (
     BodyTooLarge,
     ChatStreamError,
     SessionStoreUnavailable,
+    SessionValueNotStorable,
     ShuttingDown,
     send_error,
 )
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.lazy_session import LazySession
 from chatstream_asgi.openai_api import chat_completions, models_response, openai_error
 from chatstream_asgi.routes import API_METHODS, PAGE_APIS, SESSION_APIS, ApiOptions, enabled_apis, handle_api
 from chatstream_asgi.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
@@ -151,7 +153,7 @@ class ChatStreamMiddleware:
             return
         match = self._match(get_route_path(scope), scope["method"])
         if match is None:
-            await self.app(scope, receive, send)
+            await self._passthrough(scope, receive, send)
             return
         handler, needed, shape = match
         telemetry = start_request(scope, self._metrics, log_content=self.log_content)
@@ -233,6 +235,51 @@ class ChatStreamMiddleware:
         if self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
             return page, "chat", "plain"
         return None
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's own routes: `request.state.session` is there for them, opened only if read."""
+        store, prompt_from_dict = self.session_store, self.chat_stream.prompt_from_dict
+        lazy = LazySession(scope, self.session_cookie, self._signer, store, prompt_from_dict)
+        scope["state"] = {**scope.get("state", {}), "session": lazy}
+        try:
+            await self.app(scope, receive, self._session_send(lambda: lazy.opened, send, chatstream_shape=False))
+        finally:
+            if lazy.opened is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._persist(lazy.opened)
+
+    def _session_send(self, opened: Callable[[], Session | None], send: Send, *, chatstream_shape: bool) -> Send:
+        """`send` that, as the response starts, refuses a session holding a value JSON cannot
+        hold (500, naming the key: the app's changes are all made by then) and sets a new
+        session's cookie."""
+        refused = False
+
+        async def send_with_session(message: Message) -> None:
+            nonlocal refused
+            if refused:  # the app's own response was replaced by the error
+                return
+            session = opened()
+            if session is not None and message["type"] == "http.response.start":
+                try:
+                    session.check_storable()
+                except SessionValueNotStorable as error:
+                    refused = True
+                    await send_error(send, error, chatstream_shape=chatstream_shape)
+                    return
+                # Not for a route nobody serves: a 404 or 405 starts no conversation.
+                if session.is_new and message["status"] not in (404, 405):
+                    cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
+                    message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        return send_with_session
+
+    async def _persist(self, session: Session) -> None:
+        """Store a session's marked changes once its response is out (a failure can only be logged)."""
+        try:
+            await session.persist()
+        except (SessionStoreUnavailable, SessionValueNotStorable) as error:
+            logger.warning("session %s not saved: %s", session.session_id, error.detail)
 
     async def _authorized(self, scope: Scope, send: Send, needed: str, shape: str) -> bool:
         """With `api_keys` set, check `Authorization: Bearer <key>` before anything else: 401
@@ -391,21 +438,11 @@ class ChatStreamMiddleware:
             return
         scope["state"] = {**scope.get("state", {}), "session": session}
 
-        async def send_with_cookie(message: Message) -> None:
-            # Not for a route nobody serves: a 404 or 405 starts no conversation.
-            if message["type"] == "http.response.start" and session.is_new and message["status"] not in (404, 405):
-                cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
-                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
-            await send(message)
-
         try:
-            await run(session, send_with_cookie)
+            await run(session, self._session_send(lambda: session, send, chatstream_shape=chatstream_shape))
         finally:
             with anyio.CancelScope(shield=True):
-                try:
-                    await session.persist()
-                except SessionStoreUnavailable as error:  # the response is out; say so in the log
-                    logger.warning("session %s not saved: %s", session.session_id, error.detail)
+                await self._persist(session)
                 await session.unlock_turn()
 
     async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: str) -> bytes | None:

@@ -213,6 +213,11 @@ class MemoryStore:
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
         await anyio.lowlevel.checkpoint()
+        return self.load_now(session_id)
+
+    def load_now(self, session_id: str) -> dict[str, Any] | None:
+        """`load` without waiting: memory answers at once, so a route's synchronous
+        `request.state.session.get_session()` can open its session lazily."""
         entry = self._entries.get(session_id)
         if entry is None:
             return None
@@ -337,8 +342,24 @@ class Session:
         its id: we issued it, and a second id would split one client's conversation in two.
         """
         if session_id is None:
-            return cls(CookieSigner.new_session_id(), {}, is_new=True, store=store, prompt_from_dict=prompt_from_dict)
-        data = dict(await store.load(session_id) or {})
+            return cls.open_new(store, prompt_from_dict)
+        return cls.from_stored(session_id, await store.load(session_id), store, prompt_from_dict)
+
+    @classmethod
+    def open_new(cls, store: SessionStore, prompt_from_dict: Callable[[dict[str, Any]], AbstractChatPrompt]) -> Session:
+        """A new, empty session with a fresh id."""
+        return cls(CookieSigner.new_session_id(), {}, is_new=True, store=store, prompt_from_dict=prompt_from_dict)
+
+    @classmethod
+    def from_stored(
+        cls,
+        session_id: str,
+        stored: dict[str, Any] | None,
+        store: SessionStore,
+        prompt_from_dict: Callable[[dict[str, Any]], AbstractChatPrompt],
+    ) -> Session:
+        """The session `session_id` from what its store returned (None: nothing stored)."""
+        data = dict(stored or {})
         if isinstance(data.get(CHAT_PROMPT_KEY), dict):
             data[CHAT_PROMPT_KEY] = prompt_from_dict(data[CHAT_PROMPT_KEY])
         return cls(session_id, data, is_new=False, store=store, prompt_from_dict=prompt_from_dict)

@@ -12,7 +12,8 @@ middleware's three jobs itself:
   and again by the response while it streams, so the outcomes are the same as behind the middleware.
 
 What only the middleware gives: a bounded body read before any app code runs, a session store
-shared by replicas (`RedisStore`) and so 409 `session_busy` across them, sessions on every path,
+shared by replicas (`RedisStore`) and so 409 `session_busy` across them, sessions on every path
+(behind the middleware, a chat endpoint on a path of the app's own uses the middleware's session),
 and freeing the slot of a response an endpoint admitted but never returned.
 """
 
@@ -26,7 +27,9 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request, cookie_parser
 from starlette.responses import Response
 
+from chatstream_asgi.errors import SessionStoreUnavailable, error_response
 from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.lazy_session import LazySession
 from chatstream_asgi.session import CookieSigner, MemoryStore, Session, TurnSession
 from chatstream_asgi.turn import AdmittedResponse, OutcomeCallback
 from chatstream_asgi.waiting import WaitingResponse
@@ -105,6 +108,8 @@ class AttachedSession:
 def attached_session(request: Request, sessions: FallbackSessions) -> TurnSession | None:
     """The session in `request.state.session`, if something attached one."""
     attached = request.scope.get("state", {}).get("session")
+    if isinstance(attached, LazySession) and attached.opened is not None:
+        attached = attached.opened
     if isinstance(attached, Session):
         return attached
     if attached is not None and callable(getattr(attached, "get_session", None)):
@@ -122,6 +127,12 @@ async def handle_without_middleware(
         except ClientDisconnect:  # left before its request was read: it never reached admission
             return Response(status_code=_CLIENT_CLOSED_REQUEST)
     sessions = chat_stream.fallback_sessions
+    lazy = request.scope.get("state", {}).get("session")
+    if isinstance(lazy, LazySession):  # behind our middleware, on a path of the app's own: our session
+        try:
+            await lazy.load()
+        except SessionStoreUnavailable as error:
+            return error_response(error)
     session = attached_session(request, sessions)
     cookie: str | None = None
     if session is None:
