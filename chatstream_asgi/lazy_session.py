@@ -68,6 +68,10 @@ class LazySession:
         """The session's id."""
         return self._open_now().session_id
 
+    def named_by_cookie(self) -> bool:
+        """Whether the request carries a cookie naming a session of ours."""
+        return self._session_id() is not None
+
     def _open_now(self) -> Session:
         if self._session is None:
             load_now = getattr(self._store, "load_now", None)

@@ -12,7 +12,8 @@
 
 A request carrying a header that matches a program's role gets that role; otherwise a request
 with a session is a browser (its promoted role, else the browser default), and one without is a
-program (the program default, if any). A refused call gets 403 in ChatStream's shape. Unlike
+program (the program default, if any); on routes where the middleware opens sessions only when
+read, a request without our session cookie counts as having none. A refused call gets 403 in ChatStream's shape. Unlike
 ChatStream, a malformed definition (unknown API or method) is refused when the server starts.
 """
 

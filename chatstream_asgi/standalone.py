@@ -108,8 +108,10 @@ class AttachedSession:
 def attached_session(request: Request, sessions: FallbackSessions) -> TurnSession | None:
     """The session in `request.state.session`, if something attached one."""
     attached = request.scope.get("state", {}).get("session")
-    if isinstance(attached, LazySession) and attached.opened is not None:
-        attached = attached.opened
+    if isinstance(attached, LazySession):
+        if attached.opened is None and not attached.named_by_cookie():
+            return None  # a client without our cookie has no session yet (a program, to client_roles)
+        attached = attached.opened or attached
     if isinstance(attached, Session):
         return attached
     if attached is not None and callable(getattr(attached, "get_session", None)):
