@@ -121,7 +121,9 @@ async def test_websocket_passes_through_untouched_and_lifespan_keeps_its_send(
     assert "chatstream_asgi.exchange" not in seen[0]
 
 
-async def test_other_paths_get_the_servers_own_receive_and_send(make_chat_stream: Any, anyio_backend: str) -> None:
+async def test_other_paths_get_the_servers_own_receive_and_an_unopened_session(
+    make_chat_stream: Any, anyio_backend: str
+) -> None:
     calls: list[tuple[Any, Any, Any]] = []
 
     async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -132,8 +134,9 @@ async def test_other_paths_get_the_servers_own_receive_and_send(make_chat_stream
     scope = _scope("/elsewhere")
     await app(scope, client.receive, client.send)
     ((passed_scope, receive, send),) = calls
-    assert passed_scope is scope and set(scope) == set(_scope("/elsewhere"))
-    assert receive == client.receive and send == client.send
+    assert passed_scope is scope and set(scope) == set(_scope("/elsewhere")) | {"state"}
+    assert receive == client.receive  # the body is never read or copied
+    assert scope["state"]["session"].opened is None  # nothing is loaded until a route reads it
 
 
 async def test_root_path_is_respected_when_matching_the_chat_path(make_chat_stream: Any, anyio_backend: str) -> None:
