@@ -133,7 +133,7 @@ async def test_other_paths_get_the_servers_own_receive_and_an_unopened_session(
     client = ScriptedClient(b"{}")
     scope = _scope("/elsewhere")
     await app(scope, client.receive, client.send)
-    ((passed_scope, receive, send),) = calls
+    ((passed_scope, receive, _),) = calls
     assert passed_scope is scope and set(scope) == set(_scope("/elsewhere")) | {"state"}
     assert receive == client.receive  # the body is never read or copied
     assert scope["state"]["session"].opened is None  # nothing is loaded until a route reads it
