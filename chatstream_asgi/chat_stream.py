@@ -19,7 +19,7 @@ import transformers
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chatstream_asgi.admission import Admission, Slot
+from chatstream_asgi.admission import ADMISSION_POLICIES, Admission, AdmissionPolicy, Slot
 from chatstream_asgi.app_setup import append_middlewares
 from chatstream_asgi.compat import DEFAULT, resolve_defaults
 from chatstream_asgi.console import ConsoleConversation
@@ -53,7 +53,7 @@ from chatstream_asgi.turn import (
     report_outcome,
     wait_for_slot,
 )
-from chatstream_asgi.waiting import WaitingResponse, queue_deadline
+from chatstream_asgi.waiting import WaitingResponse, client_identity, queue_deadline
 from chatstream_asgi.wire import CHATSTREAM_EOS, STREAM_FORMATS, StreamFormat, choose_format, encoder_for
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class ChatStream:
     A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
     can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
     `max_queue_wait` (seconds) bounds a request's wait for a slot: past it, 503 `queue_timeout`.
+    `admission="fair"` takes turns between clients (API keys, else addresses; `X-Forwarded-For`
+    only with `trust_forwarded=True`) instead of serving waiters in arrival order.
     """
 
     def __init__(
@@ -116,6 +118,8 @@ class ChatStream:
         batching: bool | None = None,
         conversation_cache_bytes: int | None = None,
         max_queue_wait: float | None = None,
+        admission: AdmissionPolicy = "fifo",
+        trust_forwarded: bool = False,
         **chatstream_options: Any,
     ) -> None:
         chosen = resolve_defaults(
@@ -151,6 +155,8 @@ class ChatStream:
             )
         if stream_format not in STREAM_FORMATS:
             raise ValueError(f"stream_format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
+        if admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, not {admission!r}")
         if max_queue_wait is not None and not max_queue_wait > 0:
             raise ValueError(f"max_queue_wait must be positive seconds or None, not {max_queue_wait!r}")
         if context_len <= max_new_tokens:
@@ -209,7 +215,11 @@ class ChatStream:
         self.name = name or _model_name(self.engine)
         #: Seconds a request may wait for a slot before 503 `queue_timeout` (None: as long as it takes).
         self.max_queue_wait = max_queue_wait
-        self.admission = Admission(num_of_concurrent_executions, max_queue_size, replicas=len(self.engines))
+        #: Whether the client address for fair turns may come from `X-Forwarded-For` (a proxy in front).
+        self.trust_forwarded = trust_forwarded
+        self.admission = Admission(
+            num_of_concurrent_executions, max_queue_size, replicas=len(self.engines), policy=admission
+        )
         #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
         self.client_roles: dict[str, Any] | None = chosen["client_roles"]
         self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
@@ -295,7 +305,7 @@ class ChatStream:
                 prompt = self._session_prompt(session)
                 if turn.regenerate and not prompt.has_reply_to_regenerate():
                     raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-                ticket = self.admission.enter(max_wait=max_wait)
+                ticket = self.admission.enter(client_identity(request.scope, self.trust_forwarded), max_wait)
                 # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
                 queued = ticket.slot is None and stream_format == "sse"
                 slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)

@@ -59,6 +59,7 @@ from chatstream_asgi.telemetry import (
     unbind_request_id,
 )
 from chatstream_asgi.turn import OutcomeCallback
+from chatstream_asgi.waiting import API_KEY_SCOPE_KEY
 from chatstream_asgi.webui import ChatPage
 
 if TYPE_CHECKING:
@@ -286,8 +287,10 @@ class ChatStreamMiddleware:
         without a valid key, 403 with a key that lacks the `needed` scope."""
         if not self._api_keys:
             return True
-        refusal = self._api_keys.refusal(Headers(scope=scope).get("authorization", ""), needed)
+        authorization = Headers(scope=scope).get("authorization", "")
+        refusal = self._api_keys.refusal(authorization, needed)
         if refusal is None:
+            scope[API_KEY_SCOPE_KEY] = authorization.partition(" ")[2].strip()  # whose turn it is under fair admission
             return True
         await self._refuse(scope, send, refusal, shape)
         return False

@@ -43,7 +43,7 @@ from chatstream_asgi.turn import (
     report_outcome,
     wait_for_slot,
 )
-from chatstream_asgi.waiting import WaitingResponse, queue_deadline
+from chatstream_asgi.waiting import WaitingResponse, client_identity, queue_deadline
 
 if TYPE_CHECKING:
     from chatstream_asgi.admission import Slot
@@ -170,7 +170,7 @@ async def chat_completions(
     try:
         completion = parse_completion_request(exchange.body, chat_stream)
         max_wait = queue_deadline(request.scope, chat_stream.max_queue_wait)
-        ticket = chat_stream.admission.enter(max_wait=max_wait)
+        ticket = chat_stream.admission.enter(client_identity(request.scope, chat_stream.trust_forwarded), max_wait)
         # Queue chunks only for a client that asked: strict OpenAI clients see a silent wait.
         queued = ticket.slot is None and completion.stream and completion.include_queue_status
         slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)

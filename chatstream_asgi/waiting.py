@@ -1,4 +1,8 @@
-"""Waiting over HTTP: how long a client will wait for a slot, and what it sees meanwhile.
+"""Waiting over HTTP: who waits, how long it will wait for a slot, and what it sees meanwhile.
+
+Under fair admission, turns go round the clients: a client is its API key when the middleware
+checked one, else its address (the last `X-Forwarded-For` entry, the one the proxy in front
+saw, only with `trust_forwarded=True`, since a client can write any header itself).
 
 `X-ChatStream-Deadline: <seconds>` is the client's own limit on its wait in the queue; with
 `ChatStream(max_queue_wait=...)` the smaller of the two wins. A request still waiting at its
@@ -35,6 +39,21 @@ from chatstream_asgi.turn import (
 )
 
 DEADLINE_HEADER = "X-ChatStream-Deadline"
+#: Where the middleware leaves the API key a request was admitted with.
+API_KEY_SCOPE_KEY = "chatstream_asgi.api_key"
+
+
+def client_identity(scope: Scope, trust_forwarded: bool) -> tuple[str, str]:
+    """Who a request is for fair turns: `("key", ...)` or `("address", ...)`."""
+    api_key = scope.get(API_KEY_SCOPE_KEY)
+    if isinstance(api_key, str):
+        return ("key", api_key)
+    if trust_forwarded:
+        forwarded = Headers(scope=scope).get("x-forwarded-for", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return ("address", forwarded)
+    client = scope.get("client")
+    return ("address", client[0] if client else "")
 
 
 def queue_deadline(scope: Scope, max_queue_wait: float | None) -> float | None:

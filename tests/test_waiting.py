@@ -17,7 +17,7 @@ import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
-from chatstream_asgi.waiting import queue_deadline
+from chatstream_asgi.waiting import API_KEY_SCOPE_KEY, client_identity, queue_deadline
 
 from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
 
@@ -65,7 +65,9 @@ def busy_server(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> Iterato
     release = threading.Event()
     sockets: list[Any] = []
 
-    def start(ping_interval: float = 15.0, **kwargs: Any) -> tuple[Any, Any, Outcomes]:
+    def start(
+        ping_interval: float = 15.0, api_keys: list[str] | None = None, **kwargs: Any
+    ) -> tuple[Any, Any, Outcomes]:
         kwargs.setdefault("num_of_concurrent_executions", 1)
         chat_stream = make_chat_stream(**kwargs)
         hooks.hold = release  # after the engine's warm-up, which runs the model too
@@ -74,9 +76,11 @@ def busy_server(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> Iterato
         app = ChatStreamMiddleware(
             Starlette(), chat_stream=chat_stream, serve=True, openai=True, callback=outcomes,
             ping_interval=ping_interval,
+            api_keys=api_keys,
         )
         server = serve(app)
-        sockets.append(open_chat(server.url, "I hold the slot"))
+        auth = {"Authorization": f"Bearer {api_keys[0]}"} if api_keys else {}
+        sockets.append(open_stream(server.url, "/chat_stream", {"user_input": "I hold the slot"}, auth))
         assert hooks.prefill_started.wait(30)
         return server, chat_stream, outcomes
 
@@ -237,3 +241,56 @@ def test_v1_stream_gets_queue_chunks_only_when_it_asks(busy_server: Any, hooks: 
     ids = {json.loads(line)["id"] for line in re.findall(rb"data: (\{[^\n]*\})\n\n", waiter.data)}
     assert ids == {chunk["id"]}  # the queue chunks belong to the completion that follows
     assert "success" in outcomes.wait(2)
+
+
+def _queue_position(server: Any, headers: dict[str, str]) -> Frames:
+    waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, headers))
+    waiter.until(QUEUE_EVENT)
+    return waiter
+
+
+@pytest.mark.parametrize(
+    ("options", "client_a", "client_b"),
+    [
+        ({"trust_forwarded": True}, {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.9, 10.0.0.2"}),
+        ({"api_keys": ["key-a", "key-b"]}, {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}),
+    ],
+    ids=["by-forwarded-address", "by-api-key"],
+)
+def test_fair_admission_puts_a_one_request_client_ahead_of_anothers_burst(
+    busy_server: Any, options: dict[str, Any], client_a: dict[str, str], client_b: dict[str, str]
+) -> None:
+    server, chat_stream, _ = busy_server(admission="fair", **options)
+    burst = [_queue_position(server, client_a) for _ in range(3)]
+    assert [QUEUE_EVENT.findall(w.data) for w in burst] == [[b'{"position": 1, "eta_s": 1.0}']] + [
+        [f'{{"position": {n}, "eta_s": {float(n)}}}'.encode()] for n in (2, 3)
+    ]
+    single = _queue_position(server, client_b)
+    assert QUEUE_EVENT.findall(single.data)[0].startswith(b'{"position": 2,')
+    assert [frame["position"] for frame in burst[2].until(QUEUE_EVENT, 2)] == [3, 4]  # the burst's tail moved back
+    assert [frame["position"] for frame in burst[1].until(QUEUE_EVENT, 2)] == [2, 3]
+    assert chat_stream.load()["waiting"] == 4
+
+
+def test_fifo_admission_keeps_arrival_order_whoever_the_clients_are(busy_server: Any) -> None:
+    server, _, _ = busy_server()
+    burst = [_queue_position(server, {"X-Forwarded-For": "10.0.0.1"}) for _ in range(3)]
+    assert len(burst) == 3  # held open: a closed socket would leave the queue
+    single = _queue_position(server, {"X-Forwarded-For": "10.0.0.2"})
+    assert QUEUE_EVENT.findall(single.data)[0].startswith(b'{"position": 4,')
+
+
+def test_client_for_fair_turns_is_its_api_key_else_its_address_and_forwarded_only_when_trusted() -> None:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "client": ("192.0.2.7", 5000),
+        "headers": [(b"x-forwarded-for", b"198.51.100.1, 203.0.113.5")],
+    }
+    assert client_identity(scope, trust_forwarded=False) == ("address", "192.0.2.7")
+    assert client_identity(scope, trust_forwarded=True) == ("address", "203.0.113.5")  # what the proxy saw
+    assert client_identity({**scope, API_KEY_SCOPE_KEY: "k"}, trust_forwarded=True) == ("key", "k")
+
+
+def test_unknown_admission_policy_is_refused_naming_it(make_chat_stream: Any) -> None:
+    with pytest.raises(ValueError, match="admission must be one of fifo, fair, not 'lifo'"):
+        make_chat_stream(admission="lifo")
