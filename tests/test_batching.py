@@ -215,3 +215,46 @@ async def test_a_failure_outside_the_model_fails_its_requests_and_the_engine_goe
     calls["broken"] = False
     _, stats = await _reply(engine, "second", max_new_tokens=10)
     assert stats.finish_reason == "length" and stats.completion_tokens == 10
+
+
+def test_a_decode_failure_of_one_row_fails_only_that_chat(
+    make_chat_stream: Any, serve: Any, model: Any, tokenizer: Any, hooks: ModelHooks
+) -> None:
+    from starlette.applications import Starlette
+
+    from chatstream_asgi import ChatStreamMiddleware
+
+    from .conftest import Outcomes, open_chat, read_first_text, read_until
+
+    short, long = "hi", "tell me a much longer story about the sea " * 4
+
+    def prompt_length(text: str) -> int:
+        messages = [{"role": "user", "content": text}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    poison = prompt_length(short) + 1  # the short chat's second decode step; the long one never gets there
+    assert prompt_length(long) > poison
+
+    def fail_at_poison(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        positions = kwargs.get("position_ids")
+        if positions is not None and kwargs["input_ids"].shape[1] == 1 and bool((positions == poison).any()):
+            raise RuntimeError("simulated failure of one row")
+
+    model.register_forward_pre_hook(fail_at_poison, with_kwargs=True)
+    hooks.step_delay = 0.02
+    chat_stream = make_chat_stream(num_of_concurrent_executions=2, max_new_tokens=30)
+    outcomes = Outcomes()
+    live = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, callback=outcomes))
+    survivor = open_chat(live.url, long)
+    read_first_text(survivor)  # streaming, so the short chat joins its batch
+    with live.client() as client:
+        failed = client.post("/chat_stream", json={"user_input": short})
+    read_until(survivor, b"0\r\n\r\n")
+    survivor.close()
+    outcomes.wait(2)
+    history = {outcome: request.state.session.get_session()["chat_prompt"] for request, outcome in outcomes.calls}
+    assert failed.status_code == 200
+    assert sorted(history) == ["success", "unknown_error_occurred"]
+    assert history["success"].get_requester_last_msg() == long  # the failed one left no history
+    assert history["success"].get_responder_last_msg() == greedy_reply(model, tokenizer, long, 30)

@@ -151,6 +151,16 @@ def _layers(cache: DynamicCache) -> Layers:
     return layers
 
 
+def _cached_length(layer: Any) -> int:
+    """How many positions a cache layer holds."""
+    return int(_keys_values(layer)[0].shape[-2])
+
+
+def _keys_values(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
     if amount == 0:
         return tensor
@@ -286,6 +296,8 @@ class BatchingEngine(LocalEngine):
         if not batch.rows:
             return
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        assert batch.cache is not None
+        lengths = [_cached_length(layer) for layer in batch.cache.layers]
         try:
             out = self.model(
                 input_ids=batch.tokens,
@@ -295,15 +307,23 @@ class BatchingEngine(LocalEngine):
                 use_cache=True,
                 logits_to_keep=1,
             )
+            logits, cache = out.logits[:, -1, :], out.cache
+        except Exception:
+            logger.exception("batched decode step failed; stepping its rows one at a time to find whose it was")
+            apart = self._forward_apart(batch, lengths)
+            if apart is None:
+                return
+            logits, cache = apart
+        try:
             assert batch.sampling is not None
-            tokens = batch.sampling.sample(out.logits[:, -1, :])
-        except Exception as error:  # a batched step cannot say whose fault it was: fail them all
-            logger.exception("batched decode step failed")
+            tokens = batch.sampling.sample(logits)
+        except Exception as error:  # sampling the batch at once cannot say whose fault it was
+            logger.exception("batched sampling failed")
             for row in batch.rows:
                 row.job.fail(error)
             batch.clear()
             return
-        batch.cache = out.cache
+        batch.cache = cache
         batch.positions = batch.positions + 1
         batch.tokens = tokens.view(-1, 1)
         keep = [
@@ -323,6 +343,55 @@ class BatchingEngine(LocalEngine):
     def _keep_conversation(self, row: _Row, length: int, layers: Layers) -> None:
         """Keep the keys and values of a finished row's first `length` tokens."""
         self.conversations.put(torch.tensor(row.ids[:length]), layers, extends=row.hit)
+
+    def _forward_apart(self, batch: _Batch, lengths: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
+        """After a batched decode step failed, run each row's step alone: a row whose own step
+        fails fails; the others go on, in a batch of their own logits and cache. None: no row
+        is left. The cache is first cut back to `lengths`, undoing the failed step's writes."""
+        assert batch.cache is not None
+        for layer, length in zip(batch.cache.layers, lengths, strict=True):
+            assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+        keep: list[int] = []
+        logits: list[torch.Tensor] = []
+        caches: list[DynamicCache] = []
+        for index, row in enumerate(batch.rows):
+            alone = DynamicCache(config=self.model.config)
+            for number, layer in enumerate(batch.cache.layers):
+                keys, values = _keys_values(layer)
+                alone.update(keys[index : index + 1], values[index : index + 1], number)
+            try:
+                out = self.model(
+                    input_ids=batch.tokens[index : index + 1],
+                    attention_mask=batch.mask[index : index + 1],
+                    position_ids=batch.positions[index : index + 1],
+                    cache=alone,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            except Exception as error:  # this row's own step fails: it is this row's failure
+                logger.exception("decode step of one generation failed")
+                row.job.fail(error)
+                continue
+            keep.append(index)
+            logits.append(out.logits[:, -1, :])
+            caches.append(out.cache)
+        if not keep:
+            batch.clear()
+            return None
+        merged = DynamicCache(config=self.model.config)
+        for number in range(len(lengths)):
+            parts = [_keys_values(cache.layers[number]) for cache in caches]
+            merged.update(torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), number)
+        selected = torch.tensor(keep, device=batch.mask.device)
+        batch.mask = batch.mask[selected]
+        batch.positions = batch.positions[selected]
+        batch.tokens = batch.tokens[selected]
+        batch.rows = [batch.rows[i] for i in keep]
+        assert batch.sampling is not None
+        batch.sampling = batch.sampling.select(selected)
+        return torch.cat(logits), merged
 
     def _emit(self, row: _Row, token: int) -> bool:
         """Hand one token to its job; False (and the job finished) when the row is done."""
