@@ -410,7 +410,8 @@ class ChatStream:
         return await handle_api(self, "get_resource_usage", request, {})
 
     def close(self) -> None:
-        """Stop the engines' threads (they finish what they run first)."""
+        """Stop the engines' threads: they finish what they run first, and this waits for them
+        (bounded), so call it off the event loop (`anyio.to_thread.run_sync(chat_stream.close)`)."""
         for engine in self.engines:
             engine.close()
 

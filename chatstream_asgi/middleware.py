@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 from starlette._utils import get_route_path
 from starlette.datastructures import Headers
 from starlette.requests import Request, cookie_parser
@@ -214,7 +215,7 @@ class ChatStreamMiddleware:
                 await self._idle.wait()
         if self._in_flight:
             logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
-        self.chat_stream.close()
+        await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
 
     def _match(self, route: str, method: str) -> tuple[_Handler, str | None, str] | None:
         """The handler of a route this middleware serves, the key scope it needs (None: no key),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +31,8 @@ logger = request_logger(__name__)
 # Seconds a cancelled generation may take to stop (one decode step, or a long prefill) before
 # its slot is freed regardless.
 _STOP_GRACE = 120.0
+# Seconds `close()` waits for the threads to leave: they are idle, or end a step, long before.
+_CLOSE_WAIT = 10.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -183,9 +186,18 @@ class LocalEngine:
                 logger.error("the engine did not stop within %s s of a cancel; freeing the slot anyway", _STOP_GRACE)
 
     def close(self) -> None:
-        """Let the threads exit once they finish what they run."""
+        """Let the threads exit once they finish what they run, and wait for them (bounded).
+
+        Blocking, so call it off the event loop. Waiting matters: a daemon thread still inside a
+        torch kernel when the interpreter exits aborts the process ("terminate called without an
+        active exception") instead of letting it exit 0.
+        """
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + _CLOSE_WAIT
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _warm_up_once(self, warm_up: Any) -> None:
         """Run `warm_up` (a tiny generation) so the first user does not pay for lazy set-up."""
