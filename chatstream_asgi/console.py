@@ -25,6 +25,7 @@ import anyio.lowlevel
 
 from chatstream_asgi.engine.base import GenerationFailed
 from chatstream_asgi.errors import ChatStreamError, NothingToRegenerate
+from chatstream_asgi.reply import ReplyShaper
 
 if TYPE_CHECKING:
     from chatstream_asgi.chat_stream import ChatStream
@@ -65,12 +66,17 @@ class ConsoleConversation:
                 prompt.add_requester_msg(user_input)
                 prompt.add_responder_msg(None)
             engine = chat_stream.engines[slot.replica]
+            shaper = ReplyShaper.for_prompt(prompt)  # the prompt class's output replacements, as on the server
             async with engine.generate(prompt.clone(), chat_stream.params, context_len=chat_stream.context_len) as gen:
                 while (text := await gen.next_text(60.0)) is not None:
                     if text:
                         shown += text
-                        prompt.set_responder_last_msg(shown)
+                        prompt.set_responder_last_msg(shown)  # history keeps the model's own spelling
+                        if shaper is not None and not (text := shaper.feed(text)):
+                            continue
                         yield text
+            if shaper is not None and (tail := shaper.flush()):
+                yield tail
         except GenerationFailed:
             shown = ""  # a failed reply is not history
             raise

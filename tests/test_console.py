@@ -14,7 +14,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from chatstream_asgi import ChatStream
+from chatstream_asgi import ChatPrompt, ChatStream
 from chatstream_asgi.console import ConsoleConversation
 from chatstream_asgi.engine.mock import MockEngine
 
@@ -136,3 +136,17 @@ async def test_a_stopped_console_reply_keeps_what_was_shown() -> None:
     assert shown and shown != "alpha beta gamma delta"
     assert conversation.prompt.get_responder_last_msg() == shown
     assert conversation.prompt.get_requester_last_msg() == "alpha beta gamma delta"
+
+
+class _DigitsPrompt(ChatPrompt):
+    def get_replacement_when_output(self) -> list[tuple[str, str]]:
+        return [("two", "2")]
+
+
+@pytest.mark.anyio
+async def test_a_console_reply_shows_the_prompt_classs_output_replacement_and_keeps_the_models_text() -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000), chat_prompt_clazz=_DigitsPrompt)
+    conversation = ConsoleConversation(chat_stream)
+    shown = "".join([piece async for piece in conversation.reply("one two three")])
+    assert shown == "one 2 three"
+    assert conversation.prompt.get_responder_last_msg() == "one two three"
