@@ -133,6 +133,15 @@ async def relay(
     return None
 
 
+def init_streaming_head(response: Response, media_type: str, headers: dict[str, str]) -> None:
+    """Set up a 200 whose body streams later: as StreamingResponse does, no body attribute, so
+    no Content-Length is declared."""
+    response.status_code = 200
+    response.media_type = media_type
+    response.background = None
+    response.init_headers(headers)
+
+
 class AdmittedResponse(Response):
     """The response of a request that holds a slot (see the module docstring)."""
 
@@ -146,11 +155,7 @@ class AdmittedResponse(Response):
         media_type: str,
         headers: dict[str, str],
     ) -> None:
-        # As StreamingResponse does: no body attribute, so no Content-Length is declared.
-        self.status_code = 200
-        self.media_type = media_type
-        self.background = None
-        self.init_headers(headers)
+        init_streaming_head(self, media_type, headers)
         self._request = request
         self._exchange = exchange
         self._slot = slot

@@ -35,6 +35,7 @@ from chatstream_asgi.turn import (
     UNKNOWN_ERROR_OCCURRED,
     AdmittedResponse,
     OutcomeCallback,
+    init_streaming_head,
     report_outcome,
 )
 
@@ -95,11 +96,7 @@ class WaitingResponse(Response):
         start: Callable[[Slot], AdmittedResponse],
         release: Callable[[], Awaitable[None]],
     ) -> None:
-        # As StreamingResponse does: no body attribute, so no Content-Length is declared.
-        self.status_code = 200
-        self.media_type = media_type
-        self.background = None
-        self.init_headers(headers)
+        init_streaming_head(self, media_type, headers)
         self._request = request
         self._exchange = exchange
         self._ticket = ticket
