@@ -26,7 +26,17 @@ from bench.client import MODES, PROMPT
 from bench.harness import ROOT
 from chatstream_asgi.demo_model import build_demo_model
 
-FIGURES = ("overhead", "event_loop", "scaling", "conversation", "disconnect", "bytes", "memory", "passthrough")
+FIGURES = (
+    "overhead",
+    "event_loop",
+    "scaling",
+    "conversation",
+    "prefill",
+    "disconnect",
+    "bytes",
+    "memory",
+    "passthrough",
+)
 
 
 def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, Any]:
@@ -52,6 +62,10 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, 
             results["conversation"] = figures.bench_conversation(
                 large, 3 if quick else 10, 70, 16 if quick else 64, 1 if quick else 3
             )
+        if "prefill" in only:
+            # ~1,500 prompt tokens (the demo tokenizer makes about 3.7 tokens of a word).
+            words, streams = (80, 2) if quick else (400, 7)
+            results["prefill"] = figures.bench_prefill_stall(large, streams, words, 1 if quick else 3)
         if "disconnect" in only:
             results["disconnect"] = figures.bench_disconnect(large, 2 if quick else 15)
         if "bytes" in only:
@@ -139,6 +153,14 @@ def table(r: dict[str, Any]) -> str:
             ms, ratio = c[key]["first_byte_ms"], c[key]["last_over_first"]
             rows.append((f"conversation, 70-word turns, sampled: first byte of turn {turns}, {label}",
                          f"{ms[-1]:.1f} ms", f"turn 1 {ms[0]:.1f} ms", f"{ratio:.2f}x"))  # fmt: skip
+    for label, key in (("chunked prefill", "chunked"), ("each prompt prefilled whole", "whole")):
+        if key in r.get("prefill", {}):
+            f = r["prefill"][key]
+            rows.append((f"long prompt joins ({f['prompt_tokens']} tokens), {label}: running chats' inter-token p99",
+                         f"{f['join_itl_p99_ms']:.1f} ms", f"steady {f['steady_itl_ms']:.1f} ms",
+                         f"{f['p99_over_steady']:.2f}x"))  # fmt: skip
+            rows.append((f"long prompt joins, {label}: its own first byte", f"{f['join_first_byte_ms']:.0f} ms",
+                         "", ""))  # fmt: skip
     if "disconnect" in r:
         d = r["disconnect"]
         rows.append(("disconnect: decode steps after the client left (max)", str(d["steps_after_cancel_max"]),

@@ -21,6 +21,7 @@ from chatstream_asgi import ChatStream, ChatStreamMiddleware
 _model_path = os.environ["BENCH_MODEL"]
 _finished: list[dict[str, Any]] = []
 _cache_bytes = int(os.environ.get("BENCH_CONVERSATION_CACHE_BYTES", "-1"))
+_prefill_chunk = int(os.environ.get("BENCH_PREFILL_CHUNK_TOKENS", "0"))
 
 chat_stream = ChatStream(
     model=AutoModelForCausalLM.from_pretrained(_model_path),
@@ -33,6 +34,8 @@ chat_stream = ChatStream(
     temperature=0,
     # -1 (the default): sized from free memory, as ChatStream does unless told.
     conversation_cache_bytes=None if _cache_bytes < 0 else _cache_bytes,
+    # 0 (the default): chunks sized to cost about one decode step, as ChatStream does unless told.
+    prefill_chunk_tokens=_prefill_chunk or None,
 )
 
 

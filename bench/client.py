@@ -59,12 +59,19 @@ async def chat(
     client: httpx.AsyncClient | None = None,
     leave_after_first_chunk: bool = False,
     path: str = "/chat_stream",
+    reply: Reply | None = None,
 ) -> Reply:
-    """POST `request` and read the streamed reply chunk by chunk (or leave after the first)."""
+    """POST `request` and read the streamed reply chunk by chunk (or leave after the first).
+
+    A `reply` passed in is filled as chunks come, for a caller that watches the stream live.
+    """
     own = client is None
     http = client if client is not None else httpx.AsyncClient(base_url=url, timeout=300)
     try:
-        reply = Reply(started=time.perf_counter())
+        if reply is None:
+            reply = Reply(started=time.perf_counter())
+        else:
+            reply.started = time.perf_counter()
         async with http.stream("POST", path, json=request) as response:
             response.raise_for_status()
             async for chunk in response.aiter_text():

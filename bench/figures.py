@@ -308,6 +308,71 @@ def bench_conversation(path: Path, turns: int, words: int, new_tokens: int, reps
     return results
 
 
+def bench_prefill_stall(path: Path, streams: int, prompt_words: int, reps: int) -> dict[str, Any]:
+    """Inter-token latency of `streams` running chats while a long prompt joins the batch: the p99
+    of their gaps during its prefill ÷ their steady median gap, each round a fresh set of chats
+    and a prompt not seen before (the conversation cache must not help), with chunked prefill
+    (the default) and with each prompt prefilled whole.
+
+    The running chats sample (default settings): a random-weight model's greedy reply can loop
+    on byte tokens that make no whole character, and its text then comes in bursts.
+    """
+
+    seeds = iter(range(1000, 2000))
+
+    async def round_of(url: str) -> dict[str, Any]:
+        replies = [client.Reply(started=time.perf_counter()) for _ in range(streams)]
+        joined = client.Reply(started=0.0)
+        async with anyio.create_task_group() as chats:
+            for reply in replies:
+                chats.start_soon(lambda r=reply: client.chat(url, client.body("sampled", 400), reply=r))
+            with anyio.fail_after(120):
+                while True:  # until all stream, past their start-up; the client's own state: polled
+                    if min(len(reply.chunk_times) for reply in replies) >= 40:
+                        break
+                    await anyio.sleep(0.005)
+            steady_from = max(reply.chunk_times[10] for reply in replies)
+            join_at = time.perf_counter()
+            await client.chat(url, client.body("greedy", 2, _words(prompt_words, next(seeds))), reply=joined)
+            chats.cancel_scope.cancel()  # the running chats have shown what they had to
+        joined_at = joined.chunk_times[0]
+        steady: list[float] = []
+        during: list[float] = []
+        for reply in replies:
+            for start, end in zip(reply.chunk_times, reply.chunk_times[1:], strict=False):
+                if steady_from <= start and end <= join_at:
+                    steady.append(end - start)
+                elif start < joined_at and end > join_at:  # any part of it while the prompt joined
+                    during.append(end - start)
+        return {"steady": steady, "during": during, "join_seconds": joined_at - join_at}
+
+    results: dict[str, Any] = {}
+    for label, chunk in (("chunked", 0), ("whole", 1 << 20)):
+        settings = {"concurrency": streams + 1, "queue": 1, "max_new_tokens": 400, "prefill_chunk_tokens": chunk}
+        with running_server(path, **settings) as (url, _):
+            anyio.run(round_of, url)  # warm-up: long attention paths, and chunk sizes settle
+            rounds = [anyio.run(round_of, url) for _ in range(reps)]
+            prompt_tokens = anyio.run(_finished_prompt_tokens, url)
+        steady = [gap for r in rounds for gap in r["steady"]]
+        during = [gap for r in rounds for gap in r["during"]]
+        steady_ms = statistics.median(steady) * 1e3
+        results[label] = {
+            "prompt_tokens": prompt_tokens,
+            "steady_itl_ms": steady_ms,
+            "join_itl_p99_ms": percentile(during, 0.99) * 1e3,
+            "join_itl_max_ms": max(during) * 1e3,
+            "p99_over_steady": percentile(during, 0.99) * 1e3 / steady_ms,
+            "join_first_byte_ms": statistics.median(r["join_seconds"] for r in rounds) * 1e3,
+        }
+    return results
+
+
+async def _finished_prompt_tokens(url: str) -> int:
+    """Prompt tokens of the last generation the server finished."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        return int((await http.get("/bench/finished")).json()[-1]["prompt_tokens"])
+
+
 def bench_disconnect(path: Path, trials: int) -> dict[str, float]:
     """Decode steps after a client leaves; how soon a waiting request then streams (÷ an idle first byte)."""
 

@@ -82,6 +82,7 @@ class ChatStream:
     per device, each its own copy; `num_of_concurrent_executions` then counts per replica.
     A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
     can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
+    `conversation_cache_bytes` and `prefill_chunk_tokens` tune the batching engine (see it).
     `max_queue_wait` (seconds) bounds a request's wait for a slot: past it, 503 `queue_timeout`.
     `admission="fair"` takes turns between clients (API keys, else addresses; `X-Forwarded-For`
     only with `trust_forwarded=True`) instead of serving waiters in arrival order.
@@ -117,6 +118,7 @@ class ChatStream:
         compat: str | None = None,
         batching: bool | None = None,
         conversation_cache_bytes: int | None = None,
+        prefill_chunk_tokens: int | None = None,
         max_queue_wait: float | None = None,
         admission: AdmissionPolicy = "fifo",
         trust_forwarded: bool = False,
@@ -204,6 +206,7 @@ class ChatStream:
                 num_of_concurrent_executions,
                 batching=batching,
                 conversation_cache_bytes=conversation_cache_bytes,
+                prefill_chunk_tokens=prefill_chunk_tokens,
             )
         if seed is not None:
             transformers.set_seed(seed)
@@ -442,6 +445,7 @@ def _local_replicas(
     *,
     batching: bool,
     conversation_cache_bytes: int | None,
+    prefill_chunk_tokens: int | None,
 ) -> list[Engine]:
     """One engine per device (`BatchingEngine`, or `TransformersEngine` without batching), each
     with a model object of its own.
@@ -459,6 +463,7 @@ def _local_replicas(
                 device=device,
                 max_batch_size=concurrency,
                 conversation_cache_bytes=conversation_cache_bytes,
+                prefill_chunk_tokens=prefill_chunk_tokens,
             )
             for replica, device in zip(models, devices, strict=True)
         ]

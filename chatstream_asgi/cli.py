@@ -151,6 +151,20 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument(
         "--context-len", type=_positive, default=2048, help="prompt + reply tokens (default: %(default)s)"
     )
+    options.add_argument(
+        "--conversation-cache-bytes",
+        type=_byte_size,
+        metavar="SIZE",
+        help="memory for the key/value caches of finished turns, so a chat's next turn prefills only what "
+        "is new: bytes, or with K, M or G (e.g. 2G); 0 turns it off (default: a quarter of free memory)",
+    )
+    options.add_argument(
+        "--prefill-chunk-tokens",
+        type=_positive,
+        metavar="N",
+        help="prefill long prompts N tokens at a time between decode steps (default: sized to cost "
+        "about one decode step while chats stream)",
+    )
     return options
 
 
@@ -195,7 +209,14 @@ def load_chat_stream(args: argparse.Namespace, *, concurrency: int, queue: int) 
     model = _load("model", path, args.model, args.dtype)
     _progress(f"placing the model on {args.device} and warming up ...")
     try:
-        chat_stream = make(model=model, tokenizer=tokenizer, device=args.device, chat_prompt_clazz=prompt_class)
+        chat_stream = make(
+            model=model,
+            tokenizer=tokenizer,
+            device=args.device,
+            chat_prompt_clazz=prompt_class,
+            conversation_cache_bytes=args.conversation_cache_bytes,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
+        )
     except ValueError as error:
         raise CommandError(str(error)) from None
     return chat_stream, source
@@ -448,6 +469,23 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_size(text: str) -> int:
+    """`2G`, `512M`, `64K` or plain bytes."""
+    number, unit = text.strip(), ""
+    if number[-1:].upper() in _BYTE_UNITS:
+        number, unit = number[:-1], number[-1].upper()
+    try:
+        value = float(number) * _BYTE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes or a size like 512M or 2G, not {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return int(value)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,67 @@ def test_a_decode_failure_of_one_row_fails_only_that_chat(
     assert sorted(history) == ["success", "unknown_error_occurred"]
     assert history["success"].get_requester_last_msg() == long  # the failed one left no history
     assert history["success"].get_responder_last_msg() == greedy_reply(model, tokenizer, long, 30)
+
+
+def _group_of(lengths: list[int], config: Any) -> Any:
+    """A group whose rows hold `lengths` tokens, right-aligned (only its shape matters here)."""
+    from chatstream_asgi.engine.batching import _Batch
+
+    group = _Batch(config)
+    width = max(lengths)
+    group.rows = [object() for _ in lengths]  # type: ignore[misc]
+    group.mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    group.positions = torch.tensor([[n] for n in lengths])
+    return group
+
+
+def test_a_row_of_a_similar_length_joins_the_running_group(model: Any) -> None:
+    from chatstream_asgi.engine.batching import _group_for
+
+    groups = [_group_of([180, 150, 200], model.config)]
+    assert _group_for(groups, 260, model.config) is groups[0] and len(groups) == 1
+
+
+def test_a_row_many_times_longer_runs_in_a_group_of_its_own(model: Any) -> None:
+    from chatstream_asgi.engine.batching import _group_for
+
+    groups = [_group_of([180, 150, 200], model.config)]
+    joined = _group_for(groups, 1500, model.config)
+    assert joined is not groups[0] and groups == [groups[0], joined] and not joined.rows
+
+
+def test_past_the_most_groups_a_row_joins_the_one_it_pads_least(model: Any) -> None:
+    from chatstream_asgi.engine.batching import _MAX_GROUPS, _group_for
+
+    groups = [_group_of([10 * 4**i], model.config) for i in range(_MAX_GROUPS)]
+    assert _group_for(groups, 9000, model.config) is groups[-1] and len(groups) == _MAX_GROUPS
+
+
+async def test_a_long_conversation_steps_apart_from_short_chats_and_all_reply_exactly(
+    engine: Any, model: Any, tokenizer: Any
+) -> None:
+    passes: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    long_text = " ".join(f"word{i}" for i in range(80))
+    results: dict[str, str] = {}
+
+    async def short(name: str) -> None:
+        results[name] = (await _reply(engine, name, max_new_tokens=60))[0]
+
+    async def long() -> None:
+        results["long"] = (await _reply(engine, long_text, max_new_tokens=20))[0]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for name in ("one", "two", "three"):
+                tg.start_soon(short, name)
+            tg.start_soon(long)
+    finally:
+        handle.remove()
+    assert (4, 1) not in passes  # never one step padding the short rows to the long one
+    assert (1, 1) in passes and (3, 1) in passes  # the long row's own step beside the short rows'
+    for name in ("one", "two", "three"):
+        assert results[name] == greedy_reply(model, tokenizer, name, 60)
+    assert results["long"] == greedy_reply(model, tokenizer, long_text, 20)

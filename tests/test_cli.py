@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -294,3 +295,25 @@ def test_serve_refuses_an_unknown_key_scope() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "chat, apis, admin" in result.stderr
+
+
+def test_the_batching_engine_takes_its_cache_size_and_prefill_chunk_from_the_command_line(model_dir: Path) -> None:
+    from chatstream_asgi.cli import _parser, load_chat_stream
+
+    args = _parser().parse_args(
+        ["serve", "--model", str(model_dir), "--conversation-cache-bytes", "64M", "--prefill-chunk-tokens", "32"]
+    )
+    chat_stream, _ = load_chat_stream(args, concurrency=1, queue=0)
+    try:
+        engine: Any = chat_stream.engine
+        assert engine.conversations.capacity_bytes == 64 << 20
+        assert engine.chunks.budget(streaming=True) == 32
+    finally:
+        chat_stream.close()
+
+
+@pytest.mark.parametrize("size", ["lots", "-1", "2T"])
+def test_a_cache_size_that_is_not_a_size_is_refused_with_the_expected_form(size: str) -> None:
+    result = _run("serve", "--conversation-cache-bytes", size)
+    assert result.returncode == 2
+    assert "--conversation-cache-bytes" in result.stderr and "Traceback" not in result.stderr

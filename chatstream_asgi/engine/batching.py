@@ -1,9 +1,18 @@
 """`BatchingEngine`: concurrent generations on one replica share every forward pass.
 
 One thread runs a decode loop over a batch that changes at step boundaries. A new request is
-prefilled alone (its prompt through the model once, its own cache), then merged into the
+prefilled alone (its prompt through the model, into a cache of its own), then merged into the
 running batch: caches are left-padded to a common length and an attention mask hides the
-padding, while each row keeps its own position ids. A row leaves on its end token, its length,
+padding, while each row keeps its own position ids.
+
+A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
+already running slow down while it joins instead of stopping for its whole prefill
+(`PrefillChunks` sizes the chunks to cost about one decode step).
+
+Padding costs what real tokens cost: eight short chats padded to one long conversation's length
+attend over (and copy, every step) eight long caches. So rows of very different lengths run in
+separate groups, one forward pass each per step (`_group_for`): a long conversation joining
+short ones costs the step its own row, not seven rows' worth of padding. A row leaves on its end token, its length,
 a stop string or a cancel, without stalling the others; columns no row needs any more are
 trimmed. Each row samples with its own parameters, all rows of a step at once (`BatchSampling`).
 
@@ -25,6 +34,8 @@ from __future__ import annotations
 import inspect
 import logging
 import queue
+import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -52,6 +63,67 @@ def supports_batching(model: Any) -> bool:
     except (TypeError, ValueError, AttributeError):
         return False
     return all(type(layer) is DynamicLayer for layer in layers)
+
+
+class PrefillChunks:
+    """How many prompt tokens to prefill between two decode steps.
+
+    While streams are running, a chunk should cost about one decode step: their next token then
+    comes about twice as late as usual while a prompt joins, not after the whole prompt's
+    prefill. The size follows what the device shows: each timed chunk scales the next one by
+    step seconds ÷ chunk seconds (at most halved or doubled at a time, which settles in a few
+    chunks whatever the model and device). With no stream running nobody waits on the steps, so
+    a prompt goes through in `largest` chunks. `fixed` sets one size for every chunk instead.
+    """
+
+    #: Below this a chunk costs about what a decode step does anyway: smaller saves nothing.
+    smallest = 16
+    #: The most tokens prefilled in one forward pass, which also bounds its activation memory.
+    largest = 2048
+
+    def __init__(self, fixed: int | None = None) -> None:
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"prefill_chunk_tokens must be at least 1, not {fixed}")
+        self.fixed = fixed
+        self._tokens = fixed or 64  # until a chunk has been timed against a step (it grows fast where cheap)
+        self._step_seconds: float | None = None
+
+    def budget(self, streaming: bool) -> int:
+        """Prompt tokens to prefill before the next decode step."""
+        if self.fixed is not None:
+            return self.fixed
+        return self._tokens if streaming else self.largest
+
+    def step_took(self, seconds: float) -> None:
+        """A decode step of the running batch took `seconds`."""
+        if self._step_seconds is None:
+            self._step_seconds = seconds
+        else:
+            self._step_seconds += 0.2 * (seconds - self._step_seconds)
+
+    def chunk_took(self, tokens: int, seconds: float) -> None:
+        """A chunk of `tokens` prompt tokens, run while streams were running, took `seconds`."""
+        if self.fixed is not None or self._step_seconds is None or seconds <= 0:
+            return
+        if tokens < self._tokens // 2:  # a prompt's short last chunk is mostly fixed cost: it misleads
+            return
+        scale = min(2.0, max(0.5, self._step_seconds / seconds))
+        self._tokens = min(self.largest, max(self.smallest, round(tokens * scale)))
+
+
+class _Prefill:
+    """A prompt on its way into the batch: its ids, the cache built so far, how far it got."""
+
+    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor, hit: Hit | None, cache: DynamicCache) -> None:
+        self.job = job
+        self.prompt_ids = prompt_ids  # (1, n)
+        self.hit = hit
+        self.cache = cache
+        self.done = hit.length if hit is not None else 0  # tokens the cache holds keys and values of
+
+    @property
+    def remaining(self) -> int:
+        return int(self.prompt_ids.shape[1]) - self.done
 
 
 class _Row:
@@ -161,6 +233,33 @@ def _keys_values(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
+#: A row joins a group while the group's padding stays at most this share of its cache (rows
+#: whose lengths differ up to about 2x); past it, another forward pass costs less than padding.
+_MAX_PADDING_SHARE = 0.5
+#: Groups in one step at most: each costs a pass over the weights (what dominates a GPU's step).
+_MAX_GROUPS = 4
+
+
+def _padding_share(batch: _Batch, length: int) -> float:
+    """The share of `batch`'s cache that would be padding with a row of `length` tokens added."""
+    width = max(int(batch.mask.shape[1]), length)
+    real = int(batch.positions.sum()) + length
+    area = width * (len(batch.rows) + 1)
+    return 1 - real / area
+
+
+def _group_for(groups: list[_Batch], length: int, config: Any) -> _Batch:
+    """The group a new row of `length` tokens joins: the one it pads least, if within
+    `_MAX_PADDING_SHARE` (or once `_MAX_GROUPS` run), else a new group."""
+    if groups:
+        least = min(groups, key=lambda group: _padding_share(group, length))
+        if _padding_share(least, length) <= _MAX_PADDING_SHARE or len(groups) >= _MAX_GROUPS:
+            return least
+    group = _Batch(config)
+    groups.append(group)
+    return group
+
+
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
     if amount == 0:
         return tensor
@@ -170,11 +269,13 @@ def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
 
 
 class BatchingEngine(LocalEngine):
-    """Generates with a Hugging Face causal LM, all running requests in one batch per step.
+    """Generates with a Hugging Face causal LM, the running requests batched in each step.
 
     `max_batch_size` bounds the rows; admission (`num_of_concurrent_executions`) keeps the
     number of running requests within it. `conversation_cache_bytes` bounds the kept caches of
     finished generations (None: a quarter of the memory free on the device at start; 0: off).
+    `prefill_chunk_tokens` fixes the size of prefill chunks (None: sized to cost about one
+    decode step while streams run; see `PrefillChunks`).
     """
 
     def __init__(
@@ -185,7 +286,9 @@ class BatchingEngine(LocalEngine):
         device: str | torch.device | None = "auto",
         max_batch_size: int = 16,
         conversation_cache_bytes: int | None = None,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
+        self.chunks = PrefillChunks(prefill_chunk_tokens)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         if not supports_batching(model):
@@ -205,28 +308,38 @@ class BatchingEngine(LocalEngine):
     def _work(self) -> None:
         with torch.inference_mode():
             self._warm_up_once(self._warm_up)
-            batch = _Batch(self.model.config)
+            groups: list[_Batch] = []  # the running rows, by length (see the module docstring)
+            prefills: deque[_Prefill] = deque()  # prompts on their way in, first come first
             while True:
-                arrivals = self._arrivals(wait=not batch.rows)
+                arrivals = self._arrivals(wait=not groups and not prefills)
                 if arrivals is None:
                     return
                 try:
-                    self._advance(batch, arrivals)
+                    self._advance(groups, prefills, arrivals)
                 except Exception as error:  # a bug here must not leave requests waiting forever
                     logger.exception("batching engine step failed")
-                    for job in [row.job for row in batch.rows] + arrivals:
+                    running = [row.job for group in groups for row in group.rows]
+                    for job in running + [p.job for p in prefills] + arrivals:
                         job.fail(error)  # (a job that already ended keeps its ending)
-                    batch.clear()
+                    groups.clear()
+                    prefills.clear()
                     self._wakeups.deliver()
 
-    def _advance(self, batch: _Batch, arrivals: list[LocalJob]) -> None:
-        """Take in the arrivals, then run one decode step."""
+    def _advance(self, groups: list[_Batch], prefills: deque[_Prefill], arrivals: list[LocalJob]) -> None:
+        """Take in the arrivals, prefill up to one chunk's worth of prompts, then run one decode step."""
         for job in arrivals:
             job.channel.wakeups = self._wakeups
-            self._join(batch, job)
+            prefill = self._start(job)
+            if prefill is not None:
+                prefills.append(prefill)
+        self._prefill(groups, prefills)
         self._wakeups.deliver()  # first tokens go out now, not after the next step
-        if batch.rows:
-            self._step(batch)
+        if groups:
+            started = time.perf_counter()
+            for group in groups:
+                self._step(group)  # (ends by reading the sampled tokens: the device is done by then)
+            self.chunks.step_took(time.perf_counter() - started)
+            groups[:] = [group for group in groups if group.rows]
             self._wakeups.deliver()  # one trip to the event loop for every row of the step
 
     def _arrivals(self, wait: bool) -> list[LocalJob] | None:
@@ -251,11 +364,11 @@ class BatchingEngine(LocalEngine):
             input_ids=ids, attention_mask=mask, position_ids=position, cache=out.cache, use_cache=True, logits_to_keep=1
         )
 
-    def _join(self, batch: _Batch, job: LocalJob) -> None:
-        """Prefill `job` alone, send its first token, and merge it into the batch (or end it)."""
+    def _start(self, job: LocalJob) -> _Prefill | None:
+        """Tokenize `job`'s prompt and borrow what the conversation cache holds of it; None: it ended."""
         if job.should_stop:  # cancelled while queued for the engine: never start
             job.skip()
-            return
+            return None
         try:
             prompt_ids = self.encode_prompt(job)
             job.start_text(self.tokenizer)
@@ -263,26 +376,63 @@ class BatchingEngine(LocalEngine):
             cache = DynamicCache(config=self.model.config)
             for index, (keys, values) in enumerate(hit.layers if hit is not None else []):
                 cache.update(keys, values, index)
-            job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
-            out = self.model(
-                input_ids=prompt_ids[:, job.stats.cached_prompt_tokens :],
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            row = _Row(job, prompt_ids[0].tolist(), hit)
-            logits = out.logits[:, -1, :]
-            sampling = BatchSampling.for_row(job.params, prompt_ids[0], logits.shape[-1])
-            token = sampling.sample(logits)
-            running = self._emit(row, int(token[0]))
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
-            logger.exception("prefill failed")
+            logger.exception("preparing a prompt failed")
             job.fail(error)
-            return
-        if running:
-            batch.add(row, out.cache, prompt_ids.shape[1], token, sampling)
-        else:
-            self._keep_conversation(row, prompt_ids.shape[1], _layers(out.cache))
+            return None
+        job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
+        return _Prefill(job, prompt_ids, hit, cache)
+
+    def _prefill(self, groups: list[_Batch], prefills: deque[_Prefill]) -> None:
+        """Run the waiting prompts through the model, oldest first, up to one chunk budget; each
+        one that is through sends its first token and joins a group of the batch."""
+        streaming = bool(groups)
+        budget = self.chunks.budget(streaming)
+        while prefills and budget > 0:
+            prefill = prefills[0]
+            if prefill.job.should_stop:  # its client left: not one more chunk
+                prefills.popleft()
+                prefill.job.finish()
+                continue
+            tokens = min(prefill.remaining, budget)
+            budget -= tokens
+            try:
+                started = time.perf_counter()
+                logits = self._prefill_chunk(prefill, tokens)
+                if streaming:
+                    self.chunks.chunk_took(tokens, time.perf_counter() - started)
+                if logits is None:
+                    continue  # more of this prompt next time
+                prefills.popleft()
+                sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
+                token = sampling.sample(logits)
+                row = _Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
+                running = self._emit(row, int(token[0]))
+            except Exception as error:  # reported to the one request it belongs to; the batch goes on
+                logger.exception("prefill failed")
+                if prefills and prefills[0] is prefill:
+                    prefills.popleft()
+                prefill.job.fail(error)
+                continue
+            length = int(prefill.prompt_ids.shape[1])
+            if running:
+                _group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
+            else:
+                self._keep_conversation(row, length, _layers(prefill.cache))
+
+    def _prefill_chunk(self, prefill: _Prefill, tokens: int) -> torch.Tensor | None:
+        """The next `tokens` of the prompt through the model; the last position's logits once the
+        whole prompt is through, else None. Timed by the caller, so it waits for the device."""
+        chunk = prefill.prompt_ids[:, prefill.done : prefill.done + tokens]
+        out = self.model(input_ids=chunk, cache=prefill.cache, use_cache=True, logits_to_keep=1)
+        prefill.cache = out.cache
+        prefill.done += tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if prefill.remaining:
+            return None
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
 
     def _step(self, batch: _Batch) -> None:
         """One decode step for every row; rows that are done leave the batch."""

@@ -1,0 +1,208 @@
+"""Chunked prefill: a long prompt joins the batch a chunk at a time, between decode steps, so the
+streams already running keep streaming while it does, and every reply is still exactly its own."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import anyio
+import pytest
+
+from chatstream_asgi import ChatPrompt
+from chatstream_asgi.engine import BatchingEngine, GenerationStats
+from chatstream_asgi.engine.batching import PrefillChunks
+from chatstream_asgi.params import GenerationParams
+
+from .conftest import HANG_GUARD, ModelHooks, greedy_reply, wait_until
+
+pytestmark = pytest.mark.anyio
+
+CHUNK = 8
+LONG = " ".join(f"word{i}" for i in range(60))  # a prompt of many chunks
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the engine's thread side is backend-neutral; one backend is enough here
+
+
+@pytest.fixture
+def engine(model: Any, tokenizer: Any) -> Any:
+    engine = BatchingEngine(model, tokenizer, device="cpu", max_batch_size=8, prefill_chunk_tokens=CHUNK)
+    assert wait_until(lambda: engine.ready)
+    yield engine
+    engine.close()
+
+
+class ForwardLog:
+    """The number of input tokens of every forward pass, in order: a prefill chunk is a pass of
+    one row over several tokens; a decode step is a pass over one token per row."""
+
+    def __init__(self, model: Any) -> None:
+        self.passes: list[tuple[int, int]] = []  # (rows, tokens)
+        self._lock = threading.Lock()
+        self._handle = model.register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        rows, tokens = kwargs["input_ids"].shape
+        with self._lock:
+            self.passes.append((int(rows), int(tokens)))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _prompt(text: str) -> ChatPrompt:
+    prompt = ChatPrompt()
+    prompt.add_requester_msg(text)
+    prompt.add_responder_msg(None)
+    return prompt
+
+
+async def _reply(engine: Any, text: str, **params: Any) -> tuple[str, GenerationStats]:
+    reply = ""
+    params = {"temperature": 0, **params}
+    async with engine.generate(_prompt(text), GenerationParams(**params), context_len=2048) as gen:
+        while (piece := await gen.next_text(5.0)) is not None:
+            reply += piece
+    return reply, gen.stats
+
+
+async def test_a_prompt_prefilled_in_chunks_replies_exactly_as_generate_does(
+    engine: Any, model: Any, tokenizer: Any
+) -> None:
+    log = ForwardLog(model)
+    try:
+        reply, stats = await _reply(engine, LONG, max_new_tokens=30)
+    finally:
+        log.remove()
+    assert stats.prompt_tokens > 4 * CHUNK
+    assert reply == greedy_reply(model, tokenizer, LONG, 30)
+    chunks = [tokens for rows, tokens in log.passes if tokens > 1]
+    assert max(chunks) == CHUNK and len(chunks) >= stats.prompt_tokens // CHUNK
+
+
+async def test_running_streams_get_a_decode_step_between_the_chunks_of_a_joining_prompt(
+    engine: Any, model: Any, tokenizer: Any
+) -> None:
+    results: dict[str, str] = {}
+    joining = anyio.Event()
+    log = ForwardLog(model)
+
+    async def running() -> None:
+        reply = ""
+        async with engine.generate(
+            _prompt("keep streaming"), GenerationParams(max_new_tokens=120, temperature=0), context_len=2048
+        ) as gen:
+            while (piece := await gen.next_text(5.0)) is not None:
+                reply += piece
+                joining.set()  # the long prompt arrives once this stream runs
+        results["running"] = reply
+
+    async def join() -> None:
+        await joining.wait()
+        results["joining"] = (await _reply(engine, LONG, max_new_tokens=10))[0]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running)
+            tg.start_soon(join)
+    finally:
+        log.remove()
+    chunk_passes = [index for index, (rows, tokens) in enumerate(log.passes) if rows == 1 and tokens == CHUNK]
+    assert len(chunk_passes) >= 4
+    between = [log.passes[a + 1 : b] for a, b in itertools.pairwise(chunk_passes)]
+    assert all(any(tokens == 1 for _, tokens in passes) for passes in between), log.passes
+    assert results["running"] == greedy_reply(model, tokenizer, "keep streaming", 120)
+    assert results["joining"] == greedy_reply(model, tokenizer, LONG, 10)
+
+
+async def test_a_client_leaving_mid_prefill_stops_it_after_the_chunk_in_flight(engine: Any, model: Any) -> None:
+    hooks = ModelHooks(model)
+    hooks.prefill_delay = 0.05  # each chunk takes a while: the cancel lands between two of them
+    async with engine.generate(
+        _prompt(LONG), GenerationParams(max_new_tokens=10, temperature=0), context_len=2048
+    ) as gen:
+        assert hooks.prefill_started.wait(HANG_GUARD)
+        gen.cancel()
+        while await gen.next_text(5.0) is not None:
+            pass
+    assert gen.stats.finish_reason == "cancelled"
+    assert gen.stats.completion_tokens == 0
+    assert hooks.prefills <= 2  # the chunk in flight when it left, and perhaps the one just starting
+    assert hooks.prefills * CHUNK < gen.stats.prompt_tokens
+
+
+async def test_a_failing_chunk_fails_only_its_own_request(engine: Any, model: Any, tokenizer: Any) -> None:
+    calls = {"chunks": 0}
+
+    def fail_third_chunk(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs["input_ids"].shape == (1, CHUNK):
+            calls["chunks"] += 1
+            if calls["chunks"] == 3:
+                raise RuntimeError("simulated failure in a prefill chunk")
+
+    handle = model.register_forward_pre_hook(fail_third_chunk, with_kwargs=True)
+    failed: list[BaseException] = []
+    results: dict[str, str] = {}
+
+    async def doomed() -> None:
+        try:
+            await _reply(engine, LONG, max_new_tokens=10)
+        except Exception as error:
+            failed.append(error)
+
+    async def bystander() -> None:
+        results["bystander"] = (await _reply(engine, "bystander", max_new_tokens=40))[0]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bystander)
+            tg.start_soon(doomed)
+    finally:
+        handle.remove()
+    assert len(failed) == 1 and "simulated failure in a prefill chunk" in str(failed[0])
+    assert results["bystander"] == greedy_reply(model, tokenizer, "bystander", 40)
+    assert (await _reply(engine, LONG, max_new_tokens=10))[0] == greedy_reply(model, tokenizer, LONG, 10)
+
+
+def test_chunks_shrink_until_one_costs_about_a_decode_step() -> None:
+    chunks = PrefillChunks()
+    assert chunks.budget(streaming=False) == PrefillChunks.largest  # nobody to stall
+    chunks.step_took(0.010)
+    for _ in range(20):  # a device where a chunk costs 1 ms per 10 tokens
+        size = chunks.budget(streaming=True)
+        chunks.chunk_took(size, size * 0.0001)
+    assert 90 <= chunks.budget(streaming=True) <= 110
+
+
+def test_chunks_grow_on_a_device_where_prefill_is_cheap() -> None:
+    chunks = PrefillChunks()
+    chunks.step_took(0.010)
+    for _ in range(20):
+        size = chunks.budget(streaming=True)
+        chunks.chunk_took(size, size * 0.000001)
+    assert chunks.budget(streaming=True) == PrefillChunks.largest
+
+
+def test_chunks_never_go_below_the_size_where_chunking_stops_paying() -> None:
+    chunks = PrefillChunks()
+    chunks.step_took(0.001)
+    for _ in range(20):
+        size = chunks.budget(streaming=True)
+        chunks.chunk_took(size, 0.5)
+    assert chunks.budget(streaming=True) == PrefillChunks.smallest
+
+
+def test_a_fixed_chunk_size_is_kept_whatever_the_timings() -> None:
+    chunks = PrefillChunks(64)
+    chunks.step_took(0.001)
+    chunks.chunk_took(64, 1.0)
+    assert chunks.budget(streaming=True) == chunks.budget(streaming=False) == 64
+
+
+def test_a_chunk_size_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefill_chunk_tokens must be at least 1"):
+        PrefillChunks(0)
