@@ -368,9 +368,9 @@ def bench_prefill_stall(path: Path, streams: int, prompt_words: int, reps: int) 
 
 
 async def _finished_prompt_tokens(url: str) -> int:
-    """Prompt tokens of the last generation the server finished."""
+    """Prompt tokens of the longest prompt the server has finished (the long one that joined)."""
     async with httpx.AsyncClient(base_url=url) as http:
-        return int((await http.get("/bench/finished")).json()[-1]["prompt_tokens"])
+        return max(int(finished["prompt_tokens"]) for finished in (await http.get("/bench/finished")).json())
 
 
 def bench_disconnect(path: Path, trials: int) -> dict[str, float]:

@@ -7,8 +7,9 @@ shared by the replicas, because a waiting client is told its position and the or
 fair rather than first-come. A freed slot is handed straight to the next ticket (never left
 for a newcomer to grab), so positions, load figures and `Retry-After` describe what really
 happens. `"fifo"` serves tickets in arrival order; `"fair"` takes turns between clients (API
-keys or addresses), FIFO within one client. A request that gets a slot goes to the replica
-running the fewest generations. A slot is borrowed on behalf of the slot object rather than the
+keys or addresses), FIFO within one client. A request that gets a slot goes to the replica it
+prefers if that one has a free slot (the replica whose conversation cache holds its chat), else
+to the replica running the fewest generations. A slot is borrowed on behalf of the slot object rather than the
 calling task, because the task that admits a request (the endpoint) is not the one that streams
 it (the response).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
@@ -75,9 +76,13 @@ class Slot:
 class Ticket:
     """One request's place in the queue: granted a `slot` at once, later, or never."""
 
-    def __init__(self, admission: Admission, client: Hashable, max_wait: float | None) -> None:
+    def __init__(
+        self, admission: Admission, client: Hashable, max_wait: float | None, prefer: int | None = None
+    ) -> None:
         self._admission = admission
         self.client = client
+        #: The replica to run on when it has a free slot (the one holding the conversation's cache).
+        self.prefer = prefer
         self._deadline = math.inf if max_wait is None else anyio.current_time() + max_wait
         #: The slot, once granted.
         self.slot: Slot | None = None
@@ -219,6 +224,7 @@ class Admission:
         if policy not in ADMISSION_POLICIES:
             raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, not {policy!r}")
         self._slots = num_of_concurrent_executions * replicas
+        self._per_replica = num_of_concurrent_executions
         self._max_queue_size = max_queue_size
         self._fair = policy == "fair"
         self._limiter = anyio.CapacityLimiter(self._slots)
@@ -231,12 +237,13 @@ class Admission:
         """How many generate, how many wait, and the limits."""
         return Load(self._limiter.statistics().borrowed_tokens, len(self._queue), self._slots, self._max_queue_size)
 
-    def enter(self, client: Hashable = None, max_wait: float | None = None) -> Ticket:
+    def enter(self, client: Hashable = None, max_wait: float | None = None, prefer: int | None = None) -> Ticket:
         """A ticket holding a free slot, or a place in the queue; `TooManyRequests` when it is full.
 
-        `client` is who takes turns under the fair policy; `max_wait` (seconds) is the deadline.
+        `client` is who takes turns under the fair policy; `max_wait` (seconds) is the deadline;
+        `prefer` is the replica to run on if it has a free slot when this ticket's turn comes.
         """
-        ticket = Ticket(self, client if self._fair else None, max_wait)
+        ticket = Ticket(self, client if self._fair else None, max_wait, prefer)
         if not self._queue:
             slot = Slot(self)
             try:
@@ -244,7 +251,7 @@ class Admission:
             except anyio.WouldBlock:
                 pass
             else:
-                ticket.slot = self._place(slot)
+                ticket.slot = self._place(slot, prefer)
                 return ticket
         if len(self._queue) >= self._max_queue_size:
             raise TooManyRequests(
@@ -279,9 +286,13 @@ class Admission:
         """Seconds until a retry is likely to get in: the estimate for the back of the queue."""
         return max(1.0, self.estimate(len(self._queue) + 1))
 
-    def _place(self, slot: Slot) -> Slot:
-        """Put a newly granted slot on the least-loaded replica (there is always a free one)."""
-        slot.replica = min(range(len(self._running)), key=self._running.__getitem__)
+    def _place(self, slot: Slot, prefer: int | None) -> Slot:
+        """Put a newly granted slot on the `prefer`red replica if it has room, else on the
+        least-loaded one (there is always a free one)."""
+        if prefer is not None and 0 <= prefer < len(self._running) and self._running[prefer] < self._per_replica:
+            slot.replica = prefer
+        else:
+            slot.replica = min(range(len(self._running)), key=self._running.__getitem__)
         self._running[slot.replica] += 1
         slot._acquired_at = time.monotonic()
         return slot
@@ -297,7 +308,7 @@ class Admission:
             ticket = self._queue.pop_next()
             granted = Slot(self)
             self._limiter.acquire_on_behalf_of_nowait(granted)
-            ticket.slot = self._place(granted)
+            ticket.slot = self._place(granted, ticket.prefer)
             ticket._changed.set()
             self._wake_waiters()
 
@@ -309,3 +320,29 @@ class Admission:
         """Wake every waiter to look at its position again."""
         for ticket in self._queue.tickets():
             ticket._changed.set()
+
+
+class ReplicaAffinity:
+    """The replica each conversation last ran on, so its next turn can go where its key/value
+    cache is kept. Bounded (least recently run out first): a forgotten conversation just goes to
+    the least-loaded replica, as a new one does."""
+
+    def __init__(self, replicas: int, capacity: int = 65536) -> None:
+        self._replicas = replicas
+        self._capacity = capacity
+        self._last: OrderedDict[str, int] = OrderedDict()
+
+    def last(self, conversation: str | None) -> int | None:
+        """The replica `conversation` last ran on; None when unknown or with a single replica."""
+        if conversation is None or self._replicas < 2:
+            return None
+        return self._last.get(conversation)
+
+    def ran(self, conversation: str, replica: int) -> None:
+        """`conversation` has a turn running on `replica`."""
+        if self._replicas < 2:
+            return
+        self._last[conversation] = replica
+        self._last.move_to_end(conversation)
+        if len(self._last) > self._capacity:
+            self._last.popitem(last=False)

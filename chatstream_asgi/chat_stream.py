@@ -19,7 +19,7 @@ import transformers
 from starlette.requests import Request
 from starlette.responses import Response
 
-from chatstream_asgi.admission import ADMISSION_POLICIES, Admission, AdmissionPolicy, Slot
+from chatstream_asgi.admission import ADMISSION_POLICIES, Admission, AdmissionPolicy, ReplicaAffinity, Slot
 from chatstream_asgi.app_setup import append_middlewares
 from chatstream_asgi.compat import DEFAULT, resolve_defaults
 from chatstream_asgi.console import ConsoleConversation
@@ -223,6 +223,7 @@ class ChatStream:
         self.admission = Admission(
             num_of_concurrent_executions, max_queue_size, replicas=len(self.engines), policy=admission
         )
+        self._replicas = ReplicaAffinity(len(self.engines))  # a conversation's turns go where its cache is
         #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
         self.client_roles: dict[str, Any] | None = chosen["client_roles"]
         self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
@@ -308,7 +309,12 @@ class ChatStream:
                 prompt = self._session_prompt(session)
                 if turn.regenerate and not prompt.has_reply_to_regenerate():
                     raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-                ticket = self.admission.enter(client_identity(request.scope, self.trust_forwarded), max_wait)
+                conversation = None if session.is_new else session.session_id
+                ticket = self.admission.enter(
+                    client_identity(request.scope, self.trust_forwarded),
+                    max_wait,
+                    prefer=self._replicas.last(conversation),
+                )
                 # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
                 queued = ticket.slot is None and stream_format == "sse"
                 slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)
@@ -322,6 +328,7 @@ class ChatStream:
         message_id = str(uuid.uuid4())
 
         def start_turn(slot: Slot) -> ChatTurnResponse:
+            self._replicas.ran(session.session_id, slot.replica)
             return ChatTurnResponse(
                 request=request,
                 exchange=exchange,

@@ -6,7 +6,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from chatstream_asgi.admission import Admission
+from chatstream_asgi.admission import Admission, ReplicaAffinity
 from chatstream_asgi.errors import QueueTimeout, TooManyRequests
 
 pytestmark = pytest.mark.anyio
@@ -170,3 +170,46 @@ async def test_waiter_hears_its_position_whenever_it_changes() -> None:
         held.release()
     assert heard == [2, 1]
     assert admission.load().processing == 1
+
+
+async def test_a_preferred_replica_with_a_free_slot_is_chosen() -> None:
+    admission = Admission(1, 0, replicas=3)
+    slot = await admission.admit(anyio.Event())
+    assert slot is not None and slot.replica == 0
+    preferred = admission.enter(prefer=2).slot
+    assert preferred is not None and preferred.replica == 2
+    assert admission.replica_load() == [1, 0, 1]
+
+
+async def test_a_preferred_replica_that_is_full_gives_way_to_the_least_loaded() -> None:
+    admission = Admission(1, 0, replicas=2)
+    first = admission.enter().slot
+    assert first is not None and first.replica == 0
+    second = admission.enter(prefer=0).slot
+    assert second is not None and second.replica == 1
+
+
+async def test_a_waiter_gets_its_preferred_replica_when_a_slot_there_frees() -> None:
+    admission = Admission(1, 1, replicas=2)
+    on_zero, on_one = admission.enter().slot, admission.enter().slot
+    assert on_zero is not None and on_one is not None and on_one.replica == 1
+    waiting = admission.enter(prefer=1)
+    assert waiting.slot is None
+    on_zero.release()  # a slot frees on the other replica: the preference cannot be had
+    assert waiting.slot is not None and waiting.slot.replica == 0
+
+
+def test_replica_affinity_remembers_the_latest_turns_within_its_bound() -> None:
+    affinity = ReplicaAffinity(2, capacity=2)
+    affinity.ran("a", 1)
+    affinity.ran("b", 0)
+    affinity.ran("c", 1)
+    assert affinity.last("a") is None  # least recently run: forgotten
+    assert affinity.last("b") == 0 and affinity.last("c") == 1
+    assert affinity.last(None) is None
+
+
+def test_one_replica_needs_no_affinity() -> None:
+    affinity = ReplicaAffinity(1)
+    affinity.ran("a", 0)
+    assert affinity.last("a") is None

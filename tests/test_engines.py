@@ -216,3 +216,36 @@ def test_num_gpus_asks_for_one_replica_per_gpu(model: Any, tokenizer: Any) -> No
 def test_a_ready_engine_cannot_also_be_placed_on_devices() -> None:
     with pytest.raises(ValueError, match="devices"):
         ChatStream(engine=MockEngine(), devices=["cpu", "cpu"])
+
+
+def test_a_conversations_next_turn_runs_on_the_replica_holding_its_cache(
+    model: Any, tokenizer: Any, serve: Any
+) -> None:
+    chat_stream = ChatStream(
+        model=model,
+        tokenizer=tokenizer,
+        devices=["cpu", "cpu"],
+        num_of_concurrent_executions=1,
+        max_new_tokens=40,
+        temperature=0,
+    )
+    try:
+        ModelHooks(model).step_delay = 0.05  # replica 0 stays busy while the other conversation starts
+        assert wait_until(lambda: chat_stream.ready)
+        outcomes = Outcomes()
+        server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, callback=outcomes))
+        busy = open_chat(server.url, "keep replica 0 busy")
+        read_until(busy, b"\r\n\r\n")
+        assert chat_stream.admission.replica_load() == [1, 0]
+        with server.client() as visitor:
+            assert visitor.post("/chat_stream", json={"user_input": "first turn", "max_new_tokens": 8}).is_success
+            first = outcomes.wait(1) and outcomes.calls[-1][0].state.chat_generation
+            busy.close()
+            assert outcomes.wait(2)
+            assert wait_until(lambda: chat_stream.admission.replica_load() == [0, 0])
+            # Both replicas are free now: the least-loaded rule alone would pick replica 0.
+            assert visitor.post("/chat_stream", json={"user_input": "second turn", "max_new_tokens": 8}).is_success
+            second = outcomes.wait(3) and outcomes.calls[-1][0].state.chat_generation
+        assert second.cached_prompt_tokens >= first.prompt_tokens  # its whole first turn came from the cache
+    finally:
+        chat_stream.close()
