@@ -153,6 +153,10 @@ def table(r: dict[str, Any]) -> str:
             ms, ratio = c[key]["first_byte_ms"], c[key]["last_over_first"]
             rows.append((f"conversation, 70-word turns, sampled: first byte of turn {turns}, {label}",
                          f"{ms[-1]:.1f} ms", f"turn 1 {ms[0]:.1f} ms", f"{ratio:.2f}x"))  # fmt: skip
+        rows.append((f"conversation: first byte of turn {turns}, without the cache ÷ with it",
+                     f"{c['without_cache']['first_byte_ms'][-1]:.1f} ms",
+                     f"with it {c['with_cache']['first_byte_ms'][-1]:.1f} ms",
+                     f"{c['cache_speedup_last_turn']:.2f}x"))  # fmt: skip
     for label, key in (("chunked prefill", "chunked"), ("each prompt prefilled whole", "whole")):
         if key in r.get("prefill", {}):
             f = r["prefill"][key]
