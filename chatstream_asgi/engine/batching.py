@@ -7,7 +7,8 @@ padding, while each row keeps its own position ids.
 
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
-(`PrefillChunks` sizes the chunks to cost about one decode step).
+(`PrefillChunks` sizes the chunks to cost about one decode step). Prompts that arrive together
+are prefilled together, in one padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
 attend over (and copy, every step) eight long caches. So rows of very different lengths run in
@@ -120,6 +121,7 @@ class _Prefill:
         self.hit = hit
         self.cache = cache
         self.done = hit.length if hit is not None else 0  # tokens the cache holds keys and values of
+        self.alone = False  # a pass it shared with others failed: it goes through on its own
 
     @property
     def remaining(self) -> int:
@@ -260,6 +262,24 @@ def _group_for(groups: list[_Batch], length: int, config: Any) -> _Batch:
     return group
 
 
+def _cohort(prefills: deque[_Prefill], budget: int) -> list[_Prefill]:
+    """The prompts at the front of the line that can be prefilled whole in one padded pass: not
+    started (no borrowed cache), within the budget counting padding, padded at most as much as a
+    group may be."""
+    cohort: list[_Prefill] = []
+    width = real = 0
+    for prefill in prefills:
+        if prefill.done or prefill.alone or prefill.job.should_stop:
+            break
+        widest = max(width, prefill.remaining)
+        area = widest * (len(cohort) + 1)
+        if area > budget or 1 - (real + prefill.remaining) / area > _MAX_PADDING_SHARE:
+            break
+        cohort.append(prefill)
+        width, real = widest, real + prefill.remaining
+    return cohort
+
+
 def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
     if amount == 0:
         return tensor
@@ -385,10 +405,22 @@ class BatchingEngine(LocalEngine):
 
     def _prefill(self, groups: list[_Batch], prefills: deque[_Prefill]) -> None:
         """Run the waiting prompts through the model, oldest first, up to one chunk budget; each
-        one that is through sends its first token and joins a group of the batch."""
+        one that is through sends its first token and joins a group of the batch. Prompts that
+        arrived together and fit the budget go through in one forward pass."""
         streaming = bool(groups)
         budget = self.chunks.budget(streaming)
         while prefills and budget > 0:
+            cohort = _cohort(prefills, budget)
+            if len(cohort) > 1:
+                for _ in cohort:
+                    prefills.popleft()
+                width = max(prefill.remaining for prefill in cohort)
+                budget -= width * len(cohort)
+                started = time.perf_counter()
+                self._prefill_together(groups, prefills, cohort, width)
+                if streaming:
+                    self.chunks.chunk_took(width * len(cohort), time.perf_counter() - started)
+                continue
             prefill = prefills[0]
             if prefill.job.should_stop:  # its client left: not one more chunk
                 prefills.popleft()
@@ -401,24 +433,67 @@ class BatchingEngine(LocalEngine):
                 logits = self._prefill_chunk(prefill, tokens)
                 if streaming:
                     self.chunks.chunk_took(tokens, time.perf_counter() - started)
-                if logits is None:
-                    continue  # more of this prompt next time
-                prefills.popleft()
-                sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
-                token = sampling.sample(logits)
-                row = _Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
-                running = self._emit(row, int(token[0]))
             except Exception as error:  # reported to the one request it belongs to; the batch goes on
                 logger.exception("prefill failed")
-                if prefills and prefills[0] is prefill:
-                    prefills.popleft()
+                prefills.popleft()
                 prefill.job.fail(error)
                 continue
-            length = int(prefill.prompt_ids.shape[1])
-            if running:
-                _group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
-            else:
-                self._keep_conversation(row, length, _layers(prefill.cache))
+            if logits is not None:  # else: more of this prompt next time
+                prefills.popleft()
+                self._start_row(groups, prefill, logits)
+
+    def _prefill_together(
+        self, groups: list[_Batch], prefills: deque[_Prefill], cohort: list[_Prefill], width: int
+    ) -> None:
+        """Prefill the whole prompts of `cohort` in one forward pass, left-padded to `width`, then
+        give each its own cache. If the pass fails, nobody can tell whose prompt failed it: they
+        go back to the front of the line to be prefilled one at a time."""
+        rows = len(cohort)
+        ids = torch.full((rows, width), self.fallback_token_id(), dtype=torch.long, device=self.device)
+        mask = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        for index, prefill in enumerate(cohort):
+            ids[index, width - prefill.remaining :] = prefill.prompt_ids[0]
+            mask[index, width - prefill.remaining :] = 1
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                cache=DynamicCache(config=self.model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception:
+            logger.exception("prefilling %d prompts together failed; prefilling them one at a time", rows)
+            for prefill in reversed(cohort):
+                prefill.alone = True
+                prefills.appendleft(prefill)
+            return
+        layers = _layers(out.cache)
+        for index, prefill in enumerate(cohort):
+            length = prefill.remaining
+            for number, (keys, values) in enumerate(layers):
+                own = slice(index, index + 1)
+                prefill.cache.update(keys[own, :, -length:].clone(), values[own, :, -length:].clone(), number)
+            prefill.done += length
+            self._start_row(groups, prefill, out.logits[index : index + 1, -1, :])
+
+    def _start_row(self, groups: list[_Batch], prefill: _Prefill, logits: torch.Tensor) -> None:
+        """A prompt that is through: sample its first token, send it, and join a group (or end)."""
+        try:
+            sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
+            token = sampling.sample(logits)
+            row = _Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
+            running = self._emit(row, int(token[0]))
+        except Exception as error:  # reported to the one request it belongs to; the batch goes on
+            logger.exception("sampling a first token failed")
+            prefill.job.fail(error)
+            return
+        length = int(prefill.prompt_ids.shape[1])
+        if running:
+            _group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
+        else:
+            self._keep_conversation(row, length, _layers(prefill.cache))
 
     def _prefill_chunk(self, prefill: _Prefill, tokens: int) -> torch.Tensor | None:
         """The next `tokens` of the prompt through the model; the last position's logits once the
