@@ -464,12 +464,14 @@ def bench_bytes(path: Path, new_tokens: int) -> dict[str, dict[str, float]]:
 
 def bench_memory(path: Path, sessions: int) -> dict[str, float]:
     """Resident memory of the server beyond a process that only loads the model: idle, then with
-    `sessions` stored conversations."""
+    `sessions` stored conversations. The conversation cache is off here: it holds what it is
+    given (`conversation_cache_bytes`), and would hide what a session itself costs."""
     only_model = subprocess.run(
         [sys.executable, "-c", _MODEL_ONLY, str(path)], capture_output=True, text=True, check=True
     ).stdout
     model_rss = int(only_model.strip())
-    with running_server(path, concurrency=2, queue=sessions, max_new_tokens=2) as (url, pid):
+    settings = {"concurrency": 2, "queue": sessions, "max_new_tokens": 2, "conversation_cache_bytes": 0}
+    with running_server(path, **settings) as (url, pid):
         idle = rss_bytes(pid)
         for _ in range(sessions):
             with httpx.Client(base_url=url) as client:  # a fresh client: a new session each time
