@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -235,3 +236,30 @@ async def test_a_lock_request_reaching_redis_after_its_caller_gave_up_takes_noth
         assert direct.get(f"{redis_prefix}lock:conversation") is None
     finally:
         await store.close()
+
+
+def test_a_full_server_refuses_with_429_before_touching_a_stalled_store(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks, redis_prefix: str
+) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    release = threading.Event()
+    try:
+        chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=0)
+        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=5.0)
+        app = ChatStreamMiddleware(
+            Starlette(), chat_stream=chat_stream, serve=True, session_store=store, secret_key=SECRET
+        )
+        server = serve(app)
+        hooks.hold = release  # the one slot's generation is stuck mid-step
+        running = open_chat(server.url, "holds the only slot")
+        assert hooks.prefill_started.wait(30)
+        redis_server.freeze()
+        with server.client() as client:  # a new conversation: nothing to read from the store first
+            refused = client.post("/chat_stream", json={"user_input": "one too many"})
+        assert refused.status_code == 429  # not 503 after the store's 5 s timeout
+        running.close()
+    finally:
+        release.set()
+        redis_server.thaw()
+        redis_server.stop()
