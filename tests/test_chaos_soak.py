@@ -24,7 +24,7 @@ seen the disconnect; a chat that leaves mid-stream asks for far more text than i
 
 `CHATSTREAM_SOAK=long` runs ten times as many chats (the manual profile), `CHATSTREAM_SOAK_CHATS=N`
 any number, and `CHATSTREAM_SOAK_SEED` another seed:
-    CHATSTREAM_SOAK=long /work/bin/cs-test -s tests/test_chaos_soak.py
+    CHATSTREAM_SOAK=long python -m pytest -s tests/test_chaos_soak.py
 `-s` shows the figures it prints (chats, outcomes by kind, 429s and their latency, RSS).
 """
 
@@ -668,8 +668,9 @@ def report(soak: Soak, elapsed: float, rss_before: int, rss_after: int, engine: 
     in_burst = {id(s) for s in burst_of(soak)}
     refusals = [s for s in seen if s.status == 429]
     print(
-        f"\nchaos soak: seed {SEED}, {len(seen)} chats ({BURST} of them in one burst) from {CLIENTS} clients "
-        f"in {elapsed:.1f} s; {SLOTS} slots + {QUEUE} queued; Redis frozen {len(soak.freezes)}x {FREEZE_SECONDS} s"
+        f"\nchaos soak: seed {SEED}, {CHATS} chats from {CLIENTS} clients + {BURST} in one burst, "
+        f"{len(seen)} requests with retries, in {elapsed:.1f} s; {SLOTS} slots + {QUEUE} queued; "
+        f"Redis frozen {len(soak.freezes)}x {FREEZE_SECONDS} s"
     )
     print("  admitted, by window:", dict(sorted(Counter(s.window for s in admitted).items())))
     print("  outcomes:", dict(sorted(Counter(s.expected for s in admitted).items())))
