@@ -132,17 +132,19 @@ def fuzz_server(model_dir: Any) -> Iterator[FuzzServer]:
         body_timeout=0.5,
         max_body_size=4096,
     )
-    live = LiveServer(app).__enter__()
-    with live.client() as client:  # another user's conversation, which no fuzzed request may see
-        seeded = client.post("/chat_stream", json={"user_input": f"my secret is {MARKER}"})
-        assert seeded.status_code == 200
-        SEEDED.cookie = client.cookies["chatstream_session"]
-        SEEDED.session_id = SEEDED.cookie.rpartition(".")[0]
-        SEEDED.message_id = seeded.headers["x-chatstream-last-generated-message-id"]
-        assert MARKER in client.get("/get_prompt").text  # it is there to be found
-    server = FuzzServer(live, chat_stream, threads_before_start, set(threading.enumerate()))
-    yield server
-    server.stop()
+    server = FuzzServer(LiveServer(app).__enter__(), chat_stream, threads_before_start, set())
+    try:
+        with server.live.client() as client:  # another user's conversation, which no fuzzed request may see
+            seeded = client.post("/chat_stream", json={"user_input": f"my secret is {MARKER}"})
+            assert seeded.status_code == 200
+            SEEDED.cookie = client.cookies["chatstream_session"]
+            SEEDED.session_id = SEEDED.cookie.rpartition(".")[0]
+            SEEDED.message_id = seeded.headers["x-chatstream-last-generated-message-id"]
+            assert MARKER in client.get("/get_prompt").text  # it is there to be found
+        server.threads_serving = set(threading.enumerate())
+        yield server
+    finally:
+        server.stop()
 
 
 @given(
