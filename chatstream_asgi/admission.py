@@ -254,13 +254,23 @@ class Admission:
                 ticket.slot = self._place(slot, prefer)
                 return ticket
         if len(self._queue) >= self._max_queue_size:
-            raise TooManyRequests(
-                f"all {self._slots} generation slots are busy and {self._max_queue_size} requests are waiting",
-                retry_after=self.retry_after(),
-            )
+            raise self._too_many()
         self._queue.push(ticket)
         self._wake_waiters()
         return ticket
+
+    def check_room(self) -> None:
+        """Raise `TooManyRequests` now if `enter` would (every slot busy, the queue full), so that
+        a handler refuses before work it would only undo: a turn lock in a shared store costs two
+        round trips, and under overload most requests are refused."""
+        if (self._queue or self._limiter.available_tokens < 1) and len(self._queue) >= self._max_queue_size:
+            raise self._too_many()
+
+    def _too_many(self) -> TooManyRequests:
+        return TooManyRequests(
+            f"all {self._slots} generation slots are busy and {self._max_queue_size} requests are waiting",
+            retry_after=self.retry_after(),
+        )
 
     async def admit(
         self, client_left: anyio.Event, client: Hashable = None, max_wait: float | None = None

@@ -297,6 +297,7 @@ class ChatStream:
             max_wait = queue_deadline(request.scope, self.max_queue_wait)
             limit = self.params.max_new_tokens
             self.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
+            self.admission.check_room()  # and overload: a 429 costs no round trip to a shared store
             if not await session.lock_turn():
                 raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
             try:

@@ -4,11 +4,17 @@ Every key starts with `prefix` (`chatstream:session:<id>`, `chatstream:lock:<id>
 can serve several deployments. Sessions are JSON strings whose TTL is refreshed on every read
 (`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL that the running turn
 keeps refreshing, so a replica that dies mid-turn frees its sessions within `lock_ttl` seconds;
-release and refresh check the token in one Lua script, so nobody frees a lock it lost. Taking
-the lock carries the caller's deadline: a request that Redis stalled past its `timeout` gets 503,
-and its `SET NX`, when Redis runs it later, takes nothing. A turn whose client left marks its
-lock as ending (`chatstream:ending:<id>` holds its token), so the next turn of that conversation
-waits for it instead of being refused.
+release and refresh check the token in one Lua script, so nobody frees a lock it lost. A turn
+whose client left marks its lock as ending (`chatstream:ending:<id>` holds its token), so the
+next turn of that conversation waits for it instead of being refused.
+
+A lock must never outlive the request that took it, even when Redis stalls. Two things see to it.
+Taking the lock carries the caller's deadline on Redis's clock, from a lower bound of the offset
+between the clocks (a round trip's worth early, never late): a `SET NX` that Redis runs after its
+caller gave up (503) takes nothing. And every token whose lock call or release went unanswered is
+kept as an orphan, released (compare-and-delete) before this store's next load or lock: a
+`SET NX` that ran just before the deadline but whose answer came too late, or a release Redis
+never received, frees its conversation as soon as Redis answers again, not after the lock's TTL.
 
 Every call is bounded by `timeout`: a Redis that is down or stalled turns into
 `SessionStoreUnavailable` (503) quickly instead of a hung request, and the next call simply
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import anyio
@@ -40,6 +47,8 @@ return 0
 """
 # Seconds between measurements of the offset between Redis's clock and ours.
 _CLOCK_CHECK_EVERY = 300.0
+# Orphaned lock tokens kept for release at most: the oldest go first (their locks expire anyway).
+_MAX_ORPHANS = 10_000
 _UNLOCK_IF_OWNER = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1], KEYS[2]) end
 return 0
@@ -100,11 +109,14 @@ class RedisStore:
         self._unlock = self._redis.register_script(_UNLOCK_IF_OWNER)
         self._clock_offset_ms: float | None = None  # Redis's clock minus ours
         self._clock_measured = 0.0
+        # (session id, token) of locks no request holds any more, to release: see the module docstring.
+        self._orphans: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._extend = self._redis.register_script(_EXTEND_IF_OWNER)
         self._mark_ending = self._redis.register_script(_MARK_ENDING_IF_OWNER)
         self._ending = self._redis.register_script(_ENDING)
 
     async def load(self, session_id: str) -> dict[str, Any] | None:
+        await self._release_orphans()  # any request of this replica frees them, not only a new turn
         text = await self._call(self._redis.getex(self._session_key(session_id), ex=int(self.ttl)))
         if text is None:
             return None
@@ -119,20 +131,35 @@ class RedisStore:
         await self._call(self._redis.delete(self._session_key(session_id)))
 
     async def lock_turn(self, session_id: str) -> str | None:
+        await self._release_orphans()
         token = secrets.token_hex(16)
         offset = await self._clock_offset()
         deadline_ms = int(time.time() * 1000 + offset + self.timeout * 1000)
         key = self._lock_key(session_id)
-        taken = await self._call(self._lock(keys=[key], args=[token, self._lock_ttl_ms, deadline_ms]))
+        try:
+            taken = await self._call(self._lock(keys=[key], args=[token, self._lock_ttl_ms, deadline_ms]))
+        except BaseException:  # unanswered (a stall, a cancel): Redis may have run it, or run it yet
+            self._orphan(session_id, token)
+            raise
+        if taken == -1:  # Redis ran it after the deadline: this caller is still here, Redis was slow
+            raise SessionStoreUnavailable(f"the session store at {self._safe_url()} answered after the deadline")
         return token if taken == 1 else None
 
     async def _clock_offset(self) -> float:
-        """Redis's clock minus this process's, in ms (measured once, then every few minutes)."""
+        """A lower bound of Redis's clock minus this process's, in ms (measured once, then every
+        few minutes), so that a lock's deadline on Redis's clock errs early, never late.
+
+        Redis read its clock at some moment before our reading `after` arrived, so the offset is
+        at least its time minus `after`; of two readings the tighter counts, since the first may
+        include opening a connection (under load, a long wait of its own).
+        """
         if self._clock_offset_ms is None or time.monotonic() - self._clock_measured > _CLOCK_CHECK_EVERY:
-            before = time.time()
-            seconds, microseconds = await self._call(self._redis.time())
-            after = time.time()
-            self._clock_offset_ms = (seconds + microseconds / 1e6 - (before + after) / 2) * 1000
+            bounds = []
+            for _ in range(2):
+                seconds, microseconds = await self._call(self._redis.time())
+                after = time.time()
+                bounds.append((seconds + microseconds / 1e6 - after) * 1000)
+            self._clock_offset_ms = max(bounds)
             self._clock_measured = time.monotonic()
         return self._clock_offset_ms
 
@@ -140,7 +167,32 @@ class RedisStore:
         await self._call(self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms]))
 
     async def unlock_turn(self, session_id: str, token: str) -> None:
-        await self._call(self._unlock(keys=self._lock_keys(session_id), args=[token]))
+        try:
+            await self._call(self._unlock(keys=self._lock_keys(session_id), args=[token]))
+        except BaseException:  # released with the orphans once Redis answers again
+            self._orphan(session_id, token)
+            raise
+
+    def _orphan(self, session_id: str, token: str) -> None:
+        """Remember a token whose lock may be held in Redis though no request holds it any more."""
+        self._orphans[session_id, token] = time.monotonic()
+        while len(self._orphans) > _MAX_ORPHANS:
+            self._orphans.popitem(last=False)
+
+    async def _release_orphans(self) -> None:
+        """Release every orphaned token's lock (if it still holds one), in one round trip."""
+        expired = time.monotonic() - 2 * self._lock_ttl_ms / 1000  # their locks have expired by now
+        for orphan in [orphan for orphan, since in self._orphans.items() if since < expired]:
+            del self._orphans[orphan]
+        if not self._orphans:
+            return
+        orphans = list(self._orphans)
+        pipeline = self._redis.pipeline(transaction=False)
+        for session_id, token in orphans:
+            await self._unlock(keys=self._lock_keys(session_id), args=[token], client=pipeline)  # queued
+        await self._call(pipeline.execute())
+        for orphan in orphans:
+            self._orphans.pop(orphan, None)
 
     async def mark_turn_ending(self, session_id: str, token: str) -> None:
         await self._call(self._mark_ending(keys=self._lock_keys(session_id), args=[token, self._lock_ttl_ms]))

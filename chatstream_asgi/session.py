@@ -445,14 +445,15 @@ class Session:
             logger.warning("session %s: could not mark its turn as ending: %s", self.session_id, error.detail)
 
     async def unlock_turn(self) -> None:
-        """Release the turn lock if this request holds it (a store that is down lets it expire)."""
+        """Release the turn lock if this request holds it (a store that does not answer releases
+        it once it answers again, or lets it expire)."""
         token, self._turn_token = self._turn_token, None
         if token is None:
             return
         try:
             await self._store.unlock_turn(self.session_id, token)
         except SessionStoreUnavailable as error:
-            logger.warning("turn lock of session %s left to expire: %s", self.session_id, error.detail)
+            logger.warning("turn lock of session %s not released yet: %s", self.session_id, error.detail)
 
     async def reload(self) -> None:
         """Re-read the session from its store, in place (what `get_session()` returned stays valid)."""

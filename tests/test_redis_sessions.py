@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware, RedisStore
+from chatstream_asgi.errors import SessionStoreUnavailable
 
 from .conftest import ModelHooks, Outcomes, RedisServer, open_chat, read_until, wait_until
+from .faultproxy import FaultProxy
 
 SECRET = "a-key-every-replica-shares"
 
@@ -150,5 +154,112 @@ def test_a_turn_that_timed_out_in_a_redis_freeze_leaves_no_lock_after_the_thaw(r
         assert after.status_code == 200  # not 409 for the lock's TTL
         assert outcomes.wait(2) == ["success", "success"]
     finally:
+        redis_server.thaw()
+        redis_server.stop()
+
+
+# -- turn locks through a faulty link: a lock never outlives the request that asked for it ---------
+
+
+@pytest.fixture
+def link(redis_url: str, redis_prefix: str) -> Iterator[tuple[FaultProxy, Any]]:
+    """A `FaultProxy` in front of the test Redis, and a direct client to look at what Redis holds."""
+    import redis
+
+    direct = redis.Redis.from_url(redis_url, decode_responses=True)
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    with FaultProxy(port) as proxy:
+        yield proxy, direct
+    direct.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's asyncio client
+async def test_a_lock_redis_took_while_its_answer_was_late_is_released_before_the_next_lock(
+    link: tuple[FaultProxy, Any], redis_prefix: str
+) -> None:
+    proxy, direct = link
+    store = RedisStore(proxy.url(), prefix=redis_prefix, timeout=0.3)
+    try:
+        await store.unlock_turn("warm", str(await store.lock_turn("warm")))  # connected, clocks compared
+        answers = proxy.answers
+        proxy.hold_answers()  # Redis runs the SET NX at once; its answer comes after the timeout
+        with pytest.raises(SessionStoreUnavailable):
+            await store.lock_turn("conversation")
+        assert proxy.wait_for_answers(answers + 1)
+        assert direct.get(f"{redis_prefix}lock:conversation") is not None  # taken, and nobody heard
+        proxy.release_answers()
+        assert await store.lock_turn("conversation") is not None  # not refused for the lock's TTL
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_release_redis_never_received_is_made_as_soon_as_redis_answers_again(
+    link: tuple[FaultProxy, Any], redis_prefix: str
+) -> None:
+    proxy, direct = link
+    store = RedisStore(proxy.url(), prefix=redis_prefix, timeout=0.3)
+    try:
+        token = await store.lock_turn("conversation")
+        assert token is not None
+        proxy.drop_requests = True
+        with pytest.raises(SessionStoreUnavailable):
+            await store.unlock_turn("conversation", token)
+        proxy.drop_requests = False
+        assert direct.get(f"{redis_prefix}lock:conversation") == token  # the release never arrived
+        assert await store.load("another conversation") is None  # any call, once Redis answers...
+        assert direct.get(f"{redis_prefix}lock:conversation") is None  # ...releases it
+    finally:
+        await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_lock_request_reaching_redis_after_its_caller_gave_up_takes_nothing(
+    link: tuple[FaultProxy, Any], redis_prefix: str
+) -> None:
+    proxy, direct = link
+    store = RedisStore(proxy.url(), prefix=redis_prefix, timeout=1.0)
+    try:
+        assert await store.load("connect first") is None
+        # The clocks are compared over a slow link, as over a connection opened under load: the
+        # deadline must not count the link's delay as Redis's clock being ahead.
+        proxy.request_delay = 0.8
+        await store.unlock_turn("warm", str(await store.lock_turn("warm")))
+        proxy.request_delay = 1.25  # past the timeout: the caller gives up before Redis sees it
+        answers = proxy.answers
+        with pytest.raises(SessionStoreUnavailable):
+            await store.lock_turn("conversation")
+        assert proxy.wait_for_answers(answers + 1)  # Redis has run it by now
+        assert direct.get(f"{redis_prefix}lock:conversation") is None
+    finally:
+        await store.close()
+
+
+def test_a_full_server_refuses_with_429_before_touching_a_stalled_store(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks, redis_prefix: str
+) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    release = threading.Event()
+    try:
+        chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=0)
+        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=5.0)
+        app = ChatStreamMiddleware(
+            Starlette(), chat_stream=chat_stream, serve=True, session_store=store, secret_key=SECRET
+        )
+        server = serve(app)
+        hooks.hold = release  # the one slot's generation is stuck mid-step
+        running = open_chat(server.url, "holds the only slot")
+        assert hooks.prefill_started.wait(30)
+        redis_server.freeze()
+        with server.client() as client:  # a new conversation: nothing to read from the store first
+            refused = client.post("/chat_stream", json={"user_input": "one too many"})
+        assert refused.status_code == 429  # not 503 after the store's 5 s timeout
+        running.close()
+    finally:
+        release.set()
         redis_server.thaw()
         redis_server.stop()
