@@ -187,10 +187,10 @@ class RedisStore:
         if not self._orphans:
             return
         orphans = list(self._orphans)
-        pipeline = self._redis.pipeline(transaction=False)
-        for session_id, token in orphans:
-            await self._unlock(keys=self._lock_keys(session_id), args=[token], client=pipeline)  # queued
-        await self._call(pipeline.execute())
+        async with self._redis.pipeline(transaction=False) as pipeline:  # given back even if Redis is slow
+            for session_id, token in orphans:
+                await self._unlock(keys=self._lock_keys(session_id), args=[token], client=pipeline)  # queued
+            await self._call(pipeline.execute())
         for orphan in orphans:
             self._orphans.pop(orphan, None)
 

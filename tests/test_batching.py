@@ -226,7 +226,8 @@ def test_a_decode_failure_of_one_row_fails_only_that_chat(
 
     from .conftest import Outcomes, open_chat, read_first_text, read_until
 
-    short, long = "hi", "tell me a much longer story about the sea " * 4
+    # Lengths within 2x of each other, so the two rows share one group (one batched step).
+    short, long = "tell me a story", "tell me a story about the sea"
 
     def prompt_length(text: str) -> int:
         messages = [{"role": "user", "content": text}]
@@ -234,11 +235,13 @@ def test_a_decode_failure_of_one_row_fails_only_that_chat(
         return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     poison = prompt_length(short) + 1  # the short chat's second decode step; the long one never gets there
-    assert prompt_length(long) > poison
+    assert poison < prompt_length(long) < 2 * prompt_length(short)
+    failed_batch_rows: list[int] = []
 
     def fail_at_poison(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         positions = kwargs.get("position_ids")
         if positions is not None and kwargs["input_ids"].shape[1] == 1 and bool((positions == poison).any()):
+            failed_batch_rows.append(int(kwargs["input_ids"].shape[0]))
             raise RuntimeError("simulated failure of one row")
 
     model.register_forward_pre_hook(fail_at_poison, with_kwargs=True)
@@ -255,6 +258,7 @@ def test_a_decode_failure_of_one_row_fails_only_that_chat(
     outcomes.wait(2)
     history = {outcome: request.state.session.get_session()["chat_prompt"] for request, outcome in outcomes.calls}
     assert failed.status_code == 200
+    assert failed_batch_rows[0] == 2  # the failing step held both rows: the retry told them apart
     assert sorted(history) == ["success", "unknown_error_occurred"]
     assert history["success"].get_requester_last_msg() == long  # the failed one left no history
     assert history["success"].get_responder_last_msg() == greedy_reply(model, tokenizer, long, 30)

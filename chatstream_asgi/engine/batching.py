@@ -408,7 +408,7 @@ class BatchingEngine(LocalEngine):
         one that is through sends its first token and joins a group of the batch. Prompts that
         arrived together and fit the budget go through in one forward pass."""
         streaming = bool(groups)
-        budget = self.chunks.budget(streaming)
+        full = budget = self.chunks.budget(streaming)
         while prefills and budget > 0:
             cohort = _cohort(prefills, budget)
             if len(cohort) > 1:
@@ -426,6 +426,8 @@ class BatchingEngine(LocalEngine):
                 prefills.popleft()
                 prefill.job.finish()
                 continue
+            if budget < min(prefill.remaining, full):  # it would go through whole next time: no stub chunk
+                break
             tokens = min(prefill.remaining, budget)
             budget -= tokens
             try:
