@@ -9,9 +9,9 @@ for a newcomer to grab), so positions, load figures and `Retry-After` describe w
 happens. `"fifo"` serves tickets in arrival order; `"fair"` takes turns between clients (API
 keys or addresses), FIFO within one client. A request that gets a slot goes to the replica it
 prefers if that one has a free slot (the replica whose conversation cache holds its chat), else
-to the replica running the fewest generations. A slot is borrowed on behalf of the slot object rather than the
-calling task, because the task that admits a request (the endpoint) is not the one that streams
-it (the response).
+to the replica running the fewest generations. A slot is borrowed on behalf of the slot object
+rather than the calling task, because the task that admits a request (the endpoint) is not the
+one that streams it (the response).
 """
 
 from __future__ import annotations
@@ -253,8 +253,7 @@ class Admission:
             else:
                 ticket.slot = self._place(slot, prefer)
                 return ticket
-        if len(self._queue) >= self._max_queue_size:
-            raise self._too_many()
+        self.check_room()
         self._queue.push(ticket)
         self._wake_waiters()
         return ticket
@@ -264,13 +263,10 @@ class Admission:
         a handler refuses before work it would only undo: a turn lock in a shared store costs two
         round trips, and under overload most requests are refused."""
         if (self._queue or self._limiter.available_tokens < 1) and len(self._queue) >= self._max_queue_size:
-            raise self._too_many()
-
-    def _too_many(self) -> TooManyRequests:
-        return TooManyRequests(
-            f"all {self._slots} generation slots are busy and {self._max_queue_size} requests are waiting",
-            retry_after=self.retry_after(),
-        )
+            raise TooManyRequests(
+                f"all {self._slots} generation slots are busy and {self._max_queue_size} requests are waiting",
+                retry_after=self.retry_after(),
+            )
 
     async def admit(
         self, client_left: anyio.Event, client: Hashable = None, max_wait: float | None = None

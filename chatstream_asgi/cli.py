@@ -477,7 +477,7 @@ _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 def _byte_size(text: str) -> int:
     """`2G`, `512M`, `64K` or plain bytes."""
     number, unit = text.strip(), ""
-    if number[-1:].upper() in _BYTE_UNITS:
+    if number[-1:].upper() in ("K", "M", "G"):
         number, unit = number[:-1], number[-1].upper()
     try:
         value = float(number) * _BYTE_UNITS[unit]

@@ -43,16 +43,22 @@ async def _reply(engine: Any, text: str, **params: Any) -> tuple[str, Generation
     return reply, gen.stats
 
 
-async def test_concurrent_replies_each_equal_what_generate_says_alone(engine: Any, model: Any, tokenizer: Any) -> None:
-    texts = [f"question {i} " * (i + 1) for i in range(6)]  # different lengths: padded rows
+async def _replies_together(engine: Any, texts: list[str], **params: Any) -> dict[str, str]:
+    """Each text's reply, all asked at the same moment."""
     replies: dict[str, str] = {}
 
     async def ask(text: str) -> None:
-        replies[text] = (await _reply(engine, text, max_new_tokens=30))[0]
+        replies[text] = (await _reply(engine, text, **params))[0]
 
     async with anyio.create_task_group() as tg:
         for text in texts:
             tg.start_soon(ask, text)
+    return replies
+
+
+async def test_concurrent_replies_each_equal_what_generate_says_alone(engine: Any, model: Any, tokenizer: Any) -> None:
+    texts = [f"question {i} " * (i + 1) for i in range(6)]  # different lengths: padded rows
+    replies = await _replies_together(engine, texts, max_new_tokens=30)
     for text in texts:
         assert replies[text] == greedy_reply(model, tokenizer, text, 30)
 
@@ -336,15 +342,8 @@ async def test_prompts_that_arrive_together_are_prefilled_in_one_pass_and_reply_
         lambda module, args, kwargs: passes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     texts = ["what is a river", "name a green thing", "tell me about mountains at night"]
-    replies: dict[str, str] = {}
-
-    async def ask(text: str) -> None:
-        replies[text] = (await _reply(engine, text, max_new_tokens=25))[0]
-
     try:
-        async with anyio.create_task_group() as tg:
-            for text in texts:
-                tg.start_soon(ask, text)
+        replies = await _replies_together(engine, texts, max_new_tokens=25)
     finally:
         handle.remove()
     prefill_passes = [shape for shape in passes if shape[1] > 1]
@@ -366,15 +365,8 @@ async def test_when_a_shared_prefill_fails_each_prompt_is_tried_alone(
 
     handle = model.register_forward_pre_hook(fail_shared_passes, with_kwargs=True)
     texts = ["first of two", "second of two"]
-    replies: dict[str, str] = {}
-
-    async def ask(text: str) -> None:
-        replies[text] = (await _reply(engine, text, max_new_tokens=15))[0]
-
     try:
-        async with anyio.create_task_group() as tg:
-            for text in texts:
-                tg.start_soon(ask, text)
+        replies = await _replies_together(engine, texts, max_new_tokens=15)
     finally:
         handle.remove()
     assert shared_attempts == [2]  # tried together once, then each alone

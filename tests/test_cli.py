@@ -312,7 +312,7 @@ def test_the_batching_engine_takes_its_cache_size_and_prefill_chunk_from_the_com
         chat_stream.close()
 
 
-@pytest.mark.parametrize("size", ["lots", "-1", "2T"])
+@pytest.mark.parametrize("size", ["lots", "-1", "2T", ""])
 def test_a_cache_size_that_is_not_a_size_is_refused_with_the_expected_form(size: str) -> None:
     result = _run("serve", "--conversation-cache-bytes", size)
     assert result.returncode == 2

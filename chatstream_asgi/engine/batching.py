@@ -13,9 +13,11 @@ are prefilled together, in one padded forward pass, when they fit one budget.
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
 attend over (and copy, every step) eight long caches. So rows of very different lengths run in
 separate groups, one forward pass each per step (`_group_for`): a long conversation joining
-short ones costs the step its own row, not seven rows' worth of padding. A row leaves on its end token, its length,
-a stop string or a cancel, without stalling the others; columns no row needs any more are
-trimmed. Each row samples with its own parameters, all rows of a step at once (`BatchSampling`).
+short ones costs the step its own row, not seven rows' worth of padding.
+
+A row leaves on its end token, its length, a stop string or a cancel, without stalling the
+others; columns no row needs any more are trimmed. Each row samples with its own parameters,
+all rows of a step at once (`BatchSampling`).
 
 When a generation ends, its row's cache is kept in the replica's `ConversationCache`: the next
 prompt that starts with the same tokens (the conversation's next turn, a regenerate) borrows the
@@ -242,20 +244,23 @@ _MAX_PADDING_SHARE = 0.5
 _MAX_GROUPS = 4
 
 
-def _padding_share(batch: _Batch, length: int) -> float:
+def _padding_share(width: int, rows: int, real: int) -> float:
+    """The share of a left-padded (rows, width) block that is padding when `real` tokens are real."""
+    return 1 - real / (width * rows)
+
+
+def _padding_with(batch: _Batch, length: int) -> float:
     """The share of `batch`'s cache that would be padding with a row of `length` tokens added."""
     width = max(int(batch.mask.shape[1]), length)
-    real = int(batch.positions.sum()) + length
-    area = width * (len(batch.rows) + 1)
-    return 1 - real / area
+    return _padding_share(width, len(batch.rows) + 1, int(batch.positions.sum()) + length)
 
 
 def _group_for(groups: list[_Batch], length: int, config: Any) -> _Batch:
     """The group a new row of `length` tokens joins: the one it pads least, if within
     `_MAX_PADDING_SHARE` (or once `_MAX_GROUPS` run), else a new group."""
     if groups:
-        least = min(groups, key=lambda group: _padding_share(group, length))
-        if _padding_share(least, length) <= _MAX_PADDING_SHARE or len(groups) >= _MAX_GROUPS:
+        least = min(groups, key=lambda group: _padding_with(group, length))
+        if _padding_with(least, length) <= _MAX_PADDING_SHARE or len(groups) >= _MAX_GROUPS:
             return least
     group = _Batch(config)
     groups.append(group)
@@ -271,9 +276,8 @@ def _cohort(prefills: deque[_Prefill], budget: int) -> list[_Prefill]:
     for prefill in prefills:
         if prefill.done or prefill.alone or prefill.job.should_stop:
             break
-        widest = max(width, prefill.remaining)
-        area = widest * (len(cohort) + 1)
-        if area > budget or 1 - (real + prefill.remaining) / area > _MAX_PADDING_SHARE:
+        widest, rows = max(width, prefill.remaining), len(cohort) + 1
+        if widest * rows > budget or _padding_share(widest, rows, real + prefill.remaining) > _MAX_PADDING_SHARE:
             break
         cohort.append(prefill)
         width, real = widest, real + prefill.remaining
@@ -417,7 +421,7 @@ class BatchingEngine(LocalEngine):
                 width = max(prefill.remaining for prefill in cohort)
                 budget -= width * len(cohort)
                 started = time.perf_counter()
-                self._prefill_together(groups, prefills, cohort, width)
+                self._prefill_together(groups, prefills, cohort, width)  # (sampling waited for the device)
                 if streaming:
                     self.chunks.chunk_took(width * len(cohort), time.perf_counter() - started)
                 continue
@@ -433,7 +437,9 @@ class BatchingEngine(LocalEngine):
             try:
                 started = time.perf_counter()
                 logits = self._prefill_chunk(prefill, tokens)
-                if streaming:
+                if streaming:  # timed against the decode steps: wait until the device has done it
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
                     self.chunks.chunk_took(tokens, time.perf_counter() - started)
             except Exception as error:  # reported to the one request it belongs to; the batch goes on
                 logger.exception("prefill failed")
@@ -499,13 +505,11 @@ class BatchingEngine(LocalEngine):
 
     def _prefill_chunk(self, prefill: _Prefill, tokens: int) -> torch.Tensor | None:
         """The next `tokens` of the prompt through the model; the last position's logits once the
-        whole prompt is through, else None. Timed by the caller, so it waits for the device."""
+        whole prompt is through, else None."""
         chunk = prefill.prompt_ids[:, prefill.done : prefill.done + tokens]
         out = self.model(input_ids=chunk, cache=prefill.cache, use_cache=True, logits_to_keep=1)
         prefill.cache = out.cache
         prefill.done += tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         if prefill.remaining:
             return None
         logits: torch.Tensor = out.logits[:, -1, :]
