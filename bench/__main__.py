@@ -24,7 +24,7 @@ import torch
 from bench import figures
 from bench.client import MODES, PROMPT
 from bench.harness import ROOT
-from chatstream_asgi.demo_model import build_demo_model
+from chatstream_asgi.frontends.demo_model import build_demo_model
 
 FIGURES = (
     "overhead",

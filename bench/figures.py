@@ -24,7 +24,7 @@ from bench import client
 from bench.client import MODES, PROMPT
 from bench.harness import RawChat, percentile, rss_bytes, running_server
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
-from chatstream_asgi.detokenize import IncrementalDetokenizer
+from chatstream_asgi.core.detokenize import IncrementalDetokenizer
 from chatstream_asgi.engine import MockEngine, resolve_device
 
 

@@ -10,7 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from chatstream_asgi.admission import Admission, Load
+    from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+    from chatstream_asgi.asgi.streaming import (
+        CLIENT_DISCONNECTED_BEFORE_STREAMING,
+        CLIENT_DISCONNECTED_WHILE_STREAMING,
+        SUCCESS,
+        UNKNOWN_ERROR_OCCURRED,
+    )
     from chatstream_asgi.chat_prompt_presets.chat_prompt_cyberagent_opencalm import ChatPromptCyberAgentOpenCalm
     from chatstream_asgi.chat_prompt_presets.chat_prompt_databricks_dolly import ChatPromptDatabricksDolly
     from chatstream_asgi.chat_prompt_presets.chat_prompt_linecorp_gpt_neox import ChatPromptLineCorpJpLargeLmInstSft
@@ -29,34 +35,28 @@ if TYPE_CHECKING:
     from chatstream_asgi.chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite import (
         ChatPromptTogetherRedPajamaINCITEChat,
     )
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
+    from chatstream_asgi.core.params import GenerationParams
+    from chatstream_asgi.core.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
     from chatstream_asgi.errors import ChatStreamError
-    from chatstream_asgi.middleware import ChatStreamMiddleware
-    from chatstream_asgi.params import GenerationParams
-    from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
-    from chatstream_asgi.redis_store import RedisStore
-    from chatstream_asgi.session import MemoryStore, Session, SessionStore
-    from chatstream_asgi.turn import (
-        CLIENT_DISCONNECTED_BEFORE_STREAMING,
-        CLIENT_DISCONNECTED_WHILE_STREAMING,
-        SUCCESS,
-        UNKNOWN_ERROR_OCCURRED,
-    )
+    from chatstream_asgi.runtime.admission import Admission, Load
+    from chatstream_asgi.sessions.redis_store import RedisStore
+    from chatstream_asgi.sessions.session import MemoryStore, Session, SessionStore
 
 __version__ = "0.1.0"
 
 _HOMES = {
-    "Admission": "admission",
-    "Load": "admission",
-    "ChatStream": "chat_stream",
+    "Admission": "runtime.admission",
+    "Load": "runtime.admission",
+    "ChatStream": "compat.chat_stream",
     "ChatStreamError": "errors",
-    "ChatStreamMiddleware": "middleware",
-    "GenerationParams": "params",
-    "AbstractChatPrompt": "prompt",
-    "ChatContent": "prompt",
-    "ChatPrompt": "prompt",
-    "RoleType": "prompt",
-    "PromptTTL": "prompt",
+    "ChatStreamMiddleware": "asgi.middleware",
+    "GenerationParams": "core.params",
+    "AbstractChatPrompt": "core.prompt",
+    "ChatContent": "core.prompt",
+    "ChatPrompt": "core.prompt",
+    "RoleType": "core.prompt",
+    "PromptTTL": "core.prompt",
     "ChatPromptCyberAgentOpenCalm": "chat_prompt_presets.chat_prompt_cyberagent_opencalm",
     "ChatPromptDatabricksDolly": "chat_prompt_presets.chat_prompt_databricks_dolly",
     "ChatPromptLineCorpJpLargeLmInstSft": "chat_prompt_presets.chat_prompt_linecorp_gpt_neox",
@@ -69,14 +69,14 @@ _HOMES = {
     "ChatPromptStabilityAiJpGptNeoxInstSft": "chat_prompt_presets.chat_prompt_stabilityai_gpt_neox",
     "ChatPromptStockmarkGptNeoxJp": "chat_prompt_presets.chat_prompt_stockmark_gpt_neox",
     "ChatPromptTogetherRedPajamaINCITEChat": "chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite",
-    "RedisStore": "redis_store",
-    "MemoryStore": "session",
-    "Session": "session",
-    "SessionStore": "session",
-    "CLIENT_DISCONNECTED_BEFORE_STREAMING": "turn",
-    "CLIENT_DISCONNECTED_WHILE_STREAMING": "turn",
-    "SUCCESS": "turn",
-    "UNKNOWN_ERROR_OCCURRED": "turn",
+    "RedisStore": "sessions.redis_store",
+    "MemoryStore": "sessions.session",
+    "Session": "sessions.session",
+    "SessionStore": "sessions.session",
+    "CLIENT_DISCONNECTED_BEFORE_STREAMING": "asgi.streaming",
+    "CLIENT_DISCONNECTED_WHILE_STREAMING": "asgi.streaming",
+    "SUCCESS": "asgi.streaming",
+    "UNKNOWN_ERROR_OCCURRED": "asgi.streaming",
 }
 
 __all__ = [

@@ -1,6 +1,6 @@
 """ChatStream's module path for prompt names: `from chatstream_asgi.chat_prompt import AbstractChatPrompt, PromptTTL`.
 
-The classes live in `chatstream_asgi.prompt` and `chatstream_asgi.chat_prompt_presets`; this
+The classes live in `chatstream_asgi.core.prompt` and `chatstream_asgi.chat_prompt_presets`; this
 module only gives them the import path ChatStream code uses (`chatstream.chat_prompt`).
 """
 
@@ -22,7 +22,7 @@ from chatstream_asgi.chat_prompt_presets.chat_prompt_stockmark_gpt_neox import C
 from chatstream_asgi.chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite import (
     ChatPromptTogetherRedPajamaINCITEChat,
 )
-from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
+from chatstream_asgi.core.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
 
 __all__ = [
     "AbstractChatPrompt",

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
-from chatstream_asgi.demo_model import ensure_demo_model
+from chatstream_asgi.frontends.demo_model import ensure_demo_model
 
 model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_demo_model()
 tokenizer = AutoTokenizer.from_pretrained(model_path)

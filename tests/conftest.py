@@ -21,7 +21,7 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatstream_asgi import ChatStream
-from chatstream_asgi.demo_model import build_demo_model
+from chatstream_asgi.frontends.demo_model import build_demo_model
 
 HANG_GUARD = 30.0  # seconds: only ever reached when something is broken
 

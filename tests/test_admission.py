@@ -6,8 +6,8 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from chatstream_asgi.admission import Admission, ReplicaAffinity
 from chatstream_asgi.errors import QueueTimeout, TooManyRequests
+from chatstream_asgi.runtime.admission import Admission, ReplicaAffinity
 
 pytestmark = pytest.mark.anyio
 

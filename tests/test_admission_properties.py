@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatstream_asgi.admission import Admission, Ticket
 from chatstream_asgi.errors import TooManyRequests
+from chatstream_asgi.runtime.admission import Admission, Ticket
 
 pytestmark = pytest.mark.anyio
 

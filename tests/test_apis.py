@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
-from chatstream_asgi.routes import enabled_apis
+from chatstream_asgi.asgi.conversation_apis import enabled_apis
 
 from .conftest import Outcomes, wait_until
 

@@ -11,8 +11,8 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from chatstream_asgi import ChatPrompt, ChatStream
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats, TransformersEngine, supports_batching
-from chatstream_asgi.params import GenerationParams
 
 from .conftest import ModelHooks, greedy_reply, wait_until
 

@@ -11,9 +11,9 @@ import anyio
 import pytest
 
 from chatstream_asgi import ChatPrompt
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats
 from chatstream_asgi.engine.batching import PrefillChunks
-from chatstream_asgi.params import GenerationParams
 
 from .conftest import HANG_GUARD, ModelHooks, greedy_reply, wait_until
 

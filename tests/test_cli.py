@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatstream_asgi.demo_model import CHAT_TEMPLATE
+from chatstream_asgi.frontends.demo_model import CHAT_TEMPLATE
 
 from .conftest import wait_until
 
@@ -36,7 +36,7 @@ def run_cli(tmp_path: Path) -> Iterator[object]:
         port = _free_port()
         env = {**os.environ, "HOME": str(tmp_path)}  # the demo model is built under a fresh home
         process = subprocess.Popen(
-            [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -90,7 +90,7 @@ def test_serve_takes_a_model_folder_and_the_limits(run_cli: object, model_dir: P
 
 def test_serve_with_a_missing_model_folder_fails_with_a_message(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--model", str(tmp_path / "nothing-here")],
+        [sys.executable, "-m", "chatstream_asgi", "serve", "--model", str(tmp_path / "nothing-here")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -103,7 +103,7 @@ def test_serve_with_a_missing_model_folder_fails_with_a_message(tmp_path: Path) 
 def test_serve_with_a_redis_store_needs_a_shared_key(run_cli: object, model_dir: Path, redis_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CHATSTREAM_SECRET_KEY"}
     refused = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--model", str(model_dir), "--session-store", redis_url],
+        [sys.executable, "-m", "chatstream_asgi", "serve", "--model", str(model_dir), "--session-store", redis_url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -121,7 +121,7 @@ def test_serve_with_a_redis_store_needs_a_shared_key(run_cli: object, model_dir:
 
 def test_serve_refuses_an_unknown_session_store() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--session-store", "postgres://x"],
+        [sys.executable, "-m", "chatstream_asgi", "serve", "--session-store", "postgres://x"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -145,7 +145,7 @@ def test_serve_mock_with_an_api_key_guards_everything_but_health(run_cli: object
 
 def test_the_command_tunes_openmp_before_torch_loads() -> None:
     probe = (
-        "import os, sys; import chatstream_asgi.cli as cli; early = 'torch' in sys.modules; "
+        "import os, sys; import chatstream_asgi.frontends.cli as cli; early = 'torch' in sys.modules; "
         "cli.main(['serve', '--model', '/nonexistent/model']); print(early, os.environ['GOMP_SPINCOUNT'])"
     )
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | {"HF_HUB_OFFLINE": "1"}
@@ -175,7 +175,7 @@ def test_serve_with_no_webui_leaves_the_root_alone(run_cli: object) -> None:
 
 def _run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", *args],
+        [sys.executable, "-m", "chatstream_asgi", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -289,7 +289,7 @@ def test_serve_api_key_scopes_limit_what_a_key_may_do(run_cli: object) -> None:
 
 def test_serve_refuses_an_unknown_key_scope() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--api-key", "k:chat,root"],
+        [sys.executable, "-m", "chatstream_asgi", "serve", "--api-key", "k:chat,root"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -298,7 +298,7 @@ def test_serve_refuses_an_unknown_key_scope() -> None:
 
 
 def test_the_batching_engine_takes_its_cache_size_and_prefill_chunk_from_the_command_line(model_dir: Path) -> None:
-    from chatstream_asgi.cli import _parser, load_chat_stream
+    from chatstream_asgi.frontends.cli import _parser, load_chat_stream
 
     args = _parser().parse_args(
         ["serve", "--model", str(model_dir), "--conversation-cache-bytes", "64M", "--prefill-chunk-tokens", "32"]

@@ -15,15 +15,15 @@ import anyio
 import pytest
 
 from chatstream_asgi import ChatPrompt, ChatStream
-from chatstream_asgi.console import ConsoleConversation
 from chatstream_asgi.engine.mock import MockEngine
+from chatstream_asgi.frontends.console import ConsoleConversation
 
 from .conftest import HANG_GUARD
 
 
 def start_chat(*args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "chatstream_asgi.cli", "chat", *args],
+        [sys.executable, "-m", "chatstream_asgi", "chat", *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -49,7 +49,7 @@ def read_until(process: subprocess.Popen[bytes], done: Callable[[str], bool]) ->
 
 def test_chat_streams_replies_to_piped_lines_and_exits_0_at_eof() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "chat", "--model", "mock"],
+        [sys.executable, "-m", "chatstream_asgi", "chat", "--model", "mock"],
         input="hello there\nこんにちは 👋\n",
         capture_output=True,
         text=True,
@@ -62,7 +62,7 @@ def test_chat_streams_replies_to_piped_lines_and_exits_0_at_eof() -> None:
 
 def test_chat_keeps_the_conversation_and_clear_forgets_it() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "chat", "--model", "mock"],
+        [sys.executable, "-m", "chatstream_asgi", "chat", "--model", "mock"],
         input="remember this\n/regenerate\n/clear\n/regenerate\nafter\n/quit\nnever read\n",
         capture_output=True,
         text=True,
@@ -76,7 +76,7 @@ def test_chat_keeps_the_conversation_and_clear_forgets_it() -> None:
 
 def test_chat_with_a_real_model_streams_its_reply(model_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "chatstream_asgi.cli", "chat", "--model", str(model_dir), "--max-new-tokens", "8"],
+        [sys.executable, "-m", "chatstream_asgi", "chat", "--model", str(model_dir), "--max-new-tokens", "8"],
         input="Hello\n",
         capture_output=True,
         text=True,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from chatstream_asgi import ChatPrompt
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats
 from chatstream_asgi.engine.conversation_cache import ConversationCache
-from chatstream_asgi.params import GenerationParams
 
 from .conftest import wait_until
 

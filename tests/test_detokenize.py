@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.detokenize import IncrementalDetokenizer, StopStringFilter
+from chatstream_asgi.core.detokenize import IncrementalDetokenizer, StopStringFilter
 
 TEXTS = [
     "Hello, world! How are you?",

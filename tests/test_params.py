@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from chatstream_asgi.core.params import GenerationParams, parse_chat_request
 from chatstream_asgi.errors import InvalidJSON, InvalidParameter, InvalidRequest
-from chatstream_asgi.params import GenerationParams, parse_chat_request
 
 
 def test_chatstream_key_names_and_aliases_set_the_same_fields() -> None:

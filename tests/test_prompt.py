@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from chatstream_asgi import AbstractChatPrompt, ChatPrompt
-from chatstream_asgi.prompt import fit_prompt
+from chatstream_asgi.core.prompt import fit_prompt
 
 
 def _prompt(tokenizer: Any) -> ChatPrompt:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from chatstream_asgi import ChatPrompt, ChatPromptRinnaJpGptNeoxInstSft
-from chatstream_asgi.reply import ReplyShaper
+from chatstream_asgi.core.reply import ReplyShaper
 
 PAIRS = [("<NL>", "\n"), ("aa", "b"), ("ab", "<NL>")]
 

@@ -17,9 +17,9 @@ from transformers import (
 )
 
 from chatstream_asgi import ChatPrompt
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine
 from chatstream_asgi.engine.sampling import BatchSampling
-from chatstream_asgi.params import GenerationParams
 
 from .conftest import greedy_reply, wait_until
 

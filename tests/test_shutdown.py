@@ -144,7 +144,7 @@ def _stop(process: subprocess.Popen[str]) -> tuple[int, str]:
 
 def _serve(model_dir: Path, tmp_path: Path, *options: str) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
-    command = [sys.executable, "-m", "chatstream_asgi.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "chatstream_asgi", "serve", "--model", str(model_dir), "--port", str(port)]
     process = _start([*command, "--concurrency", "2", "--queue", "4", *options], tmp_path)
     url = f"http://127.0.0.1:{port}"
     assert wait_until(lambda: _load(url) is not None or process.poll() is not None, timeout=60)

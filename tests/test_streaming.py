@@ -11,7 +11,7 @@ import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
-from chatstream_asgi.wire import CHATSTREAM_EOS
+from chatstream_asgi.asgi.wire import CHATSTREAM_EOS
 
 from .conftest import ModelHooks, Outcomes, greedy_reply, wait_until
 

@@ -17,7 +17,7 @@ import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
-from chatstream_asgi.waiting import API_KEY_SCOPE_KEY, client_identity, queue_deadline
+from chatstream_asgi.asgi.waiting import API_KEY_SCOPE_KEY, client_identity, queue_deadline
 
 from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
 

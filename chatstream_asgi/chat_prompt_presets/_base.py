@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-from chatstream_asgi.prompt import AbstractChatPrompt, ChatContent
+from chatstream_asgi.core.prompt import AbstractChatPrompt, ChatContent
 
 
 class PresetChatPrompt(AbstractChatPrompt):

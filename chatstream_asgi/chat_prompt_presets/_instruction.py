@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatstream_asgi.chat_prompt_presets._base import PresetChatPrompt
-from chatstream_asgi.prompt import ChatContent
+from chatstream_asgi.core.prompt import ChatContent
 
 INSTRUCTION_SYSTEM = (
     "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"

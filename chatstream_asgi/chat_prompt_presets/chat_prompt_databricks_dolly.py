@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatstream_asgi.chat_prompt_presets._base import PresetChatPrompt
-from chatstream_asgi.prompt import ChatContent, PromptTTL
+from chatstream_asgi.core.prompt import ChatContent, PromptTTL
 
 DOLLY_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatstream_asgi.chat_prompt_presets._base import PresetChatPrompt
-from chatstream_asgi.prompt import ChatContent, RoleType
+from chatstream_asgi.core.prompt import ChatContent, RoleType
 
 
 class ChatPromptLineCorpJpLargeLmInstSft(PresetChatPrompt):

@@ -7,7 +7,7 @@ default system prompt, is the system text, so `set_system` replaces all of it.
 from __future__ import annotations
 
 from chatstream_asgi.chat_prompt_presets._base import PresetChatPrompt
-from chatstream_asgi.prompt import ChatContent, RoleType
+from chatstream_asgi.core.prompt import ChatContent, RoleType
 
 SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from chatstream_asgi.chat_prompt_presets._instruction import JapaneseInstructionPrompt
-from chatstream_asgi.prompt import PromptTTL
+from chatstream_asgi.core.prompt import PromptTTL
 
 
 class ChatPromptStabilityAiJpGptNeoxInstSft(JapaneseInstructionPrompt):

@@ -12,8 +12,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from chatstream_asgi.params import GenerationParams
-from chatstream_asgi.prompt import AbstractChatPrompt
+from chatstream_asgi.core.params import GenerationParams
+from chatstream_asgi.core.prompt import AbstractChatPrompt
 
 
 class GenerationFailed(Exception):

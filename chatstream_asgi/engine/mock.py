@@ -16,10 +16,10 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from chatstream_asgi.detokenize import StopStringFilter
+from chatstream_asgi.core.detokenize import StopStringFilter
+from chatstream_asgi.core.params import GenerationParams
+from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.engine.base import Generation, GenerationStats
-from chatstream_asgi.params import GenerationParams
-from chatstream_asgi.prompt import AbstractChatPrompt
 
 # Pieces about the size of subword tokens: up to four non-space characters, with leading spaces.
 _PIECES = re.compile(r"\s*\S{1,4}|\s+")

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import torch
 
-from chatstream_asgi.params import GenerationParams
+from chatstream_asgi.core.params import GenerationParams
 
 _MASK32 = 0xFFFFFFFF
 _Integers = TypeVar("_Integers", int, torch.Tensor)

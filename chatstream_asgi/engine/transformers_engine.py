@@ -21,8 +21,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine.local import LocalEngine, LocalJob, resolve_device
-from chatstream_asgi.params import GenerationParams
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from starlette.datastructures import Headers
 from starlette.types import Message, Scope, Send
 
 if TYPE_CHECKING:
+    from chatstream_asgi.asgi.metrics import ChatMetrics
     from chatstream_asgi.engine.base import GenerationStats
     from chatstream_asgi.errors import ChatStreamError
-    from chatstream_asgi.metrics import ChatMetrics
 
 TELEMETRY_KEY = "chatstream_asgi.telemetry"
 REQUEST_ID_HEADER = "x-request-id"

@@ -12,7 +12,7 @@ from typing import Protocol
 import anyio
 from starlette.types import Receive
 
-from chatstream_asgi.session import TurnSession
+from chatstream_asgi.sessions.session import TurnSession
 
 EXCHANGE_KEY = "chatstream_asgi.exchange"
 

@@ -18,20 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from chatstream_asgi.errors import (
-    ChatStreamError,
-    GenerationError,
-    InvalidParameter,
-    InvalidRequest,
-    NotFound,
-    ShuttingDown,
-    quoted,
-)
-from chatstream_asgi.exchange import ChatExchange
-from chatstream_asgi.params import GenerationParams, parse_json_object
-from chatstream_asgi.prompt import ChatPrompt
-from chatstream_asgi.telemetry import telemetry_of
-from chatstream_asgi.turn import (
+from chatstream_asgi.asgi.exchange import ChatExchange
+from chatstream_asgi.asgi.streaming import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     STREAM_HEADERS,
     SUCCESS,
@@ -43,12 +31,24 @@ from chatstream_asgi.turn import (
     report_outcome,
     wait_for_slot,
 )
-from chatstream_asgi.waiting import WaitingResponse, client_identity, queue_deadline
+from chatstream_asgi.asgi.telemetry import telemetry_of
+from chatstream_asgi.asgi.waiting import WaitingResponse, client_identity, queue_deadline
+from chatstream_asgi.core.params import GenerationParams, parse_json_object
+from chatstream_asgi.core.prompt import ChatPrompt
+from chatstream_asgi.errors import (
+    ChatStreamError,
+    GenerationError,
+    InvalidParameter,
+    InvalidRequest,
+    NotFound,
+    ShuttingDown,
+    quoted,
+)
 
 if TYPE_CHECKING:
-    from chatstream_asgi.admission import Slot
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
     from chatstream_asgi.engine.base import Engine
+    from chatstream_asgi.runtime.admission import Slot
 
 _CREATED = int(time.time())
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

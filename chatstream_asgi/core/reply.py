@@ -13,7 +13,7 @@ A prompt class that neither strips nor replaces (`ChatPrompt`) gets no shaper: n
 
 from __future__ import annotations
 
-from chatstream_asgi.prompt import AbstractChatPrompt
+from chatstream_asgi.core.prompt import AbstractChatPrompt
 
 
 class _StreamReplace:

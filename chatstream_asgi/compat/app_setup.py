@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.middleware.cors import CORSMiddleware
 
-from chatstream_asgi.turn import MESSAGE_ID_HEADER
+from chatstream_asgi.asgi.streaming import MESSAGE_ID_HEADER
 
 if TYPE_CHECKING:
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def append_middlewares(
     chat_stream: ChatStream, app: Any, opts: dict[str, Any] | None, middleware_options: dict[str, Any]
 ) -> None:
     """Add `ChatStreamMiddleware` (with `middleware_options`) and, with `opts["cors"]`, CORS outside it."""
-    from chatstream_asgi.middleware import ChatStreamMiddleware  # the middleware module imports ChatStream
+    from chatstream_asgi.asgi.middleware import ChatStreamMiddleware  # the middleware module imports ChatStream
 
     opts = opts or {}
     if "fast_session" in opts:

@@ -23,12 +23,12 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from chatstream_asgi.core.reply import ReplyShaper
 from chatstream_asgi.engine.base import GenerationFailed
 from chatstream_asgi.errors import ChatStreamError, NothingToRegenerate
-from chatstream_asgi.reply import ReplyShaper
 
 if TYPE_CHECKING:
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
 
 HELP = "/clear forgets the conversation, /regenerate replaces the last reply, /quit leaves; Ctrl-C stops a reply"
 

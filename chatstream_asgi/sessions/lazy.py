@@ -17,8 +17,8 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import Scope
 
-from chatstream_asgi.prompt import AbstractChatPrompt
-from chatstream_asgi.session import CookieSigner, Session, SessionStore
+from chatstream_asgi.core.prompt import AbstractChatPrompt
+from chatstream_asgi.sessions.session import CookieSigner, Session, SessionStore
 
 
 class LazySession:

@@ -26,11 +26,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from chatstream_asgi.admission import PositionReport, Slot, Ticket
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
-from chatstream_asgi.exchange import ChatExchange
-from chatstream_asgi.telemetry import telemetry_of
-from chatstream_asgi.turn import (
+from chatstream_asgi.asgi.exchange import ChatExchange
+from chatstream_asgi.asgi.streaming import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
     UNKNOWN_ERROR_OCCURRED,
     AdmittedResponse,
@@ -38,6 +35,9 @@ from chatstream_asgi.turn import (
     init_streaming_head,
     report_outcome,
 )
+from chatstream_asgi.asgi.telemetry import telemetry_of
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
+from chatstream_asgi.runtime.admission import PositionReport, Slot, Ticket
 
 DEADLINE_HEADER = "X-ChatStream-Deadline"
 #: Where the middleware leaves the API key a request was admitted with.

@@ -21,7 +21,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from chatstream_asgi.admission import Slot, Ticket
+from chatstream_asgi.asgi.exchange import ChatExchange
+from chatstream_asgi.asgi.telemetry import RequestTelemetry, request_logger, telemetry_of
+from chatstream_asgi.asgi.wire import WireEncoder
+from chatstream_asgi.core.params import GenerationParams
+from chatstream_asgi.core.prompt import AbstractChatPrompt
+from chatstream_asgi.core.reply import ReplyShaper
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.errors import (
     GenerationError,
@@ -31,13 +36,8 @@ from chatstream_asgi.errors import (
     error_body,
     send_error,
 )
-from chatstream_asgi.exchange import ChatExchange
-from chatstream_asgi.params import GenerationParams
-from chatstream_asgi.prompt import AbstractChatPrompt
-from chatstream_asgi.reply import ReplyShaper
-from chatstream_asgi.session import CHAT_PROMPT_KEY
-from chatstream_asgi.telemetry import RequestTelemetry, request_logger, telemetry_of
-from chatstream_asgi.wire import WireEncoder
+from chatstream_asgi.runtime.admission import Slot, Ticket
+from chatstream_asgi.sessions.session import CHAT_PROMPT_KEY
 
 logger = request_logger(__name__)
 

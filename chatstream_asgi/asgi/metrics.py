@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from chatstream_asgi.admission import Load
-from chatstream_asgi.turn import OUTCOMES
+from chatstream_asgi.asgi.streaming import OUTCOMES
+from chatstream_asgi.runtime.admission import Load
 
 #: Seconds; LLM latencies span milliseconds (a refusal, a first token) to minutes (a long reply).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)

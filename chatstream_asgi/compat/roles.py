@@ -28,9 +28,9 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
+from chatstream_asgi.asgi.wire import StreamFormat, encoder_for
 from chatstream_asgi.errors import Forbidden, error_response
-from chatstream_asgi.session import TurnSession
-from chatstream_asgi.wire import StreamFormat, encoder_for
+from chatstream_asgi.sessions.session import TurnSession
 
 #: The session key ChatStream keeps a browser's current role under.
 CLIENT_ROLE_KEY = "chat_stream_client_role"

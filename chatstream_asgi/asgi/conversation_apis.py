@@ -23,16 +23,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from chatstream_asgi.asgi.standalone import attached_session
+from chatstream_asgi.asgi.telemetry import request_logger, telemetry_of
+from chatstream_asgi.compat.roles import refusal
+from chatstream_asgi.core.params import parse_json_object, session_params_update, session_params_view
+from chatstream_asgi.core.prompt import RoleType
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response, quoted
-from chatstream_asgi.params import parse_json_object, session_params_update, session_params_view
-from chatstream_asgi.prompt import RoleType
-from chatstream_asgi.roles import refusal
-from chatstream_asgi.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
-from chatstream_asgi.standalone import attached_session
-from chatstream_asgi.telemetry import request_logger, telemetry_of
+from chatstream_asgi.sessions.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
 
 if TYPE_CHECKING:
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
 
 logger = request_logger(__name__)
 
@@ -123,7 +123,7 @@ def append_apis(chat_stream: ChatStream, app: Any, opts: ApiOptions) -> None:
 
         app.router.routes.append(Route(f"/{name}", endpoint, methods=[API_METHODS[name]], name=name))
     if page_wanted:
-        from chatstream_asgi.webui import PAGE_FILES, ChatPage
+        from chatstream_asgi.asgi.webui import PAGE_FILES, ChatPage
 
         page = ChatPage(opts.get("web_ui_params"), model=chat_stream.name)
         for path in PAGE_FILES:

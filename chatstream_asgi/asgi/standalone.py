@@ -27,15 +27,15 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request, cookie_parser
 from starlette.responses import Response
 
+from chatstream_asgi.asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.asgi.streaming import AdmittedResponse, OutcomeCallback
+from chatstream_asgi.asgi.waiting import WaitingResponse
 from chatstream_asgi.errors import SessionStoreUnavailable, error_response
-from chatstream_asgi.exchange import EXCHANGE_KEY, ChatExchange
-from chatstream_asgi.lazy_session import LazySession
-from chatstream_asgi.session import CookieSigner, MemoryStore, Session, TurnSession
-from chatstream_asgi.turn import AdmittedResponse, OutcomeCallback
-from chatstream_asgi.waiting import WaitingResponse
+from chatstream_asgi.sessions.lazy import LazySession
+from chatstream_asgi.sessions.session import CookieSigner, MemoryStore, Session, TurnSession
 
 if TYPE_CHECKING:
-    from chatstream_asgi.chat_stream import ChatStream
+    from chatstream_asgi.compat.chat_stream import ChatStream
 
 logger = logging.getLogger(__name__)
 

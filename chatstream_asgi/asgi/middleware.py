@@ -1,0 +1,486 @@
+"""`ChatStreamMiddleware`: the pure-ASGI front of the chat path.
+
+For `POST /chat_stream` it reads the body once (bounded), keeps it in the scope and hands
+downstream a `receive` that replays it; it opens the session; and it alone calls the real
+`receive` from then on, to see the client leave. Unlike Starlette's `StreamingResponse`, we
+listen for `http.disconnect` whatever ASGI spec version the server reports: uvicorn reports
+2.3 and its `send()` to a gone client returns silently, so listening is the only way to know.
+
+ChatStream's conversation APIs get the session too, whether the middleware serves them
+(`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
+`openai=True`) gets the same body replay and disconnect watch, without a session. `webui=True`
+serves the chat page (`/` and its two files) and the session APIs it calls. With
+`api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key
+whose scopes include the route's: `chat` (`/chat_stream`, `/v1`, the page), `apis` (the
+conversation APIs) or `admin` (`get_prompt`, `get_resource_usage`, `/metrics`).
+Every route it serves gets an `X-Request-Id` and a `RequestTelemetry` (`telemetry.py`) that its
+log lines and metrics (`metrics=True`: `/metrics`) go through.
+Every other request (other paths and methods, websockets, lifespan) passes straight through, so an
+app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+from starlette._utils import get_route_path
+from starlette.datastructures import Headers
+from starlette.requests import Request, cookie_parser
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatstream_asgi.asgi.access import ADMIN_APIS, ApiKeys, KeyRing
+from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body
+from chatstream_asgi.asgi.conversation_apis import (
+    API_METHODS,
+    PAGE_APIS,
+    SESSION_APIS,
+    ApiOptions,
+    enabled_apis,
+    handle_api,
+)
+from chatstream_asgi.asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.asgi.openai_api import chat_completions, models_response, openai_error
+from chatstream_asgi.asgi.streaming import OutcomeCallback
+from chatstream_asgi.asgi.telemetry import (
+    bind_request_id,
+    request_logger,
+    send_with_request_id,
+    start_request,
+    telemetry_of,
+    unbind_request_id,
+)
+from chatstream_asgi.asgi.waiting import API_KEY_SCOPE_KEY
+from chatstream_asgi.asgi.webui import ChatPage
+from chatstream_asgi.compat.chat_stream import ChatStream
+from chatstream_asgi.errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    ChatStreamError,
+    SessionStoreUnavailable,
+    SessionValueNotStorable,
+    ShuttingDown,
+    send_error,
+)
+from chatstream_asgi.sessions.lazy import LazySession
+from chatstream_asgi.sessions.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
+
+if TYPE_CHECKING:
+    from chatstream_asgi.asgi.metrics import ChatMetrics
+
+logger = request_logger(__name__)
+_Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
+FINISH_GRACE = 10.0
+
+
+def check_shared_key(store: SessionStore, secret_key: str | bytes | None) -> None:
+    """Refuse a store shared by replicas without a cookie key they share."""
+    if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
+        raise ValueError(
+            f"{type(store).__name__} is shared by replicas, so they must sign cookies with one key: "
+            f"pass secret_key= or set {SECRET_KEY_ENV} (a random key per process would make each "
+            "replica drop the others' sessions)"
+        )
+
+
+class ChatStreamMiddleware:
+    """Adds the chat path (and, on request, its companion routes) to any ASGI app."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        chat_stream: ChatStream,
+        serve: bool = False,
+        callback: OutcomeCallback | None = None,
+        path: str = "/chat_stream",
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        session_store: SessionStore | None = None,
+        secret_key: str | bytes | None = None,
+        session_cookie: str = "chatstream_session",
+        https_only: bool = False,
+        apis: ApiOptions | None = None,
+        openai: bool = False,
+        api_keys: ApiKeys | None = None,
+        health: bool = False,
+        webui: bool = False,
+        web_ui_params: dict[str, Any] | None = None,
+        metrics: bool = False,
+        log_content: bool = False,
+        ping_interval: float = 15.0,
+    ) -> None:
+        if max_body_size < 1:
+            raise ValueError(f"max_body_size must be at least 1 byte, not {max_body_size}")
+        if body_timeout <= 0:
+            raise ValueError(f"body_timeout must be positive seconds, not {body_timeout}")
+        if ping_interval <= 0:
+            raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
+        store: SessionStore = session_store if session_store is not None else MemoryStore()
+        check_shared_key(store, secret_key)
+        self.app = app
+        self.chat_stream = chat_stream
+        self.serve = serve
+        self.callback = callback
+        self.path = path
+        self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
+        self.session_store = store
+        self.session_cookie = session_cookie
+        self.health = health
+        self.openai = openai
+        self.ping_interval = ping_interval
+        self.log_content = log_content
+        self._metrics: ChatMetrics | None = None
+        self._shutting_down = False
+        self._in_flight = 0  # served requests not yet ended, for the lifespan shutdown to wait on
+        self._idle: anyio.Event | None = None
+        if metrics:  # imported only when asked for: without metrics, prometheus-client is never loaded
+            from chatstream_asgi.asgi.metrics import ChatMetrics
+
+            self._metrics = ChatMetrics(chat_stream.admission.load)
+        self.api_options: ApiOptions = apis or {}
+        self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
+        # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
+        self.page = ChatPage(web_ui_params, model=chat_stream.name, chat_path=path) if webui else None
+        self._api_keys = KeyRing(api_keys)
+        self._signer = CookieSigner(secret_key)
+        self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._hold_lifespan_shutdown(receive)
+            await self.app(scope, receive, send)
+            return
+        match = self._match(get_route_path(scope), scope["method"])
+        if match is None:
+            await self._passthrough(scope, receive, send)
+            return
+        handler, needed, shape = match
+        telemetry = start_request(scope, self._metrics, log_content=self.log_content)
+        send = send_with_request_id(send, telemetry.request_id)
+        bound = bind_request_id(telemetry.request_id)
+        self._in_flight += 1
+        try:
+            if needed is not None and not await self._authorized(scope, send, needed, shape):
+                return
+            await handler(scope, receive, send)
+        except anyio.get_cancelled_exc_class():
+            # The server cancelled the request: it is stopping (uvicorn's graceful-shutdown timeout).
+            # The request was answered and its turn finished on the way out; re-raising would only
+            # make the server log a traceback for a routine deploy.
+            logger.warning("%s %s cut short: the server is shutting down", scope["method"], scope["path"])
+        finally:
+            unbind_request_id(bound)
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once `begin_shutdown()` was called or the server began its lifespan shutdown."""
+        return self._shutting_down
+
+    def begin_shutdown(self) -> None:
+        """Refuse new chats from now on (503 `shutting_down`); running and queued ones go on.
+
+        `chatstream-asgi serve` calls this on SIGTERM or Ctrl-C; under another server, call it
+        when draining starts. Lifespan shutdown calls it too.
+        """
+        self._shutting_down = True
+
+    def _hold_lifespan_shutdown(self, receive: Receive) -> Receive:
+        """`receive` for the lifespan, holding `lifespan.shutdown` back until requests have ended."""
+
+        async def receive_lifespan() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self._drain()
+            return message
+
+        return receive_lifespan
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for requests still finishing, then stop the engines.
+
+        A server that cancels request tasks at its graceful-shutdown timeout (uvicorn) does not
+        wait for them: it goes on to the lifespan shutdown and then exits, which would cut their
+        shielded finish (history, slot, callback) short.
+        """
+        self.begin_shutdown()
+        with anyio.move_on_after(FINISH_GRACE):
+            while self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        if self._in_flight:
+            logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
+        await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
+
+    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, str] | None:
+        """The handler of a route this middleware serves, the key scope it needs (None: no key),
+        and the shape of its errors; None for everything that passes through."""
+        api = route[1:]
+        if route == self.path and method == "POST":
+            return self._chat, "chat" if self.serve else None, "plain"
+        if API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
+            needed = ("admin" if api in ADMIN_APIS else "apis") if api in self.served_apis else None
+            return functools.partial(self._api, api), needed, "chatstream"
+        if self.openai and (route, method) == ("/v1/chat/completions", "POST"):
+            return self._completions, "chat", "openai"
+        if self.openai and (route, method) == ("/v1/models", "GET"):
+            return models_response(self.chat_stream), "chat", "openai"
+        if self.health and route in ("/health", "/ready") and method == "GET":
+            return functools.partial(self._health, route), None, "plain"
+        if self._metrics is not None and (route, method) == ("/metrics", "GET"):
+            return self._metrics_response, "admin", "plain"
+        if self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
+            return page, "chat", "plain"
+        return None
+
+    async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's own routes: `request.state.session` is there for them, opened only if read."""
+        store, prompt_from_dict = self.session_store, self.chat_stream.prompt_from_dict
+        lazy = LazySession(scope, self.session_cookie, self._signer, store, prompt_from_dict)
+        scope["state"] = {**scope.get("state", {}), "session": lazy}
+        try:
+            await self.app(scope, receive, self._session_send(lambda: lazy.opened, send, chatstream_shape=False))
+        finally:
+            if lazy.opened is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._persist(lazy.opened)
+
+    def _session_send(self, opened: Callable[[], Session | None], send: Send, *, chatstream_shape: bool) -> Send:
+        """`send` that, as the response starts, refuses a session holding a value JSON cannot
+        hold (500, naming the key: the app's changes are all made by then) and sets a new
+        session's cookie."""
+        refused = False
+
+        async def send_with_session(message: Message) -> None:
+            nonlocal refused
+            if refused:  # the app's own response was replaced by the error
+                return
+            session = opened()
+            if session is not None and message["type"] == "http.response.start":
+                try:
+                    session.check_storable()
+                except SessionValueNotStorable as error:
+                    refused = True
+                    await send_error(send, error, chatstream_shape=chatstream_shape)
+                    return
+                # Not for a route nobody serves: a 404 or 405 starts no conversation.
+                if session.is_new and message["status"] not in (404, 405):
+                    cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
+                    message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        return send_with_session
+
+    async def _persist(self, session: Session) -> None:
+        """Store a session's marked changes once its response is out (a failure can only be logged)."""
+        try:
+            await session.persist()
+        except (SessionStoreUnavailable, SessionValueNotStorable) as error:
+            logger.warning("session %s not saved: %s", session.session_id, error.detail)
+
+    async def _authorized(self, scope: Scope, send: Send, needed: str, shape: str) -> bool:
+        """With `api_keys` set, check `Authorization: Bearer <key>` before anything else: 401
+        without a valid key, 403 with a key that lacks the `needed` scope."""
+        if not self._api_keys:
+            return True
+        authorization = Headers(scope=scope).get("authorization", "")
+        refusal = self._api_keys.refusal(authorization, needed)
+        if refusal is None:
+            scope[API_KEY_SCOPE_KEY] = authorization.partition(" ")[2].strip()  # whose turn it is under fair admission
+            return True
+        await self._refuse(scope, send, refusal, shape)
+        return False
+
+    async def _refuse(self, scope: Scope, send: Send, error: ChatStreamError, shape: str) -> None:
+        telemetry_of(scope).refused(error)
+        await self._send_error(send, error, shape)
+
+    async def _send_error(self, send: Send, error: ChatStreamError, shape: str) -> None:
+        if shape == "openai":
+            response = openai_error(error)
+            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        else:
+            await send_error(send, error, chatstream_shape=shape == "chatstream")
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._shutting_down:
+            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "plain")
+            return
+        body = await self._read_body_or_refuse(scope, receive, send, "plain")
+        if body is None:
+            return
+
+        async def converse(session: Session, send: Send) -> None:
+            async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
+                if self.serve:
+                    request = Request(scope, receive)
+                    response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
+                    await response(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
+
+            await self._converse(scope, receive, send, body, session, answer, "plain")
+
+        await self._with_session(scope, send, converse, chatstream_shape=False)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._shutting_down:
+            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "openai")
+            return
+        body = await self._read_body_or_refuse(scope, receive, send, "openai")
+        if body is None:
+            return
+
+        async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive)
+            response = await chat_completions(self.chat_stream, request, exchange, self.callback)
+            await response(scope, receive, send)
+
+        await self._converse(scope, receive, send, body, None, answer, "openai")
+
+    async def _converse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        session: Session | None,
+        answer: Callable[[ChatExchange, Receive, Send], Awaitable[None]],
+        shape: str,
+    ) -> None:
+        """Run `answer` with the body replayed, the client watched and the exchange in the scope;
+        if the server cancels it before a response started, answer 503 `shutting_down`."""
+        exchange = ChatExchange(body, session, self.ping_interval)
+        scope[EXCHANGE_KEY] = exchange
+        body_replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_replayed
+            if not body_replayed:
+                body_replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await exchange.ended.wait()
+            return {"type": "http.disconnect"}
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                exchange.response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.response_complete = True
+            await send(message)
+            if exchange.response_complete:
+                exchange.ended.set()
+
+        async def watch_and_mark_ending() -> None:
+            await exchange.watch(receive)
+            if session is not None and exchange.client_left.is_set():
+                await session.mark_turn_ending()  # the next turn of the session may wait for this one
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(watch_and_mark_ending)
+            if session is not None and self.session_store.lock_ttl is not None:
+                task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
+            try:
+                await answer(exchange, replay_receive, send_and_watch)
+            except anyio.get_cancelled_exc_class():
+                if not exchange.response_started and not exchange.client_left.is_set():
+                    with anyio.CancelScope(shield=True):  # queued or not yet streaming: it had its outcome
+                        await self._send_error(send_and_watch, ShuttingDown("the server is shutting down"), shape)
+                raise
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await exchange.close()
+                task_group.cancel_scope.cancel()
+
+    async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_body_or_refuse(scope, receive, send, "chatstream")
+        if body is None:
+            return
+        body_replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal body_replayed
+            if not body_replayed:
+                body_replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def answer(session: Session | None, send: Send) -> None:
+            if name in self.served_apis:
+                request = Request(scope, replay_receive)
+                response = await handle_api(self.chat_stream, name, request, self.api_options)
+                await response(scope, replay_receive, send)
+            else:  # the app mounted it (append_apis): it only needs the session
+                await self.app(scope, replay_receive, send)
+
+        if name in SESSION_APIS:
+            await self._with_session(scope, send, answer, chatstream_shape=True)
+        else:
+            await answer(None, send)
+
+    async def _with_session(
+        self,
+        scope: Scope,
+        send: Send,
+        run: Callable[[Session, Send], Awaitable[None]],
+        *,
+        chatstream_shape: bool,
+    ) -> None:
+        """Open the cookie's session around `run`: a new session's cookie goes out with the
+        response, marked changes are stored at the end, and a held turn lock is released."""
+        try:
+            session = await self._open_session(scope)
+        except SessionStoreUnavailable as error:
+            telemetry_of(scope).refused(error)
+            await send_error(send, error, chatstream_shape=chatstream_shape)
+            return
+        scope["state"] = {**scope.get("state", {}), "session": session}
+
+        try:
+            await run(session, self._session_send(lambda: session, send, chatstream_shape=chatstream_shape))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._persist(session)
+                await session.unlock_turn()
+
+    async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: str) -> bytes | None:
+        """The body, or None when the client left or it was refused (413 too large, 408 too slow)."""
+        try:
+            return await read_body(scope, receive, max_size=self.max_body_size, timeout=self.body_timeout)
+        except (BodyTooLarge, BodyTimeout) as error:
+            await self._refuse(scope, send, error, shape)
+            return None
+
+    async def _open_session(self, scope: Scope) -> Session:
+        cookies = cookie_parser(Headers(scope=scope).get("cookie", ""))
+        signed = cookies.get(self.session_cookie)
+        session_id = self._signer.unsign(signed) if signed else None
+        return await Session.open(session_id, self.session_store, self.chat_stream.prompt_from_dict)
+
+    async def _health(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if route == "/health":
+            response = JSONResponse({"status": "ok"})
+        elif await self.chat_stream.check_ready():
+            response = JSONResponse({"status": "ready", "load": self.chat_stream.load()})
+        else:
+            response = JSONResponse({"status": "loading", "load": self.chat_stream.load()}, status_code=503)
+        await response(scope, receive, send)
+
+    async def _metrics_response(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self._metrics is not None  # routed here only with metrics on
+        from chatstream_asgi.asgi.metrics import CONTENT_TYPE
+
+        await Response(self._metrics.exposition(), media_type=CONTENT_TYPE)(scope, receive, send)

@@ -1,0 +1,99 @@
+"""A tiny random-weight chat model, built offline, for trying the server and for tests.
+
+No machine this package is developed on reaches a model hub, and a first run should not need
+one either. The tokenizer is a byte-level BPE (like GPT-2's or Llama 3's) trained on a small
+built-in text, so Japanese and emoji split across several tokens exactly as they do with a
+real model; the model is a small Llama with random weights. Its replies are gibberish; the
+streaming, queueing and cancellation around it are real.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EOS_TOKEN = "<|endoftext|>"
+
+# Jinja chat template in the common "<|role|>text" style; the generation prompt is the assistant cue.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_SPECIAL_TOKENS = [EOS_TOKEN, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# Mostly English with a little Japanese, so that few Japanese characters get a token of their
+# own: most of them, and every emoji, stay split into byte tokens.
+_CORPUS = [
+    "Hello! How can I help you today? I am a small demo model with random weights.",
+    "The quick brown fox jumps over the lazy dog. Streaming text arrives token by token.",
+    "Servers stream replies over HTTP; clients may disconnect at any moment.",
+    "Please tell me about the weather, the news, and what we discussed before.",
+    "日本語も少し話します。こんにちは。",
+    "Numbers 0123456789 and punctuation: , . ; : ! ? ( ) [ ] { } - _ / \\ ' \"",
+]
+
+
+def build_demo_model(
+    path: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight Llama and its tokenizer to `path` (`from_pretrained` loads them).
+
+    Larger `hidden_size` and `num_hidden_layers` make a model whose decode step costs what a
+    real one's does, for benchmarks.
+    """
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _CORPUS * 4, vocab_size=vocab_size, min_frequency=2, special_tokens=_SPECIAL_TOKENS, show_progress=False
+    )
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+
+    heads = max(1, hidden_size // 16)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Random weights would pick the end token now and then and cut replies short at
+        # random; a zero row keeps its logit at 0, below the best of hundreds of others.
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
+    model.save_pretrained(path)
+    return path
+
+
+def default_demo_path() -> Path:
+    """Where `chatstream-asgi serve` keeps the demo model between runs."""
+    return Path.home() / ".cache" / "chatstream-asgi" / "demo-model"
+
+
+def ensure_demo_model(path: str | Path | None = None) -> Path:
+    """The demo model's folder, built there first if it is not yet."""
+    path = Path(path) if path is not None else default_demo_path()
+    if not (path / "config.json").exists():
+        build_demo_model(path)
+    return path
