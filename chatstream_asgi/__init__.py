@@ -11,12 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
-    from chatstream_asgi.asgi.streaming import (
-        CLIENT_DISCONNECTED_BEFORE_STREAMING,
-        CLIENT_DISCONNECTED_WHILE_STREAMING,
-        SUCCESS,
-        UNKNOWN_ERROR_OCCURRED,
-    )
     from chatstream_asgi.chat_prompt_presets.chat_prompt_cyberagent_opencalm import ChatPromptCyberAgentOpenCalm
     from chatstream_asgi.chat_prompt_presets.chat_prompt_databricks_dolly import ChatPromptDatabricksDolly
     from chatstream_asgi.chat_prompt_presets.chat_prompt_linecorp_gpt_neox import ChatPromptLineCorpJpLargeLmInstSft
@@ -39,9 +33,17 @@ if TYPE_CHECKING:
     from chatstream_asgi.core.params import GenerationParams
     from chatstream_asgi.core.prompt import AbstractChatPrompt, ChatContent, ChatPrompt, PromptTTL, RoleType
     from chatstream_asgi.errors import ChatStreamError
+    from chatstream_asgi.outcomes import (
+        CLIENT_DISCONNECTED_BEFORE_STREAMING,
+        CLIENT_DISCONNECTED_WHILE_STREAMING,
+        SUCCESS,
+        UNKNOWN_ERROR_OCCURRED,
+    )
     from chatstream_asgi.runtime.admission import Admission, Load
+    from chatstream_asgi.sessions.memory import MemoryStore
     from chatstream_asgi.sessions.redis_store import RedisStore
-    from chatstream_asgi.sessions.session import MemoryStore, Session, SessionStore
+    from chatstream_asgi.sessions.session import Session
+    from chatstream_asgi.sessions.store import SessionStore
 
 __version__ = "0.1.0"
 
@@ -70,13 +72,13 @@ _HOMES = {
     "ChatPromptStockmarkGptNeoxJp": "chat_prompt_presets.chat_prompt_stockmark_gpt_neox",
     "ChatPromptTogetherRedPajamaINCITEChat": "chat_prompt_presets.chat_prompt_togethercomputer_redpajama_incite",
     "RedisStore": "sessions.redis_store",
-    "MemoryStore": "sessions.session",
+    "MemoryStore": "sessions.memory",
     "Session": "sessions.session",
-    "SessionStore": "sessions.session",
-    "CLIENT_DISCONNECTED_BEFORE_STREAMING": "asgi.streaming",
-    "CLIENT_DISCONNECTED_WHILE_STREAMING": "asgi.streaming",
-    "SUCCESS": "asgi.streaming",
-    "UNKNOWN_ERROR_OCCURRED": "asgi.streaming",
+    "SessionStore": "sessions.store",
+    "CLIENT_DISCONNECTED_BEFORE_STREAMING": "outcomes",
+    "CLIENT_DISCONNECTED_WHILE_STREAMING": "outcomes",
+    "SUCCESS": "outcomes",
+    "UNKNOWN_ERROR_OCCURRED": "outcomes",
 }
 
 __all__ = [

@@ -13,10 +13,10 @@ from chatstream_asgi.runtime.admission import (
     AdmissionPolicy,
     Load,
     PositionReport,
-    ReplicaAffinity,
     Slot,
     Ticket,
 )
+from chatstream_asgi.runtime.replicas import ReplicaAffinity
 
 warnings.warn(
     f"{__name__} moved to chatstream_asgi.runtime.admission",

@@ -1,18 +1,14 @@
-"""The errors a client can cause, and the one place they become HTTP.
+"""The errors a client can cause: one small hierarchy, one table of codes (DESIGN §3).
 
 Every refusal the package gives (bad JSON, a full queue, a store that is down) is a
-`ChatStreamError` subclass carrying its status and the `error` code of DESIGN's table.
-`error_body` and `send_error` are the only builders of error JSON, so the shape
-`{"error": code, "detail": text}` cannot drift between the middleware and the endpoint path.
+`ChatStreamError` subclass carrying its status and the `error` code of DESIGN's table. A leaf
+with no HTTP library in it: the console and the engines raise these too, and
+`chatstream_asgi.asgi.http_errors` is the one place they become HTTP responses.
 """
 
 from __future__ import annotations
 
-import json
 import math
-
-from starlette.responses import JSONResponse
-from starlette.types import Send
 
 
 def quoted(value: object, limit: int = 64) -> str:
@@ -170,41 +166,3 @@ class ShuttingDown(ChatStreamError):
 
     status_code = 503
     code = "shutting_down"
-
-
-def error_body(error: ChatStreamError, *, chatstream_shape: bool = False) -> dict[str, object]:
-    """The JSON object sent for `error`.
-
-    `chatstream_shape` adds ChatStream's `{"success": false, "message": ...}` keys, which its
-    conversation APIs answer with and its front-ends read.
-    """
-    body: dict[str, object] = {"success": False, "message": error.detail} if chatstream_shape else {}
-    body |= {"error": error.code, "detail": error.detail}
-    if isinstance(error, InvalidParameter):
-        body["field"] = error.field
-    if isinstance(error, RetryLater):
-        body["retry_after"] = error.retry_after
-    return body
-
-
-def error_response(
-    error: ChatStreamError, *, status_code: int | None = None, chatstream_shape: bool = False
-) -> JSONResponse:
-    """A Starlette response for `error`; `status_code` overrides the status (ChatStream's 200 mode)."""
-    return JSONResponse(
-        error_body(error, chatstream_shape=chatstream_shape),
-        status_code=error.status_code if status_code is None else status_code,
-        headers=error.headers(),
-    )
-
-
-async def send_error(send: Send, error: ChatStreamError, *, chatstream_shape: bool = False) -> None:
-    """Answer with `error` on a raw ASGI `send`, for refusals made before any app runs."""
-    payload = json.dumps(error_body(error, chatstream_shape=chatstream_shape)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})

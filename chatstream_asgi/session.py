@@ -1,23 +1,20 @@
-"""Moved to `chatstream_asgi.sessions.session`: this path re-exports its public names for one release.
+"""Moved to `chatstream_asgi.sessions`: this path re-exports its public names for one release.
 
-Import them from `chatstream_asgi` (or from `chatstream_asgi.sessions.session`); this module will be removed.
+Import them from `chatstream_asgi` (or from `chatstream_asgi.sessions`); this module will be removed.
 """
 
 from __future__ import annotations
 
 import warnings
 
-from chatstream_asgi.sessions.session import (
+from chatstream_asgi.sessions.memory import MemoryStore
+from chatstream_asgi.sessions.session import ENDING_TURN_WAIT, STOP_SETTLE, Session
+from chatstream_asgi.sessions.signing import SECRET_KEY_ENV, CookieSigner
+from chatstream_asgi.sessions.store import (
     CHAT_PROMPT_KEY,
     DEFAULT_MAX_SESSION_BYTES,
     DEFAULT_MAX_TURNS,
-    ENDING_TURN_WAIT,
     GENERATION_PARAMS_KEY,
-    SECRET_KEY_ENV,
-    STOP_SETTLE,
-    CookieSigner,
-    MemoryStore,
-    Session,
     SessionStore,
     TurnSession,
     stored_text,
@@ -25,7 +22,7 @@ from chatstream_asgi.sessions.session import (
 )
 
 warnings.warn(
-    f"{__name__} moved to chatstream_asgi.sessions.session",
+    f"{__name__} moved to chatstream_asgi.sessions",
     DeprecationWarning,
     stacklevel=2,
 )

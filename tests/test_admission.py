@@ -7,7 +7,8 @@ import anyio.lowlevel
 import pytest
 
 from chatstream_asgi.errors import QueueTimeout, TooManyRequests
-from chatstream_asgi.runtime.admission import Admission, ReplicaAffinity
+from chatstream_asgi.runtime.admission import Admission
+from chatstream_asgi.runtime.replicas import ReplicaAffinity
 
 pytestmark = pytest.mark.anyio
 

@@ -272,7 +272,7 @@ def test_a_decode_failure_of_one_row_fails_only_that_chat(
 
 def _group_of(lengths: list[int], config: Any) -> Any:
     """A group whose rows hold `lengths` tokens, right-aligned (only its shape matters here)."""
-    from chatstream_asgi.engine.batching import _Batch
+    from chatstream_asgi.engine.batch import Batch as _Batch
 
     group = _Batch(config)
     width = max(lengths)
@@ -283,14 +283,14 @@ def _group_of(lengths: list[int], config: Any) -> Any:
 
 
 def test_a_row_of_a_similar_length_joins_the_running_group(model: Any) -> None:
-    from chatstream_asgi.engine.batching import _group_for
+    from chatstream_asgi.engine.grouping import group_for as _group_for
 
     groups = [_group_of([180, 150, 200], model.config)]
     assert _group_for(groups, 260, model.config) is groups[0] and len(groups) == 1
 
 
 def test_a_row_many_times_longer_runs_in_a_group_of_its_own(model: Any) -> None:
-    from chatstream_asgi.engine.batching import _group_for
+    from chatstream_asgi.engine.grouping import group_for as _group_for
 
     groups = [_group_of([180, 150, 200], model.config)]
     joined = _group_for(groups, 1500, model.config)
@@ -298,7 +298,8 @@ def test_a_row_many_times_longer_runs_in_a_group_of_its_own(model: Any) -> None:
 
 
 def test_past_the_most_groups_a_row_joins_the_one_it_pads_least(model: Any) -> None:
-    from chatstream_asgi.engine.batching import _MAX_GROUPS, _group_for
+    from chatstream_asgi.engine.grouping import MAX_GROUPS as _MAX_GROUPS
+    from chatstream_asgi.engine.grouping import group_for as _group_for
 
     groups = [_group_of([10 * 4**i], model.config) for i in range(_MAX_GROUPS)]
     assert _group_for(groups, 9000, model.config) is groups[-1] and len(groups) == _MAX_GROUPS

@@ -13,7 +13,7 @@ import pytest
 from chatstream_asgi import ChatPrompt
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats
-from chatstream_asgi.engine.batching import PrefillChunks
+from chatstream_asgi.engine.prefill import PrefillChunks
 
 from .conftest import HANG_GUARD, ModelHooks, greedy_reply, wait_until
 

@@ -298,12 +298,12 @@ def test_serve_refuses_an_unknown_key_scope() -> None:
 
 
 def test_the_batching_engine_takes_its_cache_size_and_prefill_chunk_from_the_command_line(model_dir: Path) -> None:
-    from chatstream_asgi.frontends.cli import _parser, load_chat_stream
+    from chatstream_asgi.frontends.cli import _parser, load_service
 
     args = _parser().parse_args(
         ["serve", "--model", str(model_dir), "--conversation-cache-bytes", "64M", "--prefill-chunk-tokens", "32"]
     )
-    chat_stream, _ = load_chat_stream(args, concurrency=1, queue=0)
+    chat_stream, _ = load_service(args, concurrency=1, queue=0)
     try:
         engine: Any = chat_stream.engine
         assert engine.conversations.capacity_bytes == 64 << 20

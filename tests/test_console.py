@@ -118,7 +118,7 @@ async def test_handle_console_input_yields_chatstreams_tuples() -> None:
 @pytest.mark.anyio
 async def test_a_console_reply_holds_an_admission_slot_while_it_streams() -> None:
     chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000), num_of_concurrent_executions=1)
-    conversation = ConsoleConversation(chat_stream)
+    conversation = ConsoleConversation(chat_stream.service)
     loads = [chat_stream.load()["processing"] async for _ in conversation.reply("one two three")]
     assert set(loads) == {1}
     assert chat_stream.load()["processing"] == 0
@@ -127,7 +127,7 @@ async def test_a_console_reply_holds_an_admission_slot_while_it_streams() -> Non
 @pytest.mark.anyio
 async def test_a_stopped_console_reply_keeps_what_was_shown() -> None:
     chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
-    conversation = ConsoleConversation(chat_stream)
+    conversation = ConsoleConversation(chat_stream.service)
     shown = ""
     with anyio.CancelScope() as scope:
         async for piece in conversation.reply("alpha beta gamma delta"):
@@ -146,7 +146,7 @@ class _DigitsPrompt(ChatPrompt):
 @pytest.mark.anyio
 async def test_a_console_reply_shows_the_prompt_classs_output_replacement_and_keeps_the_models_text() -> None:
     chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000), chat_prompt_clazz=_DigitsPrompt)
-    conversation = ConsoleConversation(chat_stream)
+    conversation = ConsoleConversation(chat_stream.service)
     shown = "".join([piece async for piece in conversation.reply("one two three")])
     assert shown == "one 2 three"
     assert conversation.prompt.get_responder_last_msg() == "one two three"

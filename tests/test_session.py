@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from chatstream_asgi import ChatPrompt, MemoryStore, Session
-from chatstream_asgi.sessions.session import CookieSigner
+from chatstream_asgi.sessions.signing import CookieSigner
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +44,7 @@ async def test_memory_store_forgets_the_least_recently_used_past_its_bound() -> 
 
 
 async def test_memory_store_expires_sessions_after_their_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
-    import chatstream_asgi.sessions.session as session_module
+    import chatstream_asgi.sessions.memory as session_module
 
     now = [1000.0]
     monkeypatch.setattr(session_module.time, "monotonic", lambda: now[0])

@@ -16,28 +16,27 @@ import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from chatstream_asgi.asgi.standalone import attached_session
-from chatstream_asgi.asgi.telemetry import request_logger, telemetry_of
-from chatstream_asgi.compat.roles import refusal
+from chatstream_asgi.asgi.chat_endpoint import ChatEndpoint
+from chatstream_asgi.asgi.client_rules import refusal
+from chatstream_asgi.asgi.http_errors import error_response
+from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.core.params import parse_json_object, session_params_update, session_params_view
 from chatstream_asgi.core.prompt import RoleType
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, error_response, quoted
-from chatstream_asgi.sessions.session import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
-
-if TYPE_CHECKING:
-    from chatstream_asgi.compat.chat_stream import ChatStream
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NotFound, SessionBusy, quoted
+from chatstream_asgi.log import request_logger
+from chatstream_asgi.sessions.attached import attached_session
+from chatstream_asgi.sessions.store import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
 
 logger = request_logger(__name__)
 
 ApiOptions = dict[str, Any]
-_Handler = Callable[["ChatStream", Request, ApiOptions], Awaitable[Response]]
+_Handler = Callable[[ChatEndpoint, Request, ApiOptions], Awaitable[Response]]
 
 #: The HTTP method of each API, by ChatStream's name (its path is "/" + name).
 API_METHODS: dict[str, str] = {
@@ -87,79 +86,23 @@ def enabled_apis(opts: ApiOptions | None) -> frozenset[str]:
     return frozenset(API_METHODS) if opts["all"] else frozenset()
 
 
-async def handle_api(chat_stream: ChatStream, name: str, request: Request, opts: ApiOptions) -> Response:
+async def handle_api(endpoint: ChatEndpoint, name: str, request: Request, opts: ApiOptions) -> Response:
     """Answer the API `name`; refusals in ChatStream's shape with a real status."""
-    if chat_stream.roles is not None:
-        session = attached_session(request, chat_stream.fallback_sessions)
-        denied = refusal(chat_stream.roles, request, session.get_session() if session else None, name)
+    if endpoint.rules is not None:
+        session = attached_session(request, endpoint.fallback_sessions)
+        denied = refusal(endpoint.rules, request, session.get_session() if session else None, name)
         if denied is not None:
             return denied
     try:
-        return await _HANDLERS[name](chat_stream, request, opts)
+        return await _HANDLERS[name](endpoint, request, opts)
     except ChatStreamError as error:
         telemetry_of(request.scope).refused(error)
-        return error_response(error, chatstream_shape=True)
+        return error_response(error, "chatstream")
 
 
-def append_apis(chat_stream: ChatStream, app: Any, opts: ApiOptions) -> None:
-    """Add the APIs `opts` switch on as routes of a Starlette or FastAPI `app`; with them, as
-    ChatStream's `append_apis` does, `POST /chat_stream` and the chat page at `/` (its
-    `webui_index`), initialised with `opts["web_ui_params"]`, unless `opts` leave them out."""
-    if _chat_route_enabled(opts):
-
-        async def chat(request: Request) -> Response:
-            return await chat_stream.handle_chat_stream_request(request)
-
-        app.router.routes.append(Route("/chat_stream", chat, methods=["POST"], name="chat_stream"))
-    page_opts = {key: value for key, value in opts.items() if key != "web_ui_params"}
-    page_wanted = _page_enabled(page_opts)
-    for key in ("include", "exclude"):  # the chat's and the page's names are valid here, but they are not APIs
-        if key in page_opts:
-            page_opts[key] = [name for name in page_opts[key] if name not in _PAGE_NAMES and name != "chat_stream"]
-    for name in sorted(enabled_apis(page_opts)):
-
-        async def endpoint(request: Request, name: str = name) -> Response:
-            return await handle_api(chat_stream, name, request, opts)
-
-        app.router.routes.append(Route(f"/{name}", endpoint, methods=[API_METHODS[name]], name=name))
-    if page_wanted:
-        from chatstream_asgi.asgi.webui import PAGE_FILES, ChatPage
-
-        page = ChatPage(opts.get("web_ui_params"), model=chat_stream.name)
-        for path in PAGE_FILES:
-
-            async def serve_file(request: Request, path: str = path) -> Response:
-                response = page.response(path)
-                assert response is not None  # every path of PAGE_FILES has its file
-                return response
-
-            app.router.routes.append(Route(path, serve_file, methods=["GET"]))
-
-
-#: ChatStream's names of the page's routes (`/` and `/chatstream.js`).
-_PAGE_NAMES = ("webui_index", "webui_js")
-
-
-def _page_enabled(opts: ApiOptions) -> bool:
-    """Whether ChatStream-style `opts` switch the page on (as ChatStream's `is_enabled("webui_index")`)."""
-    if "include" in opts:
-        return "webui_index" in opts["include"]
-    if "exclude" in opts:
-        return "webui_index" not in opts["exclude"]
-    return bool(opts.get("all", False))
-
-
-def _chat_route_enabled(opts: ApiOptions) -> bool:
-    if "include" in opts:
-        return "chat_stream" in opts["include"]
-    if "exclude" in opts:
-        return "chat_stream" not in opts["exclude"]
-    return bool(opts.get("all"))
-
-
-def session_of(chat_stream: ChatStream, request: Request) -> TurnSession:
+def session_of(endpoint: ChatEndpoint, request: Request) -> TurnSession:
     """The session the middleware (or another, such as fastsession's) attached; a clear error if none did."""
-    session = attached_session(request, chat_stream.fallback_sessions)
+    session = attached_session(request, endpoint.fallback_sessions)
     if session is None:
         raise RuntimeError(
             f"{request.url.path} needs a session: put ChatStreamMiddleware in front of the app "
@@ -182,19 +125,19 @@ async def _changing(session: TurnSession) -> AsyncIterator[dict[str, Any]]:
         await session.unlock_turn()
 
 
-async def _clear_context(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    async with _changing(session_of(chat_stream, request)) as data:
+async def _clear_context(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
+    async with _changing(session_of(endpoint, request)) as data:
         data.pop(CHAT_PROMPT_KEY, None)
     return JSONResponse({"success": True, "message": "Context successfully cleared"})
 
 
-async def _get_history(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
+async def _get_history(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
     """The cookie's own conversation as messages (DESIGN §7), for the page to restore on reload.
 
     The history is kept in the model's spelling (Rinna's "<NL>"); the prompt class's output
     replacements turn it back into what people were shown.
     """
-    prompt = session_of(chat_stream, request).get_session().get(CHAT_PROMPT_KEY)
+    prompt = session_of(endpoint, request).get_session().get(CHAT_PROMPT_KEY)
     messages = []
     if prompt is not None:
         shown = prompt.get_replacement_when_output()
@@ -210,8 +153,8 @@ async def _get_history(chat_stream: ChatStream, request: Request, opts: ApiOptio
 _HISTORY_ROLES = {RoleType.REQUESTER: "user", RoleType.RESPONDER: "assistant"}
 
 
-async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    prompt = session_of(chat_stream, request).get_session().get(CHAT_PROMPT_KEY)
+async def _get_prompt(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
+    prompt = session_of(endpoint, request).get_session().get(CHAT_PROMPT_KEY)
     if prompt is None or prompt.is_empty():
         return JSONResponse({"success": True, "message": "no prompt", "prompt": None})
     text = await anyio.to_thread.run_sync(prompt.create_prompt)  # a long history renders off the loop
@@ -219,23 +162,23 @@ async def _get_prompt(chat_stream: ChatStream, request: Request, opts: ApiOption
     return JSONResponse({"success": True, "message": "success", "prompt": urllib.parse.quote(text)})
 
 
-async def _set_generation_params(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
+async def _set_generation_params(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
     update = parse_json_object(await request.body())
-    async with _changing(session_of(chat_stream, request)) as data:
-        stored = session_params_update(data.get(GENERATION_PARAMS_KEY, {}), update, defaults=chat_stream.params)
+    async with _changing(session_of(endpoint, request)) as data:
+        stored = session_params_update(data.get(GENERATION_PARAMS_KEY, {}), update, defaults=endpoint.service.params)
         data[GENERATION_PARAMS_KEY] = stored
-    view = session_params_view(stored, chat_stream.params)
+    view = session_params_view(stored, endpoint.service.params)
     return JSONResponse({"success": True, "message": "success", "generation_params": view})
 
 
-async def _get_generation_params(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    stored = session_of(chat_stream, request).get_session().get(GENERATION_PARAMS_KEY, {})
-    view = session_params_view(stored, chat_stream.params)
+async def _get_generation_params(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
+    stored = session_of(endpoint, request).get_session().get(GENERATION_PARAMS_KEY, {})
+    view = session_params_view(stored, endpoint.service.params)
     return JSONResponse({"success": True, "message": "success", "generation_params": view})
 
 
-async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    session = session_of(chat_stream, request)
+async def _set_feedback(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
+    session = session_of(endpoint, request)
     feedback = parse_json_object(await request.body())
     message_id = feedback.get("message_id")
     if not isinstance(message_id, str):
@@ -254,7 +197,7 @@ async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOpti
         "prompt": await anyio.to_thread.run_sync(prompt.create_prompt, {"to_message_id": message_id}),
         "target_message_id": message_id,
         "target_message": target.get_message(),
-        "generation_params": session_params_view(data.get(GENERATION_PARAMS_KEY, {}), chat_stream.params),
+        "generation_params": session_params_view(data.get(GENERATION_PARAMS_KEY, {}), endpoint.service.params),
     }
     receiver = opts.get("on_feedback_received")
     if receiver is not None:
@@ -267,10 +210,10 @@ async def _set_feedback(chat_stream: ChatStream, request: Request, opts: ApiOpti
     return JSONResponse({"success": True, "message": "success", "target_message_id": message_id})
 
 
-async def _get_load(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
-    load = chat_stream.admission.load()
+async def _get_load(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
+    load = endpoint.service.admission.load()
     worker = {
-        "name": chat_stream.name,
+        "name": endpoint.service.name,
         "processing": load.processing,
         "waiting": load.waiting,
         "max_processing": load.num_of_concurrent_executions,
@@ -279,9 +222,10 @@ async def _get_load(chat_stream: ChatStream, request: Request, opts: ApiOptions)
     return JSONResponse({"success": True, "message": "success", "chatstream_workers": [worker]})
 
 
-async def _get_resource_usage(chat_stream: ChatStream, request: Request, opts: ApiOptions) -> Response:
+async def _get_resource_usage(endpoint: ChatEndpoint, request: Request, opts: ApiOptions) -> Response:
     usage = await anyio.to_thread.run_sync(_memory_usage)  # /proc reads and CUDA queries stay off the loop
-    return JSONResponse({"success": True, "message": "success", "memory_usage": [{"name": chat_stream.name, **usage}]})
+    memory_usage = [{"name": endpoint.service.name, **usage}]
+    return JSONResponse({"success": True, "message": "success", "memory_usage": memory_usage})
 
 
 def _memory_usage() -> dict[str, Any]:

@@ -1,8 +1,15 @@
-"""What the middleware knows about one chat request, handed to the chat handler through the scope.
+"""What the middleware knows about one chat request, and the one place a client's leaving is seen.
 
 The middleware reads the body, opens the session and watches the client; the handler (maybe
 deep inside a user's endpoint) needs all three. They travel in one namespaced scope key, the
 way Starlette passes `starlette.max_body_size`, so no global state ties the two together.
+
+Whoever watches the client (the middleware, or the response itself when no middleware is in
+front) runs `ChatExchange.watch` on the server's `receive`, and sends through `track`, so that a
+disconnect after the final body (which servers report too) is not taken for a client leaving.
+Unlike Starlette's `StreamingResponse`, we listen whatever ASGI spec version the server reports:
+uvicorn reports 2.3 and its `send()` to a gone client returns silently, so listening is the only
+way to know.
 """
 
 from __future__ import annotations
@@ -10,9 +17,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import anyio
-from starlette.types import Receive
+from starlette.types import Message, Receive, Send
 
-from chatstream_asgi.sessions.session import TurnSession
+from chatstream_asgi.sessions.store import TurnSession
 
 EXCHANGE_KEY = "chatstream_asgi.exchange"
 
@@ -22,7 +29,7 @@ class _Abandonable(Protocol):
 
 
 class ChatExchange:
-    """Per-request state of a `POST /chat_stream`, shared by the middleware and the handler."""
+    """Per-request state of a chat request, shared by the middleware and the handler."""
 
     def __init__(
         self, body: bytes, session: TurnSession | None, ping_interval: float, *, watched_by_response: bool = False
@@ -56,6 +63,20 @@ class ChatExchange:
         if not self.response_complete:
             self.client_left.set()
         self.ended.set()
+
+    def track(self, send: Send) -> Send:
+        """`send`, noting when the response starts and when its final body went out."""
+
+        async def send_and_track(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.response_started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.response_complete = True
+            await send(message)
+            if self.response_complete:
+                self.ended.set()
+
+        return send_and_track
 
     async def close(self) -> None:
         """Finish a turn that was admitted but never streamed (an endpoint dropped the response)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from chatstream_asgi.asgi.streaming import OUTCOMES
+from chatstream_asgi.outcomes import OUTCOMES
 from chatstream_asgi.runtime.admission import Load
 
 #: Seconds; LLM latencies span milliseconds (a refusal, a first token) to minutes (a long reply).

@@ -3,8 +3,9 @@
 For `POST /chat_stream` it reads the body once (bounded), keeps it in the scope and hands
 downstream a `receive` that replays it; it opens the session; and it alone calls the real
 `receive` from then on, to see the client leave. Unlike Starlette's `StreamingResponse`, we
-listen for `http.disconnect` whatever ASGI spec version the server reports: uvicorn reports
-2.3 and its `send()` to a gone client returns silently, so listening is the only way to know.
+listen for `http.disconnect` whatever ASGI spec version the server reports (see `exchange`).
+`chat_stream=` is anything with a chat endpoint (`chat_endpoint.ChatServer`): the `ChatStream`
+facade, or a `ChatEndpoint` built over a `ChatService`; this module never imports the facade.
 
 ChatStream's conversation APIs get the session too, whether the middleware serves them
 (`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
@@ -36,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream_asgi.asgi.access import ADMIN_APIS, ApiKeys, KeyRing
 from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body
+from chatstream_asgi.asgi.chat_endpoint import ChatServer
 from chatstream_asgi.asgi.conversation_apis import (
     API_METHODS,
     PAGE_APIS,
@@ -45,19 +47,11 @@ from chatstream_asgi.asgi.conversation_apis import (
     handle_api,
 )
 from chatstream_asgi.asgi.exchange import EXCHANGE_KEY, ChatExchange
-from chatstream_asgi.asgi.openai_api import chat_completions, models_response, openai_error
-from chatstream_asgi.asgi.streaming import OutcomeCallback
-from chatstream_asgi.asgi.telemetry import (
-    bind_request_id,
-    request_logger,
-    send_with_request_id,
-    start_request,
-    telemetry_of,
-    unbind_request_id,
-)
+from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
+from chatstream_asgi.asgi.openai_api import chat_completions, models_response
+from chatstream_asgi.asgi.telemetry import send_with_request_id, start_request, telemetry_of
 from chatstream_asgi.asgi.waiting import API_KEY_SCOPE_KEY
 from chatstream_asgi.asgi.webui import ChatPage
-from chatstream_asgi.compat.chat_stream import ChatStream
 from chatstream_asgi.errors import (
     BodyTimeout,
     BodyTooLarge,
@@ -65,10 +59,14 @@ from chatstream_asgi.errors import (
     SessionStoreUnavailable,
     SessionValueNotStorable,
     ShuttingDown,
-    send_error,
 )
+from chatstream_asgi.log import bind_request_id, request_logger, unbind_request_id
+from chatstream_asgi.outcomes import OutcomeCallback
 from chatstream_asgi.sessions.lazy import LazySession
-from chatstream_asgi.sessions.session import SECRET_KEY_ENV, CookieSigner, MemoryStore, Session, SessionStore
+from chatstream_asgi.sessions.memory import MemoryStore
+from chatstream_asgi.sessions.session import Session
+from chatstream_asgi.sessions.signing import SECRET_KEY_ENV, CookieSigner
+from chatstream_asgi.sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.metrics import ChatMetrics
@@ -97,7 +95,7 @@ class ChatStreamMiddleware:
         self,
         app: ASGIApp,
         *,
-        chat_stream: ChatStream,
+        chat_stream: ChatServer,
         serve: bool = False,
         callback: OutcomeCallback | None = None,
         path: str = "/chat_stream",
@@ -126,7 +124,10 @@ class ChatStreamMiddleware:
         store: SessionStore = session_store if session_store is not None else MemoryStore()
         check_shared_key(store, secret_key)
         self.app = app
+        #: What was passed as `chat_stream=` (a `ChatStream`, or a `ChatEndpoint`).
         self.chat_stream = chat_stream
+        self.endpoint = chat_stream.endpoint
+        self.service = self.endpoint.service
         self.serve = serve
         self.callback = callback
         self.path = path
@@ -145,11 +146,11 @@ class ChatStreamMiddleware:
         if metrics:  # imported only when asked for: without metrics, prometheus-client is never loaded
             from chatstream_asgi.asgi.metrics import ChatMetrics
 
-            self._metrics = ChatMetrics(chat_stream.admission.load)
+            self._metrics = ChatMetrics(self.service.admission.load)
         self.api_options: ApiOptions = apis or {}
         self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
         # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
-        self.page = ChatPage(web_ui_params, model=chat_stream.name, chat_path=path) if webui else None
+        self.page = ChatPage(web_ui_params, model=self.service.name, chat_path=path) if webui else None
         self._api_keys = KeyRing(api_keys)
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
@@ -222,9 +223,9 @@ class ChatStreamMiddleware:
                 await self._idle.wait()
         if self._in_flight:
             logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
-        await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
+        await anyio.to_thread.run_sync(self.service.close)  # it waits for the engine threads
 
-    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, str] | None:
+    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, ErrorShape] | None:
         """The handler of a route this middleware serves, the key scope it needs (None: no key),
         and the shape of its errors; None for everything that passes through."""
         api = route[1:]
@@ -236,7 +237,7 @@ class ChatStreamMiddleware:
         if self.openai and (route, method) == ("/v1/chat/completions", "POST"):
             return self._completions, "chat", "openai"
         if self.openai and (route, method) == ("/v1/models", "GET"):
-            return models_response(self.chat_stream), "chat", "openai"
+            return models_response(self.service), "chat", "openai"
         if self.health and route in ("/health", "/ready") and method == "GET":
             return functools.partial(self._health, route), None, "plain"
         if self._metrics is not None and (route, method) == ("/metrics", "GET"):
@@ -247,17 +248,17 @@ class ChatStreamMiddleware:
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's own routes: `request.state.session` is there for them, opened only if read."""
-        store, prompt_from_dict = self.session_store, self.chat_stream.prompt_from_dict
+        store, prompt_from_dict = self.session_store, self.service.prompt_from_dict
         lazy = LazySession(scope, self.session_cookie, self._signer, store, prompt_from_dict)
         scope["state"] = {**scope.get("state", {}), "session": lazy}
         try:
-            await self.app(scope, receive, self._session_send(lambda: lazy.opened, send, chatstream_shape=False))
+            await self.app(scope, receive, self._session_send(lambda: lazy.opened, send, "plain"))
         finally:
             if lazy.opened is not None:
                 with anyio.CancelScope(shield=True):
                     await self._persist(lazy.opened)
 
-    def _session_send(self, opened: Callable[[], Session | None], send: Send, *, chatstream_shape: bool) -> Send:
+    def _session_send(self, opened: Callable[[], Session | None], send: Send, shape: ErrorShape) -> Send:
         """`send` that, as the response starts, refuses a session holding a value JSON cannot
         hold (500, naming the key: the app's changes are all made by then) and sets a new
         session's cookie."""
@@ -273,7 +274,7 @@ class ChatStreamMiddleware:
                     session.check_storable()
                 except SessionValueNotStorable as error:
                     refused = True
-                    await send_error(send, error, chatstream_shape=chatstream_shape)
+                    await send_error(send, error, shape)
                     return
                 # Not for a route nobody serves: a 404 or 405 starts no conversation.
                 if session.is_new and message["status"] not in (404, 405):
@@ -290,7 +291,7 @@ class ChatStreamMiddleware:
         except (SessionStoreUnavailable, SessionValueNotStorable) as error:
             logger.warning("session %s not saved: %s", session.session_id, error.detail)
 
-    async def _authorized(self, scope: Scope, send: Send, needed: str, shape: str) -> bool:
+    async def _authorized(self, scope: Scope, send: Send, needed: str, shape: ErrorShape) -> bool:
         """With `api_keys` set, check `Authorization: Bearer <key>` before anything else: 401
         without a valid key, 403 with a key that lacks the `needed` scope."""
         if not self._api_keys:
@@ -303,17 +304,9 @@ class ChatStreamMiddleware:
         await self._refuse(scope, send, refusal, shape)
         return False
 
-    async def _refuse(self, scope: Scope, send: Send, error: ChatStreamError, shape: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, error: ChatStreamError, shape: ErrorShape) -> None:
         telemetry_of(scope).refused(error)
-        await self._send_error(send, error, shape)
-
-    async def _send_error(self, send: Send, error: ChatStreamError, shape: str) -> None:
-        if shape == "openai":
-            response = openai_error(error)
-            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-            await send({"type": "http.response.body", "body": response.body, "more_body": False})
-        else:
-            await send_error(send, error, chatstream_shape=shape == "chatstream")
+        await send_error(send, error, shape)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._shutting_down:
@@ -327,14 +320,14 @@ class ChatStreamMiddleware:
             async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
                 if self.serve:
                     request = Request(scope, receive)
-                    response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
+                    response = await self.endpoint.handle(request, callback=self.callback)
                     await response(scope, receive, send)
                 else:
                     await self.app(scope, receive, send)
 
             await self._converse(scope, receive, send, body, session, answer, "plain")
 
-        await self._with_session(scope, send, converse, chatstream_shape=False)
+        await self._with_session(scope, send, converse, "plain")
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._shutting_down:
@@ -346,7 +339,7 @@ class ChatStreamMiddleware:
 
         async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
             request = Request(scope, receive)
-            response = await chat_completions(self.chat_stream, request, exchange, self.callback)
+            response = await chat_completions(self.endpoint, request, exchange, self.callback)
             await response(scope, receive, send)
 
         await self._converse(scope, receive, send, body, None, answer, "openai")
@@ -359,7 +352,7 @@ class ChatStreamMiddleware:
         body: bytes,
         session: Session | None,
         answer: Callable[[ChatExchange, Receive, Send], Awaitable[None]],
-        shape: str,
+        shape: ErrorShape,
     ) -> None:
         """Run `answer` with the body replayed, the client watched and the exchange in the scope;
         if the server cancels it before a response started, answer 503 `shutting_down`."""
@@ -375,14 +368,7 @@ class ChatStreamMiddleware:
             await exchange.ended.wait()
             return {"type": "http.disconnect"}
 
-        async def send_and_watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                exchange.response_started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                exchange.response_complete = True
-            await send(message)
-            if exchange.response_complete:
-                exchange.ended.set()
+        send_and_watch = exchange.track(send)
 
         async def watch_and_mark_ending() -> None:
             await exchange.watch(receive)
@@ -398,7 +384,7 @@ class ChatStreamMiddleware:
             except anyio.get_cancelled_exc_class():
                 if not exchange.response_started and not exchange.client_left.is_set():
                     with anyio.CancelScope(shield=True):  # queued or not yet streaming: it had its outcome
-                        await self._send_error(send_and_watch, ShuttingDown("the server is shutting down"), shape)
+                        await send_error(send_and_watch, ShuttingDown("the server is shutting down"), shape)
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
@@ -421,13 +407,13 @@ class ChatStreamMiddleware:
         async def answer(session: Session | None, send: Send) -> None:
             if name in self.served_apis:
                 request = Request(scope, replay_receive)
-                response = await handle_api(self.chat_stream, name, request, self.api_options)
+                response = await handle_api(self.endpoint, name, request, self.api_options)
                 await response(scope, replay_receive, send)
             else:  # the app mounted it (append_apis): it only needs the session
                 await self.app(scope, replay_receive, send)
 
         if name in SESSION_APIS:
-            await self._with_session(scope, send, answer, chatstream_shape=True)
+            await self._with_session(scope, send, answer, "chatstream")
         else:
             await answer(None, send)
 
@@ -436,8 +422,7 @@ class ChatStreamMiddleware:
         scope: Scope,
         send: Send,
         run: Callable[[Session, Send], Awaitable[None]],
-        *,
-        chatstream_shape: bool,
+        shape: ErrorShape,
     ) -> None:
         """Open the cookie's session around `run`: a new session's cookie goes out with the
         response, marked changes are stored at the end, and a held turn lock is released."""
@@ -445,18 +430,20 @@ class ChatStreamMiddleware:
             session = await self._open_session(scope)
         except SessionStoreUnavailable as error:
             telemetry_of(scope).refused(error)
-            await send_error(send, error, chatstream_shape=chatstream_shape)
+            await send_error(send, error, shape)
             return
         scope["state"] = {**scope.get("state", {}), "session": session}
 
         try:
-            await run(session, self._session_send(lambda: session, send, chatstream_shape=chatstream_shape))
+            await run(session, self._session_send(lambda: session, send, shape))
         finally:
             with anyio.CancelScope(shield=True):
                 await self._persist(session)
                 await session.unlock_turn()
 
-    async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: str) -> bytes | None:
+    async def _read_body_or_refuse(
+        self, scope: Scope, receive: Receive, send: Send, shape: ErrorShape
+    ) -> bytes | None:
         """The body, or None when the client left or it was refused (413 too large, 408 too slow)."""
         try:
             return await read_body(scope, receive, max_size=self.max_body_size, timeout=self.body_timeout)
@@ -468,15 +455,15 @@ class ChatStreamMiddleware:
         cookies = cookie_parser(Headers(scope=scope).get("cookie", ""))
         signed = cookies.get(self.session_cookie)
         session_id = self._signer.unsign(signed) if signed else None
-        return await Session.open(session_id, self.session_store, self.chat_stream.prompt_from_dict)
+        return await Session.open(session_id, self.session_store, self.service.prompt_from_dict)
 
     async def _health(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         if route == "/health":
             response = JSONResponse({"status": "ok"})
-        elif await self.chat_stream.check_ready():
-            response = JSONResponse({"status": "ready", "load": self.chat_stream.load()})
+        elif await self.service.check_ready():
+            response = JSONResponse({"status": "ready", "load": self.service.load()})
         else:
-            response = JSONResponse({"status": "loading", "load": self.chat_stream.load()}, status_code=503)
+            response = JSONResponse({"status": "loading", "load": self.service.load()}, status_code=503)
         await response(scope, receive, send)
 
     async def _metrics_response(self, scope: Scope, receive: Receive, send: Send) -> None:

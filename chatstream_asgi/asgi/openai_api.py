@@ -12,20 +12,18 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
+from chatstream_asgi.asgi.chat_endpoint import ChatEndpoint
 from chatstream_asgi.asgi.exchange import ChatExchange
+from chatstream_asgi.asgi.http_errors import client_closed_response, error_body, error_response, send_error
 from chatstream_asgi.asgi.streaming import (
-    CLIENT_DISCONNECTED_BEFORE_STREAMING,
     STREAM_HEADERS,
-    SUCCESS,
-    UNKNOWN_ERROR_OCCURRED,
     AdmittedResponse,
-    OutcomeCallback,
     defers_head,
     relay,
     report_outcome,
@@ -33,8 +31,10 @@ from chatstream_asgi.asgi.streaming import (
 )
 from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.asgi.waiting import WaitingResponse, client_identity, queue_deadline
+from chatstream_asgi.asgi.wire import sse_event, sse_ping
 from chatstream_asgi.core.params import GenerationParams, parse_json_object
 from chatstream_asgi.core.prompt import ChatPrompt
+from chatstream_asgi.engine.base import Generation
 from chatstream_asgi.errors import (
     ChatStreamError,
     GenerationError,
@@ -44,11 +44,14 @@ from chatstream_asgi.errors import (
     ShuttingDown,
     quoted,
 )
-
-if TYPE_CHECKING:
-    from chatstream_asgi.compat.chat_stream import ChatStream
-    from chatstream_asgi.engine.base import Engine
-    from chatstream_asgi.runtime.admission import Slot
+from chatstream_asgi.outcomes import (
+    CLIENT_DISCONNECTED_BEFORE_STREAMING,
+    SUCCESS,
+    UNKNOWN_ERROR_OCCURRED,
+    OutcomeCallback,
+)
+from chatstream_asgi.runtime.admission import Slot
+from chatstream_asgi.runtime.service import ChatService
 
 _CREATED = int(time.time())
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -57,29 +60,9 @@ _MAX_STOP = 4
 _EVENT_STREAM = "text/event-stream; charset=utf-8"
 
 
-def openai_error(error: ChatStreamError, *, status_code: int | None = None) -> JSONResponse:
-    """`error` in OpenAI's shape."""
-    return JSONResponse(openai_error_body(error), status_code=status_code or error.status_code, headers=error.headers())
-
-
-def openai_error_body(error: ChatStreamError) -> dict[str, Any]:
-    """OpenAI's `{"error": {"message", "type", "param", "code"}}` for `error`."""
-    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(error.status_code)
-    if kind is None:
-        kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
-    return {
-        "error": {
-            "message": error.detail,
-            "type": kind,
-            "param": error.field if isinstance(error, InvalidParameter) else None,
-            "code": error.code,
-        }
-    }
-
-
-def models_response(chat_stream: ChatStream) -> JSONResponse:
+def models_response(service: ChatService) -> JSONResponse:
     """`GET /v1/models`: the one model this server serves, under its `name`."""
-    model = {"id": chat_stream.name, "object": "model", "created": _CREATED, "owned_by": "chatstream-asgi"}
+    model = {"id": service.name, "object": "model", "created": _CREATED, "owned_by": "chatstream-asgi"}
     return JSONResponse({"object": "list", "data": [model]})
 
 
@@ -94,12 +77,12 @@ class CompletionRequest:
     include_queue_status: bool
 
 
-def parse_completion_request(body: bytes, chat_stream: ChatStream) -> CompletionRequest:
+def parse_completion_request(body: bytes, service: ChatService) -> CompletionRequest:
     """Check a `/v1/chat/completions` body; raises a 4xx `ChatStreamError` naming the problem."""
     data = parse_json_object(body)
     model = data.get("model")
-    if model is not None and model != chat_stream.name:
-        raise NotFound(f"the model {quoted(model)} does not exist; this server serves {chat_stream.name!r}")
+    if model is not None and model != service.name:
+        raise NotFound(f"the model {quoted(model)} does not exist; this server serves {service.name!r}")
     if data.get("n", 1) != 1:
         raise InvalidRequest("only n=1 is supported")
     for key in _UNSUPPORTED:
@@ -128,7 +111,7 @@ def parse_completion_request(body: bytes, chat_stream: ChatStream) -> Completion
         if isinstance(stop, list) and len(stop) > _MAX_STOP:
             raise InvalidParameter("stop", f"at most {_MAX_STOP} stop strings (OpenAI's limit), not {len(stop)}")
     try:
-        params = chat_stream.params.with_overrides(overrides, max_new_tokens_limit=chat_stream.params.max_new_tokens)
+        params = service.params.with_overrides(overrides, max_new_tokens_limit=service.params.max_new_tokens)
     except InvalidParameter as error:
         if error.field != "max_new_tokens":
             raise
@@ -164,22 +147,23 @@ def _messages(raw: object) -> list[dict[str, str]]:
 
 
 async def chat_completions(
-    chat_stream: ChatStream, request: Request, exchange: ChatExchange, callback: OutcomeCallback | None
+    endpoint: ChatEndpoint, request: Request, exchange: ChatExchange, callback: OutcomeCallback | None
 ) -> Response:
     """Answer one `POST /v1/chat/completions`: an error, or the completion once a slot is free."""
+    service = endpoint.service
     try:
-        completion = parse_completion_request(exchange.body, chat_stream)
-        max_wait = queue_deadline(request.scope, chat_stream.max_queue_wait)
-        ticket = chat_stream.admission.enter(client_identity(request.scope, chat_stream.trust_forwarded), max_wait)
+        completion = parse_completion_request(exchange.body, service)
+        max_wait = queue_deadline(request.scope, service.max_queue_wait)
+        ticket = service.enter(client_identity(request.scope, service.trust_forwarded), max_wait)
         # Queue chunks only for a client that asked: strict OpenAI clients see a silent wait.
         queued = ticket.slot is None and completion.stream and completion.include_queue_status
         slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)
     except ChatStreamError as error:
         telemetry_of(request.scope).refused(error)
-        return openai_error(error, status_code=chat_stream.refusal_status(error))
+        return error_response(error, "openai", status_code=endpoint.refusal_status(error))
     prompt = ChatPrompt.from_messages(completion.messages)
-    prompt.set_tokenizer(chat_stream.tokenizer)
-    envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": chat_stream.name}
+    prompt.set_tokenizer(service.tokenizer)
+    envelope = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.name}
 
     def start(slot: Slot) -> _CompletionResponse:
         return _CompletionResponse(
@@ -187,11 +171,10 @@ async def chat_completions(
             exchange=exchange,
             slot=slot,
             callback=callback,
-            engine=chat_stream.engines[slot.replica],
+            service=service,
             prompt=prompt,
             completion=completion,
             envelope=envelope,
-            context_len=chat_stream.context_len,
         )
 
     if queued:
@@ -205,13 +188,13 @@ async def chat_completions(
             queue_frame=lambda position, eta_s: _event(
                 {**envelope, "object": "chat.completion.chunk", "choices": [], "queue": _queue(position, eta_s)}
             ),
-            error_frame=lambda error: _event(openai_error_body(error)),
+            error_frame=lambda error: _event(error_body(error, "openai")),
             start=start,
             release=_nothing_held,
         )
     if slot is None:
         await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
-        return Response(status_code=499)
+        return client_closed_response()
     return start(slot)
 
 
@@ -219,8 +202,9 @@ def _queue(position: int, eta_s: float) -> dict[str, Any]:
     return {"position": position, "eta_s": eta_s}
 
 
-def _event(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+def _event(data: dict[str, Any] | str) -> bytes:
+    """An SSE event in OpenAI's framing (`\\n` line ends)."""
+    return sse_event(data, line_end="\n")
 
 
 async def _nothing_held() -> None:
@@ -237,11 +221,10 @@ class _CompletionResponse(AdmittedResponse):
         exchange: ChatExchange,
         slot: Slot,
         callback: OutcomeCallback | None,
-        engine: Engine,
+        service: ChatService,
         prompt: ChatPrompt,
         completion: CompletionRequest,
         envelope: dict[str, Any],
-        context_len: int,
     ) -> None:
         media_type = _EVENT_STREAM if completion.stream else "application/json"
         super().__init__(
@@ -252,25 +235,23 @@ class _CompletionResponse(AdmittedResponse):
             media_type=media_type,
             headers=STREAM_HEADERS if completion.stream else {},
         )
-        self._engine = engine
+        self._service = service
         self._prompt = prompt
         self._completion = completion
         self._base = envelope
-        self._context_len = context_len
         self.telemetry.content("prompt", completion.messages[-1]["content"])
 
     async def run(self, send: Send) -> str:
         params = self._completion.params
-        async with self._engine.generate(self._prompt, params, context_len=self._context_len) as generation:
+        async with self._service.generate(self._slot, self._prompt, params) as generation:
             self.stats = generation.stats
             if self._completion.stream:
                 return await self._stream(send, generation)
             return await self._whole(send, generation)
 
-    async def _stream(self, send: Send, generation: Any) -> str:
+    async def _stream(self, send: Send, generation: Generation) -> str:
         async def send_event(data: dict[str, Any] | str) -> None:
-            text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-            await send({"type": "http.response.body", "body": f"data: {text}\n\n".encode(), "more_body": True})
+            await send({"type": "http.response.body", "body": _event(data), "more_body": True})
 
         parts: list[str] = []
 
@@ -287,7 +268,7 @@ class _CompletionResponse(AdmittedResponse):
 
         async def send_ping() -> None:
             await start()
-            await send({"type": "http.response.body", "body": b": ping\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": sse_ping(line_end="\n"), "more_body": True})
 
         if not defers_head(generation):
             await start()
@@ -310,11 +291,9 @@ class _CompletionResponse(AdmittedResponse):
         return outcome
 
     async def send_failure(self, send: Send, error: GenerationError) -> None:
-        response = openai_error(error)
-        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        await send_error(send, error, "openai")
 
-    async def _whole(self, send: Send, generation: Any) -> str:
+    async def _whole(self, send: Send, generation: Generation) -> str:
         parts: list[str] = []
 
         async def collect(text: str) -> None:
@@ -345,7 +324,7 @@ class _CompletionResponse(AdmittedResponse):
 
     async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
         # Only a stream has started before its end, so this is always an SSE event.
-        await send({"type": "http.response.body", "body": _event(openai_error_body(error)), "more_body": False})
+        await send({"type": "http.response.body", "body": _event(error_body(error, "openai")), "more_body": False})
 
     def _envelope(self, kind: str) -> dict[str, Any]:
         return {**self._base, "object": kind, "system_fingerprint": None}

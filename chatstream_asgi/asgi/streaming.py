@@ -5,53 +5,40 @@ FastAPI endpoint can return it as is, that streams on its own terms. One task re
 engine's text while a second waits for the client to leave and then tells the engine to stop.
 Whatever happens (success, disconnect, a model error, server shutdown) `finish` runs once,
 shielded: the subclass records what it must (history, session), the slot is freed, and the
-callback hears the outcome. `ChatTurnResponse` is the `/chat_stream` turn of a session;
-`openai_api` builds the stateless `/v1` one on the same base.
+callback hears the outcome. `chat_turn.ChatTurnResponse` is the `/chat_stream` turn of a
+session; `openai_api` builds the stateless `/v1` one on the same base.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from chatstream_asgi.asgi.exchange import ChatExchange
-from chatstream_asgi.asgi.telemetry import RequestTelemetry, request_logger, telemetry_of
-from chatstream_asgi.asgi.wire import WireEncoder
-from chatstream_asgi.core.params import GenerationParams
-from chatstream_asgi.core.prompt import AbstractChatPrompt
-from chatstream_asgi.core.reply import ReplyShaper
-from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
-from chatstream_asgi.errors import (
-    GenerationError,
-    SessionStoreUnavailable,
-    SessionValueNotStorable,
-    ShuttingDown,
-    error_body,
-    send_error,
+from chatstream_asgi.asgi.http_errors import send_client_closed, send_error
+from chatstream_asgi.asgi.telemetry import RequestTelemetry, telemetry_of
+from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
+from chatstream_asgi.errors import GenerationError, ShuttingDown
+from chatstream_asgi.log import request_logger
+from chatstream_asgi.outcomes import (
+    CLIENT_DISCONNECTED_BEFORE_STREAMING,
+    CLIENT_DISCONNECTED_WHILE_STREAMING,
+    SUCCESS,
+    UNKNOWN_ERROR_OCCURRED,
+    OutcomeCallback,
 )
 from chatstream_asgi.runtime.admission import Slot, Ticket
-from chatstream_asgi.sessions.session import CHAT_PROMPT_KEY
 
 logger = request_logger(__name__)
 
-SUCCESS = "success"
-CLIENT_DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
-CLIENT_DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
-UNKNOWN_ERROR_OCCURRED = "unknown_error_occurred"
-OUTCOMES = (SUCCESS, CLIENT_DISCONNECTED_WHILE_STREAMING, CLIENT_DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR_OCCURRED)
-
-OutcomeCallback = Callable[[Request, str], "Awaitable[None] | None"]
 MESSAGE_ID_HEADER = "X-ChatStream-Last-Generated-Message-Id"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# nginx's code for "client closed request": the answer nobody receives after a client left.
-_CLIENT_CLOSED_REQUEST = 499
 
 
 async def report_outcome(callback: OutcomeCallback | None, request: Request, outcome: str) -> None:
@@ -194,18 +181,10 @@ class AdmittedResponse(Response):
     async def _run_watching(self, receive: Receive, send: Send) -> str:
         """`run`, watching the client itself (no middleware in front does), as StreamingResponse does."""
         exchange = self._exchange
-
-        async def send_and_mark(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                exchange.response_started = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                exchange.response_complete = True
-            await send(message)
-
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(exchange.watch, receive)
             try:
-                outcome = await self.run(send_and_mark)
+                outcome = await self.run(exchange.track(send))
             finally:
                 task_group.cancel_scope.cancel()
         return outcome
@@ -226,8 +205,7 @@ class AdmittedResponse(Response):
         if failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
             await self.send_failure(send, GenerationError(str(failure), failure.status_code))
         else:
-            await send({"type": "http.response.start", "status": _CLIENT_CLOSED_REQUEST, "headers": []})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send_client_closed(send)
 
     async def send_failure(self, send: Send, error: GenerationError) -> None:
         """Answer `error` as this route's error JSON (before the head went out)."""
@@ -264,111 +242,3 @@ class AdmittedResponse(Response):
         if self.stats is not None:
             self._request.state.chat_generation = self.stats
         await report_outcome(self._callback, self._request, outcome)
-
-
-class ChatTurnResponse(AdmittedResponse):
-    """The streamed reply of one `/chat_stream` turn, recorded in the session's conversation."""
-
-    def __init__(
-        self,
-        *,
-        request: Request,
-        exchange: ChatExchange,
-        slot: Slot,
-        engine: Engine,
-        prompt: AbstractChatPrompt,
-        user_input: str,
-        regenerate: bool,
-        params: GenerationParams,
-        context_len: int,
-        encoder: WireEncoder,
-        callback: OutcomeCallback | None,
-        message_id: str | None = None,
-    ) -> None:
-        self.message_id = message_id or str(uuid.uuid4())
-        super().__init__(
-            request=request,
-            exchange=exchange,
-            slot=slot,
-            callback=callback,
-            media_type=encoder.media_type,
-            headers={MESSAGE_ID_HEADER: self.message_id, **STREAM_HEADERS},
-        )
-        self._engine = engine
-        self._params = params
-        self._context_len = context_len
-        self._encoder = encoder
-        # The conversation as it was, for a turn that fails or never shows the client anything.
-        self._prompt_before = prompt.clone()
-        self._prompt = prompt
-        if regenerate:
-            prompt.clear_last_responder_message()
-        else:
-            prompt.add_requester_msg(user_input)
-            prompt.add_responder_msg(None)
-        prompt.set_responder_last_msg_id(self.message_id)
-        self.telemetry.content("prompt", user_input)
-
-    async def run(self, send: Send) -> str:
-        reply = ""
-        strip = self._prompt.strip_reply
-        shaper = ReplyShaper.for_prompt(self._prompt)  # None: shown as generated
-        # Outside chat mode the model continues the user's text, and ChatStream's reply is that
-        # text followed by its continuation.
-        echo = "" if self._prompt.is_chat_mode_enabled() else self._prompt.create_prompt()
-
-        async def send_text(text: str) -> None:
-            nonlocal reply, echo
-            text, echo = echo + text, ""
-            reply += text
-            self._prompt.set_responder_last_msg(reply.strip() if strip else reply)  # recorded as it streams
-            if shaper is not None and not (text := shaper.feed(text)):
-                return
-            await self.start(send)
-            await send({"type": "http.response.body", "body": self._encoder.delta(text), "more_body": True})
-            self.delivered = True
-
-        async def send_ping() -> None:
-            if ping := self._encoder.ping():
-                await self.start(send)
-                await send({"type": "http.response.body", "body": ping, "more_body": True})
-
-        async with self._engine.generate(self._prompt.clone(), self._params, context_len=self._context_len) as gen:
-            self.stats = gen.stats
-            if not defers_head(gen):
-                await self.start(send)
-            failure = await relay(gen, self._exchange, send_text, send_ping, telemetry=self.telemetry)
-        self.telemetry.content("reply", reply)
-        outcome = self.outcome_after(failure)
-        if not self.started and outcome != SUCCESS:
-            await self.refuse_unstarted(send, outcome, failure)
-            return outcome
-        await self.start(send)
-        if outcome == SUCCESS and echo:  # the model added nothing to it
-            await send_text("")
-        if outcome == SUCCESS and shaper is not None and (tail := shaper.flush()):
-            await send({"type": "http.response.body", "body": self._encoder.delta(tail), "more_body": True})
-            self.delivered = True
-        if outcome == SUCCESS:
-            usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
-            await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})
-        elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            body = {"error": "generation_failed", "detail": str(failure)}
-            await send({"type": "http.response.body", "body": self._encoder.error(body), "more_body": False})
-        return outcome
-
-    async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
-        await send({"type": "http.response.body", "body": self._encoder.error(error_body(error)), "more_body": False})
-
-    async def record(self, outcome: str) -> None:
-        session = self._exchange.session
-        if outcome in (UNKNOWN_ERROR_OCCURRED, CLIENT_DISCONNECTED_BEFORE_STREAMING):
-            # A failed reply is not history, and neither is one the client never saw a byte of.
-            session.get_session()[CHAT_PROMPT_KEY] = self._prompt_before
-        session.save_session()
-        try:
-            await session.persist()
-        except (SessionStoreUnavailable, SessionValueNotStorable) as error:
-            # The reply was delivered; only its record is lost. Nothing in memory is half-written.
-            logger.warning("session %s not saved after its turn: %s", session.session_id, error.detail)
-        await session.unlock_turn()

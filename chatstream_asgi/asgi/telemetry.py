@@ -3,23 +3,20 @@
 The middleware starts a `RequestTelemetry` for every route it serves and keeps it in the scope
 (`chatstream_asgi.telemetry`), as it keeps the exchange; the chat path reports through it
 (`refused`, `first_text`, `finished`), so every refusal and every outcome is counted in one place
-whichever route or module produced it. Module loggers on the request path are `RequestLogger`s:
-each line gets the current request's id as the `request_id` attribute (`extra`), which JSON log
-formatters pick up; the id travels in a context variable, so lines from tasks and worker threads
-the request starts carry it too. Prompts and replies are logged only with `log_content=True`.
+whichever route or module produced it. The request id it makes is bound to the log lines of the
+request through `chatstream_asgi.log`. Prompts and replies are logged only with `log_content=True`.
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
 import time
-from collections.abc import MutableMapping
-from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers
 from starlette.types import Message, Scope, Send
+
+from chatstream_asgi.log import request_logger
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.metrics import ChatMetrics
@@ -31,34 +28,7 @@ REQUEST_ID_HEADER = "x-request-id"
 #: The longest client-sent request id we keep; a longer or unprintable one is replaced.
 MAX_REQUEST_ID_LENGTH = 128
 
-_request_id: ContextVar[str | None] = ContextVar("chatstream_asgi_request_id", default=None)
-
-
-class RequestLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """A module logger whose lines carry the current request's id as `record.request_id`."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        request_id = _request_id.get()
-        if request_id is not None:
-            kwargs["extra"] = {**(kwargs.get("extra") or {}), "request_id": request_id}
-        return msg, kwargs
-
-
-def request_logger(name: str) -> RequestLogger:
-    """`logging.getLogger(name)`, with the request id added to each line logged during a request."""
-    return RequestLogger(logging.getLogger(name), {})
-
-
 logger = request_logger(__name__)
-
-
-class RequestIdFormatter(logging.Formatter):
-    """Plain-text lines that end with `[request <id>]` when they are about a request."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        request_id = getattr(record, "request_id", None)
-        return line if request_id is None else f"{line} [request {request_id}]"
 
 
 def sane_request_id(value: str | None) -> str | None:
@@ -135,16 +105,6 @@ def telemetry_of(scope: Scope) -> RequestTelemetry:
     if not isinstance(telemetry, RequestTelemetry):
         telemetry = scope[TELEMETRY_KEY] = RequestTelemetry(secrets.token_hex(16))
     return telemetry
-
-
-def bind_request_id(request_id: str) -> Token[str | None]:
-    """Make log lines of the current task (and what it starts) carry `request_id`."""
-    return _request_id.set(request_id)
-
-
-def unbind_request_id(token: Token[str | None]) -> None:
-    """Undo `bind_request_id`."""
-    _request_id.reset(token)
 
 
 def send_with_request_id(send: Send, request_id: str) -> Send:

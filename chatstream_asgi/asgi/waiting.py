@@ -27,16 +27,10 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from chatstream_asgi.asgi.exchange import ChatExchange
-from chatstream_asgi.asgi.streaming import (
-    CLIENT_DISCONNECTED_BEFORE_STREAMING,
-    UNKNOWN_ERROR_OCCURRED,
-    AdmittedResponse,
-    OutcomeCallback,
-    init_streaming_head,
-    report_outcome,
-)
+from chatstream_asgi.asgi.streaming import AdmittedResponse, init_streaming_head, report_outcome
 from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
+from chatstream_asgi.outcomes import CLIENT_DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR_OCCURRED, OutcomeCallback
 from chatstream_asgi.runtime.admission import PositionReport, Slot, Ticket
 
 DEADLINE_HEADER = "X-ChatStream-Deadline"

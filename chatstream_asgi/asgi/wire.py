@@ -2,7 +2,8 @@
 
 SSE frames follow sse-starlette's conventions (`\\r\\n` line ends, a blank line ends an event,
 `: ping` comments to keep proxies from timing out); the delta is JSON-encoded, so a reply
-with newlines is still a single `data:` line.
+with newlines is still a single `data:` line. `sse_event` is the one SSE framer: `/v1` frames
+with it too, with OpenAI's own `\\n` line ends, which its clients and tests of theirs expect.
 """
 
 from __future__ import annotations
@@ -63,24 +64,37 @@ class SSEEncoder(WireEncoder):
     media_type = "text/event-stream; charset=utf-8"
 
     def delta(self, text: str) -> bytes:
-        return _event(None, {"delta": text})
+        return sse_event({"delta": text})
 
     def done(self, outcome: str, usage: dict[str, int]) -> bytes:
-        return _event("done", {"outcome": outcome, "usage": usage})
+        return sse_event({"outcome": outcome, "usage": usage}, "done")
 
     def error(self, body: dict[str, Any]) -> bytes:
-        return _event("error", body)
+        return sse_event(body, "error")
 
     def ping(self) -> bytes:
-        return b": ping\r\n\r\n"
+        return sse_ping()
 
     def queue(self, position: int, eta_s: float) -> bytes:
-        return _event("queue", {"position": position, "eta_s": eta_s})
+        return sse_event({"position": position, "eta_s": eta_s}, "queue")
 
 
-def _event(name: str | None, data: dict[str, Any]) -> bytes:
-    head = f"event: {name}\r\n" if name else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\r\n\r\n".encode()
+def sse_event(data: dict[str, Any] | str, event: str | None = None, *, line_end: str = "\r\n") -> bytes:
+    """One server-sent event: `data` (JSON-encoded unless already text, on one line), named `event`."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}{line_end}" if event else ""
+    return f"{head}data: {text}{line_end}{line_end}".encode()
+
+
+def sse_ping(*, line_end: str = "\r\n") -> bytes:
+    """An SSE comment that carries nothing, to keep proxies from timing out a silent stream."""
+    return f": ping{line_end}{line_end}".encode()
+
+
+def check_stream_format(stream_format: str) -> None:
+    """Refuse a server's `stream_format` that is not one of the formats (a configuration mistake)."""
+    if stream_format not in STREAM_FORMATS:
+        raise ValueError(f"stream_format must be one of {', '.join(STREAM_FORMATS)}, not {stream_format!r}")
 
 
 def choose_format(scope: Scope, default: StreamFormat) -> StreamFormat | None:

@@ -1,7 +1,10 @@
-"""`chat_stream.append_middlewares(app)`: what ChatStream's helper of that name installs, ours.
+"""`chat_stream.append_apis(app)` and `chat_stream.append_middlewares(app)`: ChatStream's helpers, ours.
 
-ChatStream's installs fastsession's session middleware, a role middleware and, by default, CORS
-open to every origin. Here: `ChatStreamMiddleware` (sessions on every path, the body replay, the
+`append_apis` mounts the conversation APIs (and, as ChatStream does, `/chat_stream` and the
+page) as routes of a Starlette or FastAPI app.
+
+ChatStream's `append_middlewares` installs fastsession's session middleware, a role middleware
+and, by default, CORS open to every origin. Here: `ChatStreamMiddleware` (sessions on every path, the body replay, the
 disconnect watch; roles are checked by the handlers themselves), and CORS only when `opts`
 asks for it, with the headers ChatStream's front-ends read exposed: a server is not opened to
 every origin by default.
@@ -10,14 +13,18 @@ every origin by default.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from chatstream_asgi.asgi.chat_endpoint import ChatServer
+from chatstream_asgi.asgi.conversation_apis import API_METHODS, ApiOptions, enabled_apis, handle_api
+from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.asgi.streaming import MESSAGE_ID_HEADER
-
-if TYPE_CHECKING:
-    from chatstream_asgi.compat.chat_stream import ChatStream
+from chatstream_asgi.asgi.webui import PAGE_FILES, ChatPage
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +33,13 @@ EXPOSED_HEADERS = ["X-ChatStream-API-DevTool-Enabled", MESSAGE_ID_HEADER]
 
 
 def append_middlewares(
-    chat_stream: ChatStream, app: Any, opts: dict[str, Any] | None, middleware_options: dict[str, Any]
+    server: ChatServer, app: Any, opts: dict[str, Any] | None, middleware_options: dict[str, Any]
 ) -> None:
     """Add `ChatStreamMiddleware` (with `middleware_options`) and, with `opts["cors"]`, CORS outside it."""
-    from chatstream_asgi.asgi.middleware import ChatStreamMiddleware  # the middleware module imports ChatStream
-
     opts = opts or {}
     if "fast_session" in opts:
         logger.warning("append_middlewares: 'fast_session' options are ignored; sessions are ChatStreamMiddleware's")
-    app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream, **middleware_options)
+    app.add_middleware(ChatStreamMiddleware, chat_stream=server, **middleware_options)
     cors = opts.get("cors")
     if cors is not None:
         app.add_middleware(
@@ -45,3 +50,58 @@ def append_middlewares(
             allow_headers=["*"],
             expose_headers=EXPOSED_HEADERS,
         )
+
+
+def append_apis(server: ChatServer, app: Any, opts: ApiOptions) -> None:
+    """Add the APIs `opts` switch on as routes of a Starlette or FastAPI `app`; with them, as
+    ChatStream's `append_apis` does, `POST /chat_stream` and the chat page at `/` (its
+    `webui_index`), initialised with `opts["web_ui_params"]`, unless `opts` leave them out."""
+    endpoint = server.endpoint
+    if _chat_route_enabled(opts):
+
+        async def chat(request: Request) -> Response:
+            return await endpoint.handle(request)
+
+        app.router.routes.append(Route("/chat_stream", chat, methods=["POST"], name="chat_stream"))
+    page_opts = {key: value for key, value in opts.items() if key != "web_ui_params"}
+    page_wanted = _page_enabled(page_opts)
+    for key in ("include", "exclude"):  # the chat's and the page's names are valid here, but they are not APIs
+        if key in page_opts:
+            page_opts[key] = [name for name in page_opts[key] if name not in _PAGE_NAMES and name != "chat_stream"]
+    for name in sorted(enabled_apis(page_opts)):
+
+        async def api_route(request: Request, name: str = name) -> Response:
+            return await handle_api(endpoint, name, request, opts)
+
+        app.router.routes.append(Route(f"/{name}", api_route, methods=[API_METHODS[name]], name=name))
+    if page_wanted:
+        page = ChatPage(opts.get("web_ui_params"), model=endpoint.service.name)
+        for path in PAGE_FILES:
+
+            async def serve_file(request: Request, path: str = path) -> Response:
+                response = page.response(path)
+                assert response is not None  # every path of PAGE_FILES has its file
+                return response
+
+            app.router.routes.append(Route(path, serve_file, methods=["GET"]))
+
+
+#: ChatStream's names of the page's routes (`/` and `/chatstream.js`).
+_PAGE_NAMES = ("webui_index", "webui_js")
+
+
+def _page_enabled(opts: ApiOptions) -> bool:
+    """Whether ChatStream-style `opts` switch the page on (as ChatStream's `is_enabled("webui_index")`)."""
+    if "include" in opts:
+        return "webui_index" in opts["include"]
+    if "exclude" in opts:
+        return "webui_index" not in opts["exclude"]
+    return bool(opts.get("all", False))
+
+
+def _chat_route_enabled(opts: ApiOptions) -> bool:
+    if "include" in opts:
+        return "chat_stream" in opts["include"]
+    if "exclude" in opts:
+        return "chat_stream" not in opts["exclude"]
+    return bool(opts.get("all"))

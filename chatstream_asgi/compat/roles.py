@@ -13,8 +13,10 @@
 A request carrying a header that matches a program's role gets that role; otherwise a request
 with a session is a browser (its promoted role, else the browser default), and one without is a
 program (the program default, if any); on routes where the middleware opens sessions only when
-read, a request without our session cookie counts as having none. A refused call gets 403 in ChatStream's shape. Unlike
-ChatStream, a malformed definition (unknown API or method) is refused when the server starts.
+read, a request without our session cookie counts as having none. A refused call gets 403 in
+ChatStream's shape. Unlike ChatStream, a malformed definition (unknown API or method) is refused
+when the server starts. `ClientRoles` only decides (`asgi.client_rules.ClientRules`); the HTTP
+layer turns its decisions into responses.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.datastructures import Headers
-from starlette.requests import Request
-from starlette.responses import Response
 
-from chatstream_asgi.asgi.wire import StreamFormat, encoder_for
-from chatstream_asgi.errors import Forbidden, error_response
-from chatstream_asgi.sessions.session import TurnSession
+from chatstream_asgi.asgi.client_rules import RoleGrant
+from chatstream_asgi.errors import Forbidden
 
 #: The session key ChatStream keeps a browser's current role under.
 CLIENT_ROLE_KEY = "chat_stream_client_role"
@@ -122,6 +121,23 @@ class ClientRoles:
                 return role
         return None
 
+    def denial(self, headers: Headers, session: dict[str, Any] | None, api: str) -> Forbidden | None:
+        """Why the request's role may not call `api`; None if it may."""
+        role = self.role_for(headers, session)
+        if role is not None and role.allows(api):
+            return None
+        who = f"role {role.name!r}" if role is not None else "a client without a role"
+        return Forbidden(f"Denied on role layer: {who} may not call {api}")
+
+    def promote(self, session: dict[str, Any], user_input: str) -> RoleGrant | None:
+        """Promote a browser's session when `user_input` is a pass phrase, as ChatStream does."""
+        role = self.promotion(user_input)
+        if role is None:
+            return None
+        session[CLIENT_ROLE_KEY] = role.as_session_value()
+        headers = {DEVTOOL_HEADER: "enabled"} if role.enable_dev_tool else {}
+        return RoleGrant(f"New role: '{role.name}' has been granted", headers)
+
 
 def _parse_role(name: str, body: Any) -> Role:
     apis = body.get("apis") if isinstance(body, dict) else None
@@ -151,26 +167,3 @@ def _parse_role(name: str, body: Any) -> Role:
     if method in _BROWSER_METHODS and not use_session:
         raise ValueError(f"client_roles[{name!r}]: a pass phrase typed into the chat needs use_session: True")
     return Role(name, allowed, method, use_session, phrase, bool(apis.get("enable_dev_tool", False)))
-
-
-def refusal(roles: ClientRoles | None, request: Request, session: dict[str, Any] | None, api: str) -> Response | None:
-    """403 in ChatStream's shape if the request's role may not call `api`; None if it may."""
-    if roles is None:
-        return None
-    role = roles.role_for(request.headers, session)
-    if role is not None and role.allows(api):
-        return None
-    who = f"role {role.name!r}" if role is not None else "a client without a role"
-    return error_response(Forbidden(f"Denied on role layer: {who} may not call {api}"), chatstream_shape=True)
-
-
-async def grant(session: TurnSession, role: Role, stream_format: StreamFormat) -> Response:
-    """Promote a browser's session to `role` and say so, as ChatStream answers a pass phrase."""
-    session.get_session()[CLIENT_ROLE_KEY] = role.as_session_value()
-    session.save_session()
-    await session.persist()
-    encoder = encoder_for(stream_format)
-    body = encoder.delta(f"New role: '{role.name}' has been granted")
-    body += encoder.done("success", {"prompt_tokens": 0, "completion_tokens": 0})
-    headers = {DEVTOOL_HEADER: "enabled"} if role.enable_dev_tool else {}
-    return Response(body, media_type=encoder.media_type, headers=headers)

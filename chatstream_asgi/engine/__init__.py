@@ -3,7 +3,8 @@ local model, concurrent chats batched), `TransformersEngine` (a local model, one
 slot), `OpenAIEngine` (a remote OpenAI-compatible server) and `MockEngine` (no model at all)."""
 
 from chatstream_asgi.engine.base import Engine, Generation, GenerationFailed, GenerationStats
-from chatstream_asgi.engine.batching import BatchingEngine, supports_batching
+from chatstream_asgi.engine.batch import supports_batching
+from chatstream_asgi.engine.batching import BatchingEngine
 from chatstream_asgi.engine.local import resolve_device
 from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.engine.openai_engine import OpenAIEngine

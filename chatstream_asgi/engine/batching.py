@@ -7,12 +7,12 @@ padding, while each row keeps its own position ids.
 
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
-(`PrefillChunks` sizes the chunks to cost about one decode step). Prompts that arrive together
+(`prefill.PrefillChunks` sizes the chunks to cost about one decode step). Prompts that arrive together
 are prefilled together, in one padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
 attend over (and copy, every step) eight long caches. So rows of very different lengths run in
-separate groups, one forward pass each per step (`_group_for`): a long conversation joining
+separate groups, one forward pass each per step (`grouping.group_for`): a long conversation joining
 short ones costs the step its own row, not seven rows' worth of padding.
 
 A row leaves on its end token, its length, a stop string or a cancel, without stalling the
@@ -28,13 +28,14 @@ tokens are identical under greedy decoding), and eight rows cost little more tha
 CPU and far less than eight on a GPU: the forward pass reads the weights once for all of them.
 
 It needs a decoder-only model whose cache is the plain `DynamicCache` of per-layer
-(batch, heads, length, dim) tensors; `supports_batching` says whether a model qualifies, and
-`ChatStream` falls back to `TransformersEngine` when it does not.
+(batch, heads, length, dim) tensors; `batch.supports_batching` says whether a model qualifies,
+and `ChatService` falls back to `TransformersEngine` when it does not. This module is the loop;
+the batch itself (`batch`), the grouping of rows (`grouping`) and the prefill's chunks
+(`prefill`) each have their own.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import queue
 import time
@@ -45,251 +46,22 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatstream_asgi.engine.batch import (
+    Batch,
+    Row,
+    cache_layers,
+    cached_length,
+    keys_values,
+    supports_batching,
+)
 from chatstream_asgi.engine.channel import Wakeups
-from chatstream_asgi.engine.conversation_cache import ConversationCache, Hit, Layers, default_cache_bytes
+from chatstream_asgi.engine.conversation_cache import ConversationCache, Layers, default_cache_bytes
+from chatstream_asgi.engine.grouping import group_for
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
+from chatstream_asgi.engine.prefill import Prefill, PrefillChunks, first_cohort
 from chatstream_asgi.engine.sampling import BatchSampling
 
 logger = logging.getLogger(__name__)
-
-
-def supports_batching(model: Any) -> bool:
-    """Whether `BatchingEngine` can drive `model` (else use `TransformersEngine`)."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    parameters = inspect.signature(model.forward).parameters
-    if not {"cache", "attention_mask", "position_ids", "logits_to_keep"} <= set(parameters):
-        return False
-    try:
-        layers = DynamicCache(config=config).layers
-    except (TypeError, ValueError, AttributeError):
-        return False
-    return all(type(layer) is DynamicLayer for layer in layers)
-
-
-class PrefillChunks:
-    """How many prompt tokens to prefill between two decode steps.
-
-    While streams are running, a chunk should cost about one decode step: their next token then
-    comes about twice as late as usual while a prompt joins, not after the whole prompt's
-    prefill. The size follows what the device shows: each timed chunk scales the next one by
-    step seconds ÷ chunk seconds (at most halved or doubled at a time, which settles in a few
-    chunks whatever the model and device). With no stream running nobody waits on the steps, so
-    a prompt goes through in `largest` chunks. `fixed` sets one size for every chunk instead.
-    """
-
-    #: Below this a chunk costs about what a decode step does anyway: smaller saves nothing.
-    smallest = 16
-    #: The most tokens prefilled in one forward pass, which also bounds its activation memory.
-    largest = 2048
-
-    def __init__(self, fixed: int | None = None) -> None:
-        if fixed is not None and fixed < 1:
-            raise ValueError(f"prefill_chunk_tokens must be at least 1, not {fixed}")
-        self.fixed = fixed
-        self._tokens = fixed or 64  # until a chunk has been timed against a step (it grows fast where cheap)
-        self._step_seconds: float | None = None
-
-    def budget(self, streaming: bool) -> int:
-        """Prompt tokens to prefill before the next decode step."""
-        if self.fixed is not None:
-            return self.fixed
-        return self._tokens if streaming else self.largest
-
-    def step_took(self, seconds: float) -> None:
-        """A decode step of the running batch took `seconds`."""
-        if self._step_seconds is None:
-            self._step_seconds = seconds
-        else:
-            self._step_seconds += 0.2 * (seconds - self._step_seconds)
-
-    def chunk_took(self, tokens: int, seconds: float) -> None:
-        """A chunk of `tokens` prompt tokens, run while streams were running, took `seconds`."""
-        if self.fixed is not None or self._step_seconds is None or seconds <= 0:
-            return
-        if tokens < self._tokens // 2:  # a prompt's short last chunk is mostly fixed cost: it misleads
-            return
-        scale = min(2.0, max(0.5, self._step_seconds / seconds))
-        self._tokens = min(self.largest, max(self.smallest, round(tokens * scale)))
-
-
-class _Prefill:
-    """A prompt on its way into the batch: its ids, the cache built so far, how far it got."""
-
-    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor, hit: Hit | None, cache: DynamicCache) -> None:
-        self.job = job
-        self.prompt_ids = prompt_ids  # (1, n)
-        self.hit = hit
-        self.cache = cache
-        self.done = hit.length if hit is not None else 0  # tokens the cache holds keys and values of
-        self.alone = False  # a pass it shared with others failed: it goes through on its own
-
-    @property
-    def remaining(self) -> int:
-        return int(self.prompt_ids.shape[1]) - self.done
-
-
-class _Row:
-    """One generation in the batch."""
-
-    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None) -> None:
-        self.job = job
-        self.ids = prompt_ids  # every token so far: what its cache holds keys and values of
-        self.hit = hit  # the kept cache its prompt started from
-
-
-class _Batch:
-    """The running rows, their shared cache, attention mask and positions."""
-
-    def __init__(self, config: Any) -> None:
-        self._config = config
-        self.clear()
-
-    def clear(self) -> None:
-        """No rows."""
-        self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask = torch.empty(0)
-        self.positions = torch.empty(0)
-        self.tokens = torch.empty(0)
-        self.sampling: BatchSampling | None = None
-
-    def add(self, row: _Row, cache: DynamicCache, length: int, token: torch.Tensor, sampling: BatchSampling) -> None:
-        """Merge a prefilled row: pad the shorter side on the left so every row ends together."""
-        device = token.device
-        if self.cache is None:
-            self.cache = cache
-            self.mask = torch.ones(1, length, dtype=torch.long, device=device)
-            self.positions = torch.tensor([[length]], device=device)
-            self.tokens = token.view(1, 1)
-            self.rows = [row]
-            self.sampling = sampling
-            return
-        width = self.mask.shape[1]
-        common = max(width, length)
-        merged = DynamicCache(config=self._config)
-        for index, (ours, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
-            assert isinstance(ours, DynamicLayer) and isinstance(theirs, DynamicLayer)
-            assert ours.keys is not None and ours.values is not None
-            assert theirs.keys is not None and theirs.values is not None
-            keys = torch.cat([_pad_left(ours.keys, common - width), _pad_left(theirs.keys, common - length)])
-            values = torch.cat([_pad_left(ours.values, common - width), _pad_left(theirs.values, common - length)])
-            merged.update(keys, values, index)
-        new_mask = torch.zeros(1, common, dtype=torch.long, device=device)
-        new_mask[0, common - length :] = 1
-        self.mask = torch.cat([_pad_left(self.mask, common - width, dim=1), new_mask])
-        self.cache = merged
-        self.positions = torch.cat([self.positions, torch.tensor([[length]], device=device)])
-        self.tokens = torch.cat([self.tokens, token.view(1, 1)])
-        self.rows.append(row)
-        assert self.sampling is not None
-        self.sampling = BatchSampling.concat([self.sampling, sampling])
-
-    def row_cache(self, index: int) -> tuple[int, Layers]:
-        """The tokens row `index` has keys and values for, and a copy of them of its own."""
-        assert self.cache is not None
-        length = int(self.positions[index])  # its columns are the last ones: padding is on the left
-        rows = slice(index, index + 1)
-        return length, [(k[rows, :, -length:].clone(), v[rows, :, -length:].clone()) for k, v in _layers(self.cache)]
-
-    def keep(self, keep: list[int]) -> None:
-        """Drop every row not in `keep`, and the cache columns only they needed."""
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.clear()
-            return
-        index = torch.tensor(keep, device=self.mask.device)
-        assert self.cache is not None
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
-        self.positions = self.positions[index]
-        self.tokens = self.tokens[index]
-        self.rows = [self.rows[i] for i in keep]
-        assert self.sampling is not None
-        self.sampling = self.sampling.select(index)
-        start = int(self.mask.any(dim=0).int().argmax())  # first column some row still attends to
-        if start:
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-                layer.keys = layer.keys[..., start:, :]
-                layer.values = layer.values[..., start:, :]
-
-
-def _layers(cache: DynamicCache) -> Layers:
-    """The keys and values of every layer of `cache`."""
-    layers = []
-    for layer in cache.layers:
-        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-        layers.append((layer.keys, layer.values))
-    return layers
-
-
-def _cached_length(layer: Any) -> int:
-    """How many positions a cache layer holds."""
-    return int(_keys_values(layer)[0].shape[-2])
-
-
-def _keys_values(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-    return layer.keys, layer.values
-
-
-#: A row joins a group while the group's padding stays at most this share of its cache (rows
-#: whose lengths differ up to about 2x); past it, another forward pass costs less than padding.
-_MAX_PADDING_SHARE = 0.5
-#: Groups in one step at most: each costs a pass over the weights (what dominates a GPU's step).
-_MAX_GROUPS = 4
-
-
-def _padding_share(width: int, rows: int, real: int) -> float:
-    """The share of a left-padded (rows, width) block that is padding when `real` tokens are real."""
-    return 1 - real / (width * rows)
-
-
-def _padding_with(batch: _Batch, length: int) -> float:
-    """The share of `batch`'s cache that would be padding with a row of `length` tokens added."""
-    width = max(int(batch.mask.shape[1]), length)
-    return _padding_share(width, len(batch.rows) + 1, int(batch.positions.sum()) + length)
-
-
-def _group_for(groups: list[_Batch], length: int, config: Any) -> _Batch:
-    """The group a new row of `length` tokens joins: the one it pads least, if within
-    `_MAX_PADDING_SHARE` (or once `_MAX_GROUPS` run), else a new group."""
-    if groups:
-        least = min(groups, key=lambda group: _padding_with(group, length))
-        if _padding_with(least, length) <= _MAX_PADDING_SHARE or len(groups) >= _MAX_GROUPS:
-            return least
-    group = _Batch(config)
-    groups.append(group)
-    return group
-
-
-def _cohort(prefills: deque[_Prefill], budget: int) -> list[_Prefill]:
-    """The prompts at the front of the line that can be prefilled whole in one padded pass: not
-    started (no borrowed cache), within the budget counting padding, padded at most as much as a
-    group may be."""
-    cohort: list[_Prefill] = []
-    width = real = 0
-    for prefill in prefills:
-        if prefill.done or prefill.alone or prefill.job.should_stop:
-            break
-        widest, rows = max(width, prefill.remaining), len(cohort) + 1
-        if widest * rows > budget or _padding_share(widest, rows, real + prefill.remaining) > _MAX_PADDING_SHARE:
-            break
-        cohort.append(prefill)
-        width, real = widest, real + prefill.remaining
-    return cohort
-
-
-def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
-    if amount == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = amount
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class BatchingEngine(LocalEngine):
@@ -332,8 +104,8 @@ class BatchingEngine(LocalEngine):
     def _work(self) -> None:
         with torch.inference_mode():
             self._warm_up_once(self._warm_up)
-            groups: list[_Batch] = []  # the running rows, by length (see the module docstring)
-            prefills: deque[_Prefill] = deque()  # prompts on their way in, first come first
+            groups: list[Batch] = []  # the running rows, by length (see the module docstring)
+            prefills: deque[Prefill] = deque()  # prompts on their way in, first come first
             while True:
                 arrivals = self._arrivals(wait=not groups and not prefills)
                 if arrivals is None:
@@ -349,7 +121,7 @@ class BatchingEngine(LocalEngine):
                     prefills.clear()
                     self._wakeups.deliver()
 
-    def _advance(self, groups: list[_Batch], prefills: deque[_Prefill], arrivals: list[LocalJob]) -> None:
+    def _advance(self, groups: list[Batch], prefills: deque[Prefill], arrivals: list[LocalJob]) -> None:
         """Take in the arrivals, prefill up to one chunk's worth of prompts, then run one decode step."""
         for job in arrivals:
             job.channel.wakeups = self._wakeups
@@ -388,7 +160,7 @@ class BatchingEngine(LocalEngine):
             input_ids=ids, attention_mask=mask, position_ids=position, cache=out.cache, use_cache=True, logits_to_keep=1
         )
 
-    def _start(self, job: LocalJob) -> _Prefill | None:
+    def _start(self, job: LocalJob) -> Prefill | None:
         """Tokenize `job`'s prompt and borrow what the conversation cache holds of it; None: it ended."""
         if job.should_stop:  # cancelled while queued for the engine: never start
             job.skip()
@@ -405,16 +177,16 @@ class BatchingEngine(LocalEngine):
             job.fail(error)
             return None
         job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
-        return _Prefill(job, prompt_ids, hit, cache)
+        return Prefill(job, prompt_ids, hit, cache)
 
-    def _prefill(self, groups: list[_Batch], prefills: deque[_Prefill]) -> None:
+    def _prefill(self, groups: list[Batch], prefills: deque[Prefill]) -> None:
         """Run the waiting prompts through the model, oldest first, up to one chunk budget; each
         one that is through sends its first token and joins a group of the batch. Prompts that
         arrived together and fit the budget go through in one forward pass."""
         streaming = bool(groups)
         full = budget = self.chunks.budget(streaming)
         while prefills and budget > 0:
-            cohort = _cohort(prefills, budget)
+            cohort = first_cohort(prefills, budget)
             if len(cohort) > 1:
                 for _ in cohort:
                     prefills.popleft()
@@ -451,7 +223,7 @@ class BatchingEngine(LocalEngine):
                 self._start_row(groups, prefill, logits)
 
     def _prefill_together(
-        self, groups: list[_Batch], prefills: deque[_Prefill], cohort: list[_Prefill], width: int
+        self, groups: list[Batch], prefills: deque[Prefill], cohort: list[Prefill], width: int
     ) -> None:
         """Prefill the whole prompts of `cohort` in one forward pass, left-padded to `width`, then
         give each its own cache. If the pass fails, nobody can tell whose prompt failed it: they
@@ -477,7 +249,7 @@ class BatchingEngine(LocalEngine):
                 prefill.alone = True
                 prefills.appendleft(prefill)
             return
-        layers = _layers(out.cache)
+        layers = cache_layers(out.cache)
         for index, prefill in enumerate(cohort):
             length = prefill.remaining
             for number, (keys, values) in enumerate(layers):
@@ -486,12 +258,12 @@ class BatchingEngine(LocalEngine):
             prefill.done += length
             self._start_row(groups, prefill, out.logits[index : index + 1, -1, :])
 
-    def _start_row(self, groups: list[_Batch], prefill: _Prefill, logits: torch.Tensor) -> None:
+    def _start_row(self, groups: list[Batch], prefill: Prefill, logits: torch.Tensor) -> None:
         """A prompt that is through: sample its first token, send it, and join a group (or end)."""
         try:
             sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
             token = sampling.sample(logits)
-            row = _Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
+            row = Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
             running = self._emit(row, int(token[0]))
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
             logger.exception("sampling a first token failed")
@@ -499,11 +271,11 @@ class BatchingEngine(LocalEngine):
             return
         length = int(prefill.prompt_ids.shape[1])
         if running:
-            _group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
+            group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
         else:
-            self._keep_conversation(row, length, _layers(prefill.cache))
+            self._keep_conversation(row, length, cache_layers(prefill.cache))
 
-    def _prefill_chunk(self, prefill: _Prefill, tokens: int) -> torch.Tensor | None:
+    def _prefill_chunk(self, prefill: Prefill, tokens: int) -> torch.Tensor | None:
         """The next `tokens` of the prompt through the model; the last position's logits once the
         whole prompt is through, else None."""
         chunk = prefill.prompt_ids[:, prefill.done : prefill.done + tokens]
@@ -515,7 +287,7 @@ class BatchingEngine(LocalEngine):
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
-    def _step(self, batch: _Batch) -> None:
+    def _step(self, batch: Batch) -> None:
         """One decode step for every row; rows that are done leave the batch."""
         keep = []
         for index, row in enumerate(batch.rows):
@@ -528,7 +300,7 @@ class BatchingEngine(LocalEngine):
             return
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         assert batch.cache is not None
-        lengths = [_cached_length(layer) for layer in batch.cache.layers]
+        lengths = [cached_length(layer) for layer in batch.cache.layers]
         try:
             out = self.model(
                 input_ids=batch.tokens,
@@ -562,7 +334,7 @@ class BatchingEngine(LocalEngine):
         ]
         self._leave(batch, keep)
 
-    def _leave(self, batch: _Batch, keep: list[int]) -> None:
+    def _leave(self, batch: Batch, keep: list[int]) -> None:
         """Drop the rows not in `keep`, keeping the cache of each for the conversation's next turn."""
         if self.conversations.capacity_bytes and len(keep) < len(batch.rows):
             staying = set(keep)
@@ -571,11 +343,11 @@ class BatchingEngine(LocalEngine):
                     self._keep_conversation(row, *batch.row_cache(index))
         batch.keep(keep)
 
-    def _keep_conversation(self, row: _Row, length: int, layers: Layers) -> None:
+    def _keep_conversation(self, row: Row, length: int, layers: Layers) -> None:
         """Keep the keys and values of a finished row's first `length` tokens."""
         self.conversations.put(torch.tensor(row.ids[:length]), layers, extends=row.hit)
 
-    def _forward_apart(self, batch: _Batch, lengths: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
+    def _forward_apart(self, batch: Batch, lengths: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
         """After a batched decode step failed, run each row's step alone: a row whose own step
         fails fails; the others go on, in a batch of their own logits and cache. None: no row
         is left. The cache is first cut back to `lengths`, undoing the failed step's writes."""
@@ -590,7 +362,7 @@ class BatchingEngine(LocalEngine):
         for index, row in enumerate(batch.rows):
             alone = DynamicCache(config=self.model.config)
             for number, layer in enumerate(batch.cache.layers):
-                keys, values = _keys_values(layer)
+                keys, values = keys_values(layer)
                 alone.update(keys[index : index + 1], values[index : index + 1], number)
             try:
                 out = self.model(
@@ -613,7 +385,7 @@ class BatchingEngine(LocalEngine):
             return None
         merged = DynamicCache(config=self.model.config)
         for number in range(len(lengths)):
-            parts = [_keys_values(cache.layers[number]) for cache in caches]
+            parts = [keys_values(cache.layers[number]) for cache in caches]
             merged.update(torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), number)
         selected = torch.tensor(keep, device=batch.mask.device)
         batch.mask = batch.mask[selected]
@@ -624,7 +396,7 @@ class BatchingEngine(LocalEngine):
         batch.sampling = batch.sampling.select(selected)
         return torch.cat(logits), merged
 
-    def _emit(self, row: _Row, token: int) -> bool:
+    def _emit(self, row: Row, token: int) -> bool:
         """Hand one token to its job; False (and the job finished) when the row is done."""
         job = row.job
         if token in self._eos:

@@ -19,12 +19,12 @@ from typing import Any
 import anyio
 import torch
 
-from chatstream_asgi.asgi.telemetry import request_logger
 from chatstream_asgi.core.detokenize import IncrementalDetokenizer, StopStringFilter
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt, fit_prompt
 from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.engine.channel import TextChannel
+from chatstream_asgi.log import request_logger
 
 logger = request_logger(__name__)
 

@@ -17,12 +17,12 @@ from typing import Any
 import anyio
 import httpx
 
-from chatstream_asgi.asgi.telemetry import request_logger
 from chatstream_asgi.core.detokenize import StopStringFilter
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.engine.channel import TextChannel
+from chatstream_asgi.log import request_logger
 
 logger = request_logger(__name__)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
-    from chatstream_asgi.compat.chat_stream import ChatStream
+    from chatstream_asgi.runtime.service import ChatService
 
 #: OpenMP spin-wait for a server process (see the module docstring); a user's own setting wins.
 SERVER_OPENMP_SETTINGS = {"GOMP_SPINCOUNT": "20000", "KMP_BLOCKTIME": "1"}
@@ -168,20 +168,21 @@ def _model_options() -> argparse.ArgumentParser:
     return options
 
 
-def load_chat_stream(args: argparse.Namespace, *, concurrency: int, queue: int) -> tuple[ChatStream, str]:
-    """The `ChatStream` the model options describe, and a line saying which model it runs.
+def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> tuple[ChatService, str]:
+    """The `ChatService` the model options describe, and a line saying which model it runs.
 
     Says each loading stage on stderr as it starts: a big model takes a while at each.
     """
     _check_device(args.device)
-    from chatstream_asgi.compat.chat_stream import ChatStream
+    from chatstream_asgi.core.params import GenerationParams
     from chatstream_asgi.engine.mock import MockEngine
+    from chatstream_asgi.runtime.service import ChatService
 
-    def make(**model: Any) -> ChatStream:
-        return ChatStream(
-            num_of_concurrent_executions=concurrency,
+    def make(**model: Any) -> ChatService:
+        return ChatService(
+            params=GenerationParams(max_new_tokens=args.max_new_tokens),
+            concurrency=concurrency,
             max_queue_size=queue,
-            max_new_tokens=args.max_new_tokens,
             context_len=args.context_len,
             **model,
         )
@@ -209,17 +210,17 @@ def load_chat_stream(args: argparse.Namespace, *, concurrency: int, queue: int) 
     model = _load("model", path, args.model, args.dtype)
     _progress(f"placing the model on {args.device} and warming up ...")
     try:
-        chat_stream = make(
+        service = make(
             model=model,
             tokenizer=tokenizer,
             device=args.device,
-            chat_prompt_clazz=prompt_class,
+            prompt_class=prompt_class,
             conversation_cache_bytes=args.conversation_cache_bytes,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
-    return chat_stream, source
+    return service, source
 
 
 def _progress(line: str) -> None:
@@ -276,16 +277,30 @@ def _prompt_class(chat_template: str | None) -> Any:
     """The ChatStream prompt class `--chat-template` names, or None (a file, or no option)."""
     if not chat_template or Path(chat_template).expanduser().exists():
         return None
-    import chatstream_asgi
     from chatstream_asgi.core.prompt import AbstractChatPrompt
 
-    found = getattr(chatstream_asgi, chat_template, None) if chat_template.startswith("ChatPrompt") else None
+    found = _preset(chat_template) if chat_template.startswith("ChatPrompt") else None
     if not (isinstance(found, type) and issubclass(found, AbstractChatPrompt)):
         raise CommandError(
             f"--chat-template {chat_template}: no such file, and not one of ChatStream's prompt classes "
             "(e.g. ChatPromptRinnaJapaneseGPTNeoxInst)"
         )
     return found
+
+
+def _preset(name: str) -> Any:
+    """The class `name` among ChatStream's bundled prompt classes, or None."""
+    import importlib
+    import pkgutil
+
+    import chatstream_asgi.chat_prompt_presets as presets
+
+    for module in pkgutil.iter_modules(presets.__path__):
+        if not module.name.startswith("_"):
+            found = getattr(importlib.import_module(f"{presets.__name__}.{module.name}"), name, None)
+            if found is not None:
+                return found
+    return None
 
 
 def _read_template(path: str) -> str:
@@ -299,8 +314,10 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     """The ASGI app `serve` runs, and a line saying which model it serves."""
     from starlette.applications import Starlette
 
+    from chatstream_asgi.asgi.chat_endpoint import ChatEndpoint
     from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
-    from chatstream_asgi.sessions.session import SECRET_KEY_ENV, MemoryStore
+    from chatstream_asgi.sessions.memory import MemoryStore
+    from chatstream_asgi.sessions.signing import SECRET_KEY_ENV
 
     # Checked before a model is loaded: a refusal should cost nothing.
     store = _redis_store(args.session_store) if args.session_store != "memory" else MemoryStore()
@@ -309,10 +326,10 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
             f"--session-store {args.session_store} is shared by replicas, so they must sign cookies with one "
             f"key: pass --secret-key KEY (the same on every replica) or set {SECRET_KEY_ENV}"
         )
-    chat_stream, source = load_chat_stream(args, concurrency=args.concurrency, queue=args.queue)
+    service, source = load_service(args, concurrency=args.concurrency, queue=args.queue)
     app = ChatStreamMiddleware(
         Starlette(),
-        chat_stream=chat_stream,
+        chat_stream=ChatEndpoint(service),
         serve=True,
         health=True,
         session_store=store,
@@ -338,7 +355,7 @@ def _redis_store(url: str) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from chatstream_asgi.asgi.telemetry import RequestIdFormatter
+    from chatstream_asgi.log import RequestIdFormatter
 
     handler = logging.StreamHandler()
     handler.setFormatter(RequestIdFormatter("%(levelname)s:     %(message)s"))
@@ -362,7 +379,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
     if not args.no_openai:
-        print(f"  OpenAI API: {base}/v1/chat/completions (model {app.chat_stream.name!r})", flush=True)
+        print(f"  OpenAI API: {base}/v1/chat/completions (model {app.service.name!r})", flush=True)
     if args.metrics:
         print(f"  metrics: {base}/metrics", flush=True)
     _run_until_stopped(app, args)
@@ -391,12 +408,12 @@ def _chat(args: argparse.Namespace) -> int:
 
     from chatstream_asgi.frontends.console import run_console
 
-    chat_stream, source = load_chat_stream(args, concurrency=1, queue=0)
+    service, source = load_service(args, concurrency=1, queue=0)
     _progress(f"chatting with {source}")
     try:
-        return anyio.run(run_console, chat_stream, sys.stdin, sys.stdout, sys.stderr)
+        return anyio.run(run_console, service, sys.stdin, sys.stdout, sys.stderr)
     finally:
-        chat_stream.close()
+        service.close()
 
 
 def _webui_on(args: argparse.Namespace) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal
@@ -326,29 +326,3 @@ class Admission:
         """Wake every waiter to look at its position again."""
         for ticket in self._queue.tickets():
             ticket._changed.set()
-
-
-class ReplicaAffinity:
-    """The replica each conversation last ran on, so its next turn can go where its key/value
-    cache is kept. Bounded (least recently run out first): a forgotten conversation just goes to
-    the least-loaded replica, as a new one does."""
-
-    def __init__(self, replicas: int, capacity: int = 65536) -> None:
-        self._replicas = replicas
-        self._capacity = capacity
-        self._last: OrderedDict[str, int] = OrderedDict()
-
-    def last(self, conversation: str | None) -> int | None:
-        """The replica `conversation` last ran on; None when unknown or with a single replica."""
-        if conversation is None or self._replicas < 2:
-            return None
-        return self._last.get(conversation)
-
-    def ran(self, conversation: str, replica: int) -> None:
-        """`conversation` has a turn running on `replica`."""
-        if self._replicas < 2:
-            return
-        self._last[conversation] = replica
-        self._last.move_to_end(conversation)
-        if len(self._last) > self._capacity:
-            self._last.popitem(last=False)

@@ -18,7 +18,9 @@ from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from chatstream_asgi.core.prompt import AbstractChatPrompt
-from chatstream_asgi.sessions.session import CookieSigner, Session, SessionStore
+from chatstream_asgi.sessions.session import Session
+from chatstream_asgi.sessions.signing import CookieSigner
+from chatstream_asgi.sessions.store import SessionStore
 
 
 class LazySession:

@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 
 from chatstream_asgi.errors import SessionStoreUnavailable
-from chatstream_asgi.sessions.session import DEFAULT_MAX_SESSION_BYTES, stored_text
+from chatstream_asgi.sessions.store import DEFAULT_MAX_SESSION_BYTES, stored_text
 
 # Take the lock only while the request that asks is still waiting for the answer: a `SET NX`
 # queued behind a stalled Redis would otherwise run after the caller gave up (503) and hold the

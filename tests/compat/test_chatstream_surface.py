@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from chatstream_asgi import ChatStream
-from chatstream_asgi.engine.mock import ROUND_REPLIES
+from chatstream_asgi.compat.mock import ROUND_REPLIES
 
 APPS = Path(__file__).resolve().parent / "apps"
 pytestmark = pytest.mark.filterwarnings("ignore:\\s*on_event is deprecated:DeprecationWarning")

@@ -1,0 +1,152 @@
+"""The running batch of `BatchingEngine`: its rows, their shared left-padded cache, mask and positions.
+
+A prefilled row is merged in by padding the shorter side on the left, so every row ends at the
+same column and one forward pass steps them all; an attention mask hides the padding, while each
+row keeps its own position ids. A row that leaves takes its columns with it when no other row
+needs them. Only a decoder-only model whose cache is the plain `DynamicCache` of per-layer
+(batch, heads, length, dim) tensors can be batched this way (`supports_batching`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from chatstream_asgi.engine.conversation_cache import Hit, Layers
+from chatstream_asgi.engine.local import LocalJob
+from chatstream_asgi.engine.sampling import BatchSampling
+
+
+def supports_batching(model: Any) -> bool:
+    """Whether `BatchingEngine` can drive `model` (else use `TransformersEngine`)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    parameters = inspect.signature(model.forward).parameters
+    if not {"cache", "attention_mask", "position_ids", "logits_to_keep"} <= set(parameters):
+        return False
+    try:
+        layers = DynamicCache(config=config).layers
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+class Row:
+    """One generation in the batch."""
+
+    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None) -> None:
+        self.job = job
+        self.ids = prompt_ids  # every token so far: what its cache holds keys and values of
+        self.hit = hit  # the kept cache its prompt started from
+
+
+class Batch:
+    """The running rows, their shared cache, attention mask and positions."""
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+        self.clear()
+
+    def clear(self) -> None:
+        """No rows."""
+        self.rows: list[Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.empty(0)
+        self.positions = torch.empty(0)
+        self.tokens = torch.empty(0)
+        self.sampling: BatchSampling | None = None
+
+    def add(self, row: Row, cache: DynamicCache, length: int, token: torch.Tensor, sampling: BatchSampling) -> None:
+        """Merge a prefilled row: pad the shorter side on the left so every row ends together."""
+        device = token.device
+        if self.cache is None:
+            self.cache = cache
+            self.mask = torch.ones(1, length, dtype=torch.long, device=device)
+            self.positions = torch.tensor([[length]], device=device)
+            self.tokens = token.view(1, 1)
+            self.rows = [row]
+            self.sampling = sampling
+            return
+        width = self.mask.shape[1]
+        common = max(width, length)
+        merged = DynamicCache(config=self._config)
+        for index, (ours, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
+            assert isinstance(ours, DynamicLayer) and isinstance(theirs, DynamicLayer)
+            assert ours.keys is not None and ours.values is not None
+            assert theirs.keys is not None and theirs.values is not None
+            keys = torch.cat([pad_left(ours.keys, common - width), pad_left(theirs.keys, common - length)])
+            values = torch.cat([pad_left(ours.values, common - width), pad_left(theirs.values, common - length)])
+            merged.update(keys, values, index)
+        new_mask = torch.zeros(1, common, dtype=torch.long, device=device)
+        new_mask[0, common - length :] = 1
+        self.mask = torch.cat([pad_left(self.mask, common - width, dim=1), new_mask])
+        self.cache = merged
+        self.positions = torch.cat([self.positions, torch.tensor([[length]], device=device)])
+        self.tokens = torch.cat([self.tokens, token.view(1, 1)])
+        self.rows.append(row)
+        assert self.sampling is not None
+        self.sampling = BatchSampling.concat([self.sampling, sampling])
+
+    def row_cache(self, index: int) -> tuple[int, Layers]:
+        """The tokens row `index` has keys and values for, and a copy of them of its own."""
+        assert self.cache is not None
+        length = int(self.positions[index])  # its columns are the last ones: padding is on the left
+        rows = slice(index, index + 1)
+        layers = cache_layers(self.cache)
+        return length, [(k[rows, :, -length:].clone(), v[rows, :, -length:].clone()) for k, v in layers]
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every row not in `keep`, and the cache columns only they needed."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        assert self.cache is not None
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.positions = self.positions[index]
+        self.tokens = self.tokens[index]
+        self.rows = [self.rows[i] for i in keep]
+        assert self.sampling is not None
+        self.sampling = self.sampling.select(index)
+        start = int(self.mask.any(dim=0).int().argmax())  # first column some row still attends to
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+                layer.keys = layer.keys[..., start:, :]
+                layer.values = layer.values[..., start:, :]
+
+
+def cache_layers(cache: DynamicCache) -> Layers:
+    """The keys and values of every layer of `cache`."""
+    layers = []
+    for layer in cache.layers:
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+        layers.append((layer.keys, layer.values))
+    return layers
+
+
+def cached_length(layer: Any) -> int:
+    """How many positions a cache layer holds."""
+    return int(keys_values(layer)[0].shape[-2])
+
+
+def keys_values(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
+    return layer.keys, layer.values
+
+
+def pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
+    if amount == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -1,0 +1,92 @@
+"""Prompts on their way into the batch: how big a chunk to prefill between decode steps, and
+which prompts at the front of the line can share one padded prefill pass."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from transformers import DynamicCache
+
+from chatstream_asgi.engine.conversation_cache import Hit
+from chatstream_asgi.engine.grouping import MAX_PADDING_SHARE, padding_share
+from chatstream_asgi.engine.local import LocalJob
+
+
+class PrefillChunks:
+    """How many prompt tokens to prefill between two decode steps.
+
+    While streams are running, a chunk should cost about one decode step: their next token then
+    comes about twice as late as usual while a prompt joins, not after the whole prompt's
+    prefill. The size follows what the device shows: each timed chunk scales the next one by
+    step seconds ÷ chunk seconds (at most halved or doubled at a time, which settles in a few
+    chunks whatever the model and device). With no stream running nobody waits on the steps, so
+    a prompt goes through in `largest` chunks. `fixed` sets one size for every chunk instead.
+    """
+
+    #: Below this a chunk costs about what a decode step does anyway: smaller saves nothing.
+    smallest = 16
+    #: The most tokens prefilled in one forward pass, which also bounds its activation memory.
+    largest = 2048
+
+    def __init__(self, fixed: int | None = None) -> None:
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"prefill_chunk_tokens must be at least 1, not {fixed}")
+        self.fixed = fixed
+        self._tokens = fixed or 64  # until a chunk has been timed against a step (it grows fast where cheap)
+        self._step_seconds: float | None = None
+
+    def budget(self, streaming: bool) -> int:
+        """Prompt tokens to prefill before the next decode step."""
+        if self.fixed is not None:
+            return self.fixed
+        return self._tokens if streaming else self.largest
+
+    def step_took(self, seconds: float) -> None:
+        """A decode step of the running batch took `seconds`."""
+        if self._step_seconds is None:
+            self._step_seconds = seconds
+        else:
+            self._step_seconds += 0.2 * (seconds - self._step_seconds)
+
+    def chunk_took(self, tokens: int, seconds: float) -> None:
+        """A chunk of `tokens` prompt tokens, run while streams were running, took `seconds`."""
+        if self.fixed is not None or self._step_seconds is None or seconds <= 0:
+            return
+        if tokens < self._tokens // 2:  # a prompt's short last chunk is mostly fixed cost: it misleads
+            return
+        scale = min(2.0, max(0.5, self._step_seconds / seconds))
+        self._tokens = min(self.largest, max(self.smallest, round(tokens * scale)))
+
+
+class Prefill:
+    """A prompt on its way into the batch: its ids, the cache built so far, how far it got."""
+
+    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor, hit: Hit | None, cache: DynamicCache) -> None:
+        self.job = job
+        self.prompt_ids = prompt_ids  # (1, n)
+        self.hit = hit
+        self.cache = cache
+        self.done = hit.length if hit is not None else 0  # tokens the cache holds keys and values of
+        self.alone = False  # a pass it shared with others failed: it goes through on its own
+
+    @property
+    def remaining(self) -> int:
+        return int(self.prompt_ids.shape[1]) - self.done
+
+
+def first_cohort(prefills: deque[Prefill], budget: int) -> list[Prefill]:
+    """The prompts at the front of the line that can be prefilled whole in one padded pass: not
+    started (no borrowed cache), within the budget counting padding, padded at most as much as a
+    group may be."""
+    cohort: list[Prefill] = []
+    width = real = 0
+    for prefill in prefills:
+        if prefill.done or prefill.alone or prefill.job.should_stop:
+            break
+        widest, rows = max(width, prefill.remaining), len(cohort) + 1
+        if widest * rows > budget or padding_share(widest, rows, real + prefill.remaining) > MAX_PADDING_SHARE:
+            break
+        cohort.append(prefill)
+        width, real = widest, real + prefill.remaining
+    return cohort
