@@ -11,6 +11,7 @@ one over a `ChatService`.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -25,15 +26,32 @@ from chatstream_asgi.asgi.standalone import handle_without_middleware
 from chatstream_asgi.asgi.streaming import MESSAGE_ID_HEADER, STREAM_HEADERS, report_outcome, wait_for_slot
 from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.asgi.waiting import WaitingResponse, client_identity, queue_deadline
-from chatstream_asgi.asgi.wire import STREAM_FORMATS, StreamFormat, check_stream_format, choose_format, encoder_for
-from chatstream_asgi.core.params import parse_chat_request
+from chatstream_asgi.asgi.wire import (
+    STREAM_FORMATS,
+    StreamFormat,
+    WireEncoder,
+    check_stream_format,
+    choose_format,
+    encoder_for,
+)
+from chatstream_asgi.core.params import ChatTurnRequest, GenerationParams, parse_chat_request
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NothingToRegenerate, SessionBusy
 from chatstream_asgi.outcomes import CLIENT_DISCONNECTED_BEFORE_STREAMING, OutcomeCallback
-from chatstream_asgi.runtime.admission import Slot
+from chatstream_asgi.runtime.admission import Slot, Ticket
 from chatstream_asgi.runtime.service import ChatService
 from chatstream_asgi.sessions.attached import FallbackSessions
 from chatstream_asgi.sessions.store import CHAT_PROMPT_KEY, GENERATION_PARAMS_KEY, TurnSession
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A turn past admission: what it generates from, and its slot, or the ticket it waits with."""
+
+    prompt: AbstractChatPrompt
+    params: GenerationParams
+    ticket: Ticket | None  # set for a client that is shown its wait (SSE): it waits in its response
+    slot: Slot | None  # None without a ticket: the client left while it waited
 
 
 class ChatServer(Protocol):
@@ -93,7 +111,6 @@ class ChatEndpoint:
                 prompt_from_dict=self.service.prompt_from_dict,
                 handle=self.handle,
             )
-        service = self.service
         session = exchange.session
         denied = refusal(self.rules, request, session.get_session(), "chat_stream")
         if denied is not None:
@@ -106,35 +123,61 @@ class ChatEndpoint:
             granted = self.rules.promote(session.get_session(), turn.user_input) if self.rules is not None else None
             if granted is not None:  # a pass phrase: answered here, never shown to the model
                 return await _answer_grant(session, granted, stream_format)
-            max_wait = queue_deadline(request.scope, service.max_queue_wait)
-            limit = service.params.max_new_tokens
-            service.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
-            service.admission.check_room()  # and overload: a 429 costs no round trip to a shared store
-            if not await session.lock_turn():
-                raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
-            try:
-                if not session.is_new:  # another replica may have finished a turn since the session was read
-                    await session.reload()
-                stored = dict(session.get_session().get(GENERATION_PARAMS_KEY, {}))
-                if "max_new_tokens" in stored:  # the server's limit may have dropped since it was set
-                    stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
-                params = service.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
-                prompt = self._session_prompt(session)
-                if turn.regenerate and not prompt.has_reply_to_regenerate():
-                    raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
-                conversation = None if session.is_new else session.session_id
-                ticket = service.enter(client_identity(request.scope, service.trust_forwarded), max_wait, conversation)
-                # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
-                queued = ticket.slot is None and stream_format == "sse"
-                slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await session.unlock_turn()
-                raise
+            admitted = await self._admit(request, exchange, turn, stream_format == "sse", callback)
         except ChatStreamError as error:
             telemetry_of(request.scope).refused(error)
             return error_response(error, status_code=self.refusal_status(error))
-        encoder = encoder_for(stream_format)
+        return await self._respond(request, exchange, turn, admitted, encoder_for(stream_format), callback)
+
+    async def _admit(
+        self,
+        request: Request,
+        exchange: ChatExchange,
+        turn: ChatTurnRequest,
+        streams_its_wait: bool,
+        callback: OutcomeCallback | None,
+    ) -> _Admitted:
+        """Refuse what can be refused before anything is held, then take the session's turn lock
+        and a place in admission: a slot, or (a client that is shown its wait) a ticket."""
+        service, session = self.service, exchange.session
+        max_wait = queue_deadline(request.scope, service.max_queue_wait)
+        limit = service.params.max_new_tokens
+        service.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
+        service.admission.check_room()  # and overload: a 429 costs no round trip to a shared store
+        if not await session.lock_turn():
+            raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
+        try:
+            if not session.is_new:  # another replica may have finished a turn since the session was read
+                await session.reload()
+            stored = dict(session.get_session().get(GENERATION_PARAMS_KEY, {}))
+            if "max_new_tokens" in stored:  # the server's limit may have dropped since it was set
+                stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
+            params = service.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
+            prompt = self._session_prompt(session)
+            if turn.regenerate and not prompt.has_reply_to_regenerate():
+                raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
+            conversation = None if session.is_new else session.session_id
+            ticket = service.enter(client_identity(request.scope, service.trust_forwarded), max_wait, conversation)
+            # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
+            if ticket.slot is None and streams_its_wait:
+                return _Admitted(prompt, params, ticket, None)
+            return _Admitted(prompt, params, None, await wait_for_slot(ticket, request, exchange, callback))
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await session.unlock_turn()
+            raise
+
+    async def _respond(
+        self,
+        request: Request,
+        exchange: ChatExchange,
+        turn: ChatTurnRequest,
+        admitted: _Admitted,
+        encoder: WireEncoder,
+        callback: OutcomeCallback | None,
+    ) -> Response:
+        """The response of an admitted turn: streaming now, streaming its wait first, or 499."""
+        session = exchange.session
         message_id = str(uuid.uuid4())
 
         def start_turn(slot: Slot) -> ChatTurnResponse:
@@ -142,21 +185,21 @@ class ChatEndpoint:
                 request=request,
                 exchange=exchange,
                 slot=slot,
-                service=service,
-                prompt=prompt,
+                service=self.service,
+                prompt=admitted.prompt,
                 user_input=turn.user_input,
                 regenerate=turn.regenerate,
-                params=params,
+                params=admitted.params,
                 encoder=encoder,
                 callback=callback,
                 message_id=message_id,
             )
 
-        if queued:
+        if admitted.ticket is not None:
             return WaitingResponse(
                 request=request,
                 exchange=exchange,
-                ticket=ticket,
+                ticket=admitted.ticket,
                 callback=callback,
                 media_type=encoder.media_type,
                 headers={MESSAGE_ID_HEADER: message_id, **STREAM_HEADERS},
@@ -165,11 +208,11 @@ class ChatEndpoint:
                 start=start_turn,
                 release=session.unlock_turn,
             )
-        if slot is None:
+        if admitted.slot is None:  # the client left while it waited
             await session.unlock_turn()
             await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
             return client_closed_response()
-        return start_turn(slot)
+        return start_turn(admitted.slot)
 
     def refusal_status(self, error: ChatStreamError) -> int:
         """The HTTP status of a refusal: its own, except ChatStream's 200 for a full queue when
