@@ -5,13 +5,16 @@ is stopped: one that declares or streams more than `max_size` bytes gets `BodyTo
 as soon as it is known, without the rest being read; one whose body trickles in for longer than
 `timeout` seconds in all gets `BodyTimeout` (408), so slow senders cannot hold connections and
 memory open. The middleware and the endpoint path without it share this function.
+
+Once read, the body is handed downstream by `replay_body`, as Starlette's `_CachedRequest` does:
+the cached body once (`more_body: False`), then whatever the caller says comes next.
 """
 
 from __future__ import annotations
 
 import anyio
 from starlette.datastructures import Headers
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope
 
 from chatstream_asgi.errors import BodyTimeout, BodyTooLarge
 
@@ -51,3 +54,17 @@ async def read_body(
             if not message.get("more_body", False):
                 return b"".join(chunks)
     raise BodyTimeout(f"the body did not arrive within {timeout:g} seconds")
+
+
+def replay_body(body: bytes, then: Receive) -> Receive:
+    """`receive` for downstream: the body already read, once, then `then` for every later call."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:  # the body is out: what follows is the end of the request (a disconnect)
+            return await then()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

@@ -4,9 +4,10 @@ The middleware reads the body, opens the session and watches the client; the han
 deep inside a user's endpoint) needs all three. They travel in one namespaced scope key, the
 way Starlette passes `starlette.max_body_size`, so no global state ties the two together.
 
-Whoever watches the client (the middleware, or the response itself when no middleware is in
-front) runs `ChatExchange.watch` on the server's `receive`, and sends through `track`, so that a
-disconnect after the final body (which servers report too) is not taken for a client leaving.
+Whoever watches the client (the middleware through `converse`, or the response itself when no
+middleware is in front) runs `ChatExchange.watch` on the server's `receive`, and sends through
+`track`, so that a disconnect after the final body (which servers report too) is not taken for a
+client leaving.
 Unlike Starlette's `StreamingResponse`, we listen whatever ASGI spec version the server reports:
 uvicorn reports 2.3 and its `send()` to a gone client returns silently, so listening is the only
 way to know.
@@ -14,11 +15,16 @@ way to know.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
-from starlette.types import Message, Receive, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from chatstream_asgi.asgi.body import replay_body
+from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
+from chatstream_asgi.errors import ShuttingDown
+from chatstream_asgi.sessions.session import Session
 from chatstream_asgi.sessions.store import TurnSession
 
 EXCHANGE_KEY = "chatstream_asgi.exchange"
@@ -82,3 +88,56 @@ class ChatExchange:
         """Finish a turn that was admitted but never streamed (an endpoint dropped the response)."""
         if self.open_turn is not None:
             await self.open_turn.abandon()
+
+
+#: What answers a chat request once its exchange is set up: `(exchange, receive, send)`.
+ChatAnswer = Callable[[ChatExchange, Receive, Send], Awaitable[None]]
+
+
+async def converse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    body: bytes,
+    session: Session | None,
+    answer: ChatAnswer,
+    shape: ErrorShape,
+    *,
+    ping_interval: float,
+    lock_ttl: float | None,
+) -> None:
+    """Run `answer` with a new exchange in the scope, the body replayed and the client watched.
+
+    While the turn runs, a session's turn lock is kept alive (stores whose locks expire), and a
+    client that leaves marks its turn as ending, so the session's next turn waits for it instead
+    of being refused. If the server cancels the request before a response started (it is
+    stopping), the client is answered 503 `shutting_down`.
+    """
+    exchange = scope[EXCHANGE_KEY] = ChatExchange(body, session, ping_interval)
+
+    async def until_the_end() -> Message:
+        await exchange.ended.wait()
+        return {"type": "http.disconnect"}
+
+    send_and_track = exchange.track(send)
+
+    async def watch_and_mark_ending() -> None:
+        await exchange.watch(receive)
+        if session is not None and exchange.client_left.is_set():
+            await session.mark_turn_ending()  # the next turn of the session may wait for this one
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(watch_and_mark_ending)
+        if session is not None and lock_ttl is not None:
+            task_group.start_soon(session.keep_turn_locked, lock_ttl / 3)
+        try:
+            await answer(exchange, replay_body(exchange.body, until_the_end), send_and_track)
+        except anyio.get_cancelled_exc_class():
+            if not exchange.response_started and not exchange.client_left.is_set():
+                with anyio.CancelScope(shield=True):  # queued or not yet streaming: it had its outcome
+                    await send_error(send_and_track, ShuttingDown("the server is shutting down"), shape)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await exchange.close()
+            task_group.cancel_scope.cancel()

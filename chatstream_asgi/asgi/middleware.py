@@ -1,9 +1,10 @@
-"""`ChatStreamMiddleware`: the pure-ASGI front of the chat path.
+"""`ChatStreamMiddleware`: the pure-ASGI front of the chat path: its options, its routing table,
+and the lifespan of the requests it serves; each route's work lives in a module of its own.
 
-For `POST /chat_stream` it reads the body once (bounded), keeps it in the scope and hands
-downstream a `receive` that replays it; it opens the session; and it alone calls the real
-`receive` from then on, to see the client leave. Unlike Starlette's `StreamingResponse`, we
-listen for `http.disconnect` whatever ASGI spec version the server reports (see `exchange`).
+For `POST /chat_stream` it reads the body once (bounded, `body`), opens the session
+(`cookie_sessions`), and hands the request to the app's endpoint or (`serve=True`) the chat
+endpoint with the body replayed and the client watched (`exchange.converse`): from then on only
+the exchange's watcher calls the real `receive`, to see the client leave.
 `chat_stream=` is anything with a chat endpoint (`chat_endpoint.ChatServer`): the `ChatStream`
 facade, or a `ChatEndpoint` built over a `ChatService`; this module never imports the facade.
 
@@ -23,7 +24,6 @@ app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +31,12 @@ import anyio
 import anyio.to_thread
 from starlette._utils import get_route_path
 from starlette.datastructures import Headers
-from starlette.requests import Request, cookie_parser
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream_asgi.asgi.access import ADMIN_APIS, ApiKeys, KeyRing
-from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body
+from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body, replay_body
 from chatstream_asgi.asgi.chat_endpoint import ChatServer
 from chatstream_asgi.asgi.conversation_apis import (
     API_METHODS,
@@ -46,7 +46,8 @@ from chatstream_asgi.asgi.conversation_apis import (
     enabled_apis,
     handle_api,
 )
-from chatstream_asgi.asgi.exchange import EXCHANGE_KEY, ChatExchange
+from chatstream_asgi.asgi.cookie_sessions import CookieSessions
+from chatstream_asgi.asgi.exchange import ChatExchange, converse
 from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
 from chatstream_asgi.asgi.openai_api import chat_completions, models_response
 from chatstream_asgi.asgi.telemetry import send_with_request_id, start_request, telemetry_of
@@ -56,16 +57,12 @@ from chatstream_asgi.errors import (
     BodyTimeout,
     BodyTooLarge,
     ChatStreamError,
-    SessionStoreUnavailable,
-    SessionValueNotStorable,
     ShuttingDown,
 )
 from chatstream_asgi.log import bind_request_id, request_logger, unbind_request_id
 from chatstream_asgi.outcomes import OutcomeCallback
-from chatstream_asgi.sessions.lazy import LazySession
 from chatstream_asgi.sessions.memory import MemoryStore
 from chatstream_asgi.sessions.session import Session
-from chatstream_asgi.sessions.signing import SECRET_KEY_ENV, CookieSigner
 from chatstream_asgi.sessions.store import SessionStore
 
 if TYPE_CHECKING:
@@ -76,16 +73,6 @@ _Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
 FINISH_GRACE = 10.0
-
-
-def check_shared_key(store: SessionStore, secret_key: str | bytes | None) -> None:
-    """Refuse a store shared by replicas without a cookie key they share."""
-    if store.shared and secret_key is None and not os.environ.get(SECRET_KEY_ENV):
-        raise ValueError(
-            f"{type(store).__name__} is shared by replicas, so they must sign cookies with one key: "
-            f"pass secret_key= or set {SECRET_KEY_ENV} (a random key per process would make each "
-            "replica drop the others' sessions)"
-        )
 
 
 class ChatStreamMiddleware:
@@ -121,8 +108,6 @@ class ChatStreamMiddleware:
             raise ValueError(f"body_timeout must be positive seconds, not {body_timeout}")
         if ping_interval <= 0:
             raise ValueError(f"ping_interval must be positive seconds, not {ping_interval}")
-        store: SessionStore = session_store if session_store is not None else MemoryStore()
-        check_shared_key(store, secret_key)
         self.app = app
         #: What was passed as `chat_stream=` (a `ChatStream`, or a `ChatEndpoint`).
         self.chat_stream = chat_stream
@@ -133,8 +118,14 @@ class ChatStreamMiddleware:
         self.path = path
         self.max_body_size = max_body_size
         self.body_timeout = body_timeout
-        self.session_store = store
-        self.session_cookie = session_cookie
+        store: SessionStore = session_store if session_store is not None else MemoryStore()
+        self.sessions = CookieSessions(
+            store,
+            secret_key=secret_key,
+            cookie=session_cookie,
+            https_only=https_only,
+            prompt_from_dict=self.service.prompt_from_dict,
+        )
         self.health = health
         self.openai = openai
         self.ping_interval = ping_interval
@@ -152,8 +143,6 @@ class ChatStreamMiddleware:
         # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
         self.page = ChatPage(web_ui_params, model=self.service.name, chat_path=path) if webui else None
         self._api_keys = KeyRing(api_keys)
-        self._signer = CookieSigner(secret_key)
-        self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -248,48 +237,11 @@ class ChatStreamMiddleware:
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's own routes: `request.state.session` is there for them, opened only if read."""
-        store, prompt_from_dict = self.session_store, self.service.prompt_from_dict
-        lazy = LazySession(scope, self.session_cookie, self._signer, store, prompt_from_dict)
-        scope["state"] = {**scope.get("state", {}), "session": lazy}
+        lazy, send_with_session = self.sessions.lazily(scope, send)
         try:
-            await self.app(scope, receive, self._session_send(lambda: lazy.opened, send, "plain"))
+            await self.app(scope, receive, send_with_session)
         finally:
-            if lazy.opened is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._persist(lazy.opened)
-
-    def _session_send(self, opened: Callable[[], Session | None], send: Send, shape: ErrorShape) -> Send:
-        """`send` that, as the response starts, refuses a session holding a value JSON cannot
-        hold (500, naming the key: the app's changes are all made by then) and sets a new
-        session's cookie."""
-        refused = False
-
-        async def send_with_session(message: Message) -> None:
-            nonlocal refused
-            if refused:  # the app's own response was replaced by the error
-                return
-            session = opened()
-            if session is not None and message["type"] == "http.response.start":
-                try:
-                    session.check_storable()
-                except SessionValueNotStorable as error:
-                    refused = True
-                    await send_error(send, error, shape)
-                    return
-                # Not for a route nobody serves: a 404 or 405 starts no conversation.
-                if session.is_new and message["status"] not in (404, 405):
-                    cookie = f"{self.session_cookie}={self._signer.sign(session.session_id)}{self._cookie_attributes}"
-                    message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
-            await send(message)
-
-        return send_with_session
-
-    async def _persist(self, session: Session) -> None:
-        """Store a session's marked changes once its response is out (a failure can only be logged)."""
-        try:
-            await session.persist()
-        except (SessionStoreUnavailable, SessionValueNotStorable) as error:
-            logger.warning("session %s not saved: %s", session.session_id, error.detail)
+            await self.sessions.persist_lazy(lazy)
 
     async def _authorized(self, scope: Scope, send: Send, needed: str, shape: ErrorShape) -> bool:
         """With `api_keys` set, check `Authorization: Bearer <key>` before anything else: 401
@@ -308,15 +260,20 @@ class ChatStreamMiddleware:
         telemetry_of(scope).refused(error)
         await send_error(send, error, shape)
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _chat_body(self, scope: Scope, receive: Receive, send: Send, shape: ErrorShape) -> bytes | None:
+        """The body of a chat request (`/chat_stream`, `/v1`), or None once it was refused: the
+        server is stopping (503), or the body is too large or too slow (413, 408)."""
         if self._shutting_down:
-            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "plain")
-            return
-        body = await self._read_body_or_refuse(scope, receive, send, "plain")
+            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), shape)
+            return None
+        return await self._read_body_or_refuse(scope, receive, send, shape)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._chat_body(scope, receive, send, "plain")
         if body is None:
             return
 
-        async def converse(session: Session, send: Send) -> None:
+        async def in_session(session: Session, send: Send) -> None:
             async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
                 if self.serve:
                     request = Request(scope, receive)
@@ -325,15 +282,12 @@ class ChatStreamMiddleware:
                 else:
                     await self.app(scope, receive, send)
 
-            await self._converse(scope, receive, send, body, session, answer, "plain")
+            await converse(scope, receive, send, body, session, answer, "plain", **self._watch_options())
 
-        await self._with_session(scope, send, converse, "plain")
+        await self.sessions.around(scope, send, in_session, "plain")
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._shutting_down:
-            await self._refuse(scope, send, ShuttingDown("the server is shutting down"), "openai")
-            return
-        body = await self._read_body_or_refuse(scope, receive, send, "openai")
+        body = await self._chat_body(scope, receive, send, "openai")
         if body is None:
             return
 
@@ -342,67 +296,17 @@ class ChatStreamMiddleware:
             response = await chat_completions(self.endpoint, request, exchange, self.callback)
             await response(scope, receive, send)
 
-        await self._converse(scope, receive, send, body, None, answer, "openai")
+        await converse(scope, receive, send, body, None, answer, "openai", **self._watch_options())
 
-    async def _converse(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        body: bytes,
-        session: Session | None,
-        answer: Callable[[ChatExchange, Receive, Send], Awaitable[None]],
-        shape: ErrorShape,
-    ) -> None:
-        """Run `answer` with the body replayed, the client watched and the exchange in the scope;
-        if the server cancels it before a response started, answer 503 `shutting_down`."""
-        exchange = ChatExchange(body, session, self.ping_interval)
-        scope[EXCHANGE_KEY] = exchange
-        body_replayed = False
-
-        async def replay_receive() -> Message:
-            nonlocal body_replayed
-            if not body_replayed:
-                body_replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await exchange.ended.wait()
-            return {"type": "http.disconnect"}
-
-        send_and_watch = exchange.track(send)
-
-        async def watch_and_mark_ending() -> None:
-            await exchange.watch(receive)
-            if session is not None and exchange.client_left.is_set():
-                await session.mark_turn_ending()  # the next turn of the session may wait for this one
-
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(watch_and_mark_ending)
-            if session is not None and self.session_store.lock_ttl is not None:
-                task_group.start_soon(session.keep_turn_locked, self.session_store.lock_ttl / 3)
-            try:
-                await answer(exchange, replay_receive, send_and_watch)
-            except anyio.get_cancelled_exc_class():
-                if not exchange.response_started and not exchange.client_left.is_set():
-                    with anyio.CancelScope(shield=True):  # queued or not yet streaming: it had its outcome
-                        await send_error(send_and_watch, ShuttingDown("the server is shutting down"), shape)
-                raise
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await exchange.close()
-                task_group.cancel_scope.cancel()
+    def _watch_options(self) -> dict[str, Any]:
+        """How `converse` keeps a chat going: SSE pings, and the turn lock's refresh."""
+        return {"ping_interval": self.ping_interval, "lock_ttl": self.sessions.store.lock_ttl}
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body_or_refuse(scope, receive, send, "chatstream")
         if body is None:
             return
-        body_replayed = False
-
-        async def replay_receive() -> Message:
-            nonlocal body_replayed
-            if not body_replayed:
-                body_replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        replay_receive = replay_body(body, receive)
 
         async def answer(session: Session | None, send: Send) -> None:
             if name in self.served_apis:
@@ -413,33 +317,9 @@ class ChatStreamMiddleware:
                 await self.app(scope, replay_receive, send)
 
         if name in SESSION_APIS:
-            await self._with_session(scope, send, answer, "chatstream")
+            await self.sessions.around(scope, send, answer, "chatstream")
         else:
             await answer(None, send)
-
-    async def _with_session(
-        self,
-        scope: Scope,
-        send: Send,
-        run: Callable[[Session, Send], Awaitable[None]],
-        shape: ErrorShape,
-    ) -> None:
-        """Open the cookie's session around `run`: a new session's cookie goes out with the
-        response, marked changes are stored at the end, and a held turn lock is released."""
-        try:
-            session = await self._open_session(scope)
-        except SessionStoreUnavailable as error:
-            telemetry_of(scope).refused(error)
-            await send_error(send, error, shape)
-            return
-        scope["state"] = {**scope.get("state", {}), "session": session}
-
-        try:
-            await run(session, self._session_send(lambda: session, send, shape))
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._persist(session)
-                await session.unlock_turn()
 
     async def _read_body_or_refuse(
         self, scope: Scope, receive: Receive, send: Send, shape: ErrorShape
@@ -450,12 +330,6 @@ class ChatStreamMiddleware:
         except (BodyTooLarge, BodyTimeout) as error:
             await self._refuse(scope, send, error, shape)
             return None
-
-    async def _open_session(self, scope: Scope) -> Session:
-        cookies = cookie_parser(Headers(scope=scope).get("cookie", ""))
-        signed = cookies.get(self.session_cookie)
-        session_id = self._signer.unsign(signed) if signed else None
-        return await Session.open(session_id, self.session_store, self.service.prompt_from_dict)
 
     async def _health(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         if route == "/health":
