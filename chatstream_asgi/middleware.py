@@ -8,7 +8,7 @@ from __future__ import annotations
 import warnings
 
 from chatstream_asgi.asgi.cookie_sessions import check_shared_key
-from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+from chatstream_asgi.asgi.middleware import FINISH_GRACE, ChatStreamMiddleware
 
 warnings.warn(
     f"{__name__} moved to chatstream_asgi.asgi.middleware",

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "chatstream_asgi.prompt",
             "chatstream_asgi.admission",
             "chatstream_asgi.demo_model",
+            "chatstream_asgi.cli",
         ),
     ),
     ("compat", ("chatstream_asgi.compat",)),

@@ -55,12 +55,24 @@ class _Admitted:
 
 
 class ChatServer(Protocol):
-    """What `ChatStreamMiddleware(chat_stream=...)` takes: anything with a chat endpoint (the
-    `ChatStream` facade, or a `ChatEndpoint` itself)."""
+    """What `ChatStreamMiddleware(chat_stream=...)` takes: the `ChatStream` facade, or a
+    `ChatEndpoint` itself. The middleware answers a chat and closes at shutdown through these two
+    methods, so a `ChatStream` subclass that overrides them is heard; everything else goes
+    through `endpoint`."""
 
     @property
     def endpoint(self) -> ChatEndpoint:
-        """The endpoint that answers `/chat_stream`."""
+        """The endpoint that answers `/chat_stream` (and whose service the other routes use)."""
+        ...
+
+    async def handle_chat_stream_request(
+        self, request: Request, request_body: bytes | str | None = None, callback: OutcomeCallback | None = None
+    ) -> Response:
+        """Answer one `POST /chat_stream`."""
+        ...
+
+    def close(self) -> None:
+        """Stop the engines' threads (blocking: call it off the event loop)."""
         ...
 
 
@@ -213,6 +225,16 @@ class ChatEndpoint:
             await report_outcome(callback, request, CLIENT_DISCONNECTED_BEFORE_STREAMING)
             return client_closed_response()
         return start_turn(admitted.slot)
+
+    async def handle_chat_stream_request(
+        self, request: Request, request_body: bytes | str | None = None, callback: OutcomeCallback | None = None
+    ) -> Response:
+        """`handle`, under the name ChatStream gives it."""
+        return await self.handle(request, request_body, callback)
+
+    def close(self) -> None:
+        """Stop the service's engine threads (blocking: call it off the event loop)."""
+        self.service.close()
 
     def refusal_status(self, error: ChatStreamError) -> int:
         """The HTTP status of a refusal: its own, except ChatStream's 200 for a full queue when

@@ -26,7 +26,7 @@ from chatstream_asgi.core.history import TurnHistory
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.core.reply import ReplyShaper
-from chatstream_asgi.errors import SessionStoreUnavailable, SessionValueNotStorable, ShuttingDown
+from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, SessionValueNotStorable, ShuttingDown
 from chatstream_asgi.log import request_logger
 from chatstream_asgi.outcomes import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
@@ -112,7 +112,7 @@ class ChatTurnResponse(AdmittedResponse):
             usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
             await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})
         elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            body = {"error": "generation_failed", "detail": str(failure)}
+            body = error_body(GenerationError(str(failure), failure.status_code))
             await send({"type": "http.response.body", "body": self._encoder.error(body), "more_body": False})
         return outcome
 

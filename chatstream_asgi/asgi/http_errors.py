@@ -57,6 +57,11 @@ def error_response(error: ChatStreamError, shape: ErrorShape = "plain", *, statu
 
 async def send_error(send: Send, error: ChatStreamError, shape: ErrorShape = "plain") -> None:
     """Answer with `error` on a raw ASGI `send`, for refusals made before any app runs."""
+    if shape == "openai":  # rendered as every other /v1 answer is (Starlette's compact JSON)
+        response = error_response(error, shape)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        return
     payload = json.dumps(error_body(error, shape)).encode()
     headers = [
         (b"content-type", b"application/json"),

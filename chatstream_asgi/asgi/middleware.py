@@ -175,6 +175,16 @@ class ChatStreamMiddleware:
                 self._idle.set()
 
     @property
+    def session_store(self) -> SessionStore:
+        """Where the sessions this middleware attaches are kept."""
+        return self.sessions.store
+
+    @property
+    def session_cookie(self) -> str:
+        """The name of the session cookie."""
+        return self.sessions.cookie
+
+    @property
     def shutting_down(self) -> bool:
         """True once `begin_shutdown()` was called or the server began its lifespan shutdown."""
         return self._shutting_down
@@ -212,7 +222,7 @@ class ChatStreamMiddleware:
                 await self._idle.wait()
         if self._in_flight:
             logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
-        await anyio.to_thread.run_sync(self.service.close)  # it waits for the engine threads
+        await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
 
     def _match(self, route: str, method: str) -> tuple[_Handler, str | None, ErrorShape] | None:
         """The handler of a route this middleware serves, the key scope it needs (None: no key),
@@ -277,7 +287,7 @@ class ChatStreamMiddleware:
             async def answer(exchange: ChatExchange, receive: Receive, send: Send) -> None:
                 if self.serve:
                     request = Request(scope, receive)
-                    response = await self.endpoint.handle(request, callback=self.callback)
+                    response = await self.chat_stream.handle_chat_stream_request(request, callback=self.callback)
                     await response(scope, receive, send)
                 else:
                     await self.app(scope, receive, send)

@@ -285,8 +285,7 @@ class _CompletionResponse(AdmittedResponse):
                 await send_event({**self._envelope("chat.completion.chunk"), "choices": [], "usage": self._usage()})
             await send_event("[DONE]")
         elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            error = {"message": str(failure), "type": "server_error", "param": None, "code": "generation_failed"}
-            await send_event({"error": error})
+            await send_event(error_body(GenerationError(str(failure), failure.status_code), "openai"))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
 
@@ -305,9 +304,7 @@ class _CompletionResponse(AdmittedResponse):
         if outcome == CLIENT_DISCONNECTED_BEFORE_STREAMING:
             return outcome  # nobody is left to answer
         if failure is not None:
-            body: dict[str, Any] = {
-                "error": {"message": str(failure), "type": "server_error", "param": None, "code": "generation_failed"}
-            }
+            body: dict[str, Any] = error_body(GenerationError(str(failure), failure.status_code), "openai")
             status = failure.status_code
         else:
             message = {"role": "assistant", "content": "".join(parts)}

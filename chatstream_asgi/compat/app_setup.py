@@ -4,10 +4,10 @@
 page) as routes of a Starlette or FastAPI app.
 
 ChatStream's `append_middlewares` installs fastsession's session middleware, a role middleware
-and, by default, CORS open to every origin. Here: `ChatStreamMiddleware` (sessions on every path, the body replay, the
-disconnect watch; roles are checked by the handlers themselves), and CORS only when `opts`
-asks for it, with the headers ChatStream's front-ends read exposed: a server is not opened to
-every origin by default.
+and, by default, CORS open to every origin. Here: `ChatStreamMiddleware` (sessions on every
+path, the body replay, the disconnect watch; roles are checked by the handlers themselves), and
+CORS only when `opts` asks for it, with the headers ChatStream's front-ends read exposed: a
+server is not opened to every origin by default.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def append_apis(server: ChatServer, app: Any, opts: ApiOptions) -> None:
     if _chat_route_enabled(opts):
 
         async def chat(request: Request) -> Response:
-            return await endpoint.handle(request)
+            return await server.handle_chat_stream_request(request)
 
         app.router.routes.append(Route("/chat_stream", chat, methods=["POST"], name="chat_stream"))
     page_opts = {key: value for key, value in opts.items() if key != "web_ui_params"}

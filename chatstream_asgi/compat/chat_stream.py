@@ -27,11 +27,11 @@ from chatstream_asgi.compat.roles import ClientRoles
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.engine.base import Engine
-from chatstream_asgi.errors import InvalidParameter
+from chatstream_asgi.errors import ChatStreamError, InvalidParameter
 from chatstream_asgi.frontends.console import ConsoleConversation
 from chatstream_asgi.outcomes import OutcomeCallback
 from chatstream_asgi.runtime.admission import Admission, AdmissionPolicy
-from chatstream_asgi.runtime.service import ChatService
+from chatstream_asgi.runtime.service import ChatService, check_service_options
 from chatstream_asgi.sessions.attached import FallbackSessions
 
 #: ChatStream constructor arguments that have no counterpart here: accepted, warned about, ignored.
@@ -121,6 +121,14 @@ class ChatStream:
                 "ChatStream arguments without a counterpart in chatstream-asgi are ignored: %s",
                 ", ".join(sorted(chatstream_options)),
             )
+        # Everything that can be refused is refused before a model is placed, in ChatStream's terms.
+        check_stream_format(chosen["stream_format"])
+        check_service_options(
+            admission=admission,
+            max_queue_wait=max_queue_wait,
+            context_len=chosen["context_len"],
+            max_new_tokens=max_new_tokens,
+        )
         try:
             # ChatStream's None means "off" for these knobs.
             params = GenerationParams(
@@ -137,10 +145,10 @@ class ChatStream:
             devices = [f"cuda:{index}" for index in range(num_gpus)]
         if use_mock_response and engine is None:
             engine = mock_engine(chosen["mock_params"])
+        _check_model_arguments(model, tokenizer, engine, devices, chat_prompt_clazz)
         #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
         self.client_roles: dict[str, Any] | None = chosen["client_roles"]
         self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
-        check_stream_format(chosen["stream_format"])  # before a model is placed: a typo costs nothing
         self.service = ChatService(
             params=params,
             model=model,
@@ -274,7 +282,7 @@ class ChatStream:
         """
         return await self.endpoint.handle(request, request_body, callback)
 
-    def refusal_status(self, error: Any) -> int:
+    def refusal_status(self, error: ChatStreamError) -> int:
         """The HTTP status of a refusal (ChatStream's 200 for a full queue when asked for)."""
         return self.endpoint.refusal_status(error)
 
@@ -338,3 +346,24 @@ class ChatStream:
         """Stop the engines' threads: they finish what they run first, and this waits for them
         (bounded), so call it off the event loop (`anyio.to_thread.run_sync(chat_stream.close)`)."""
         self.service.close()
+
+
+def _check_model_arguments(
+    model: Any,
+    tokenizer: Any,
+    engine: Engine | None,
+    devices: list[str] | None,
+    chat_prompt_clazz: type[AbstractChatPrompt] | None,
+) -> None:
+    """Refuse a model that cannot be served, naming ChatStream's arguments, before it is placed."""
+    if engine is not None:
+        if devices is not None:
+            raise ValueError("devices= (or num_gpus=) places a local model; a ready engine= runs where it is")
+        return
+    if model is None or tokenizer is None:
+        raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")
+    if chat_prompt_clazz is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat template: pass chat_prompt_clazz= with a prompt class "
+            "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
+        )

@@ -79,12 +79,12 @@ class Batch:
             assert isinstance(ours, DynamicLayer) and isinstance(theirs, DynamicLayer)
             assert ours.keys is not None and ours.values is not None
             assert theirs.keys is not None and theirs.values is not None
-            keys = torch.cat([pad_left(ours.keys, common - width), pad_left(theirs.keys, common - length)])
-            values = torch.cat([pad_left(ours.values, common - width), pad_left(theirs.values, common - length)])
+            keys = torch.cat([_pad_left(ours.keys, common - width), _pad_left(theirs.keys, common - length)])
+            values = torch.cat([_pad_left(ours.values, common - width), _pad_left(theirs.values, common - length)])
             merged.update(keys, values, index)
         new_mask = torch.zeros(1, common, dtype=torch.long, device=device)
         new_mask[0, common - length :] = 1
-        self.mask = torch.cat([pad_left(self.mask, common - width, dim=1), new_mask])
+        self.mask = torch.cat([_pad_left(self.mask, common - width, dim=1), new_mask])
         self.cache = merged
         self.positions = torch.cat([self.positions, torch.tensor([[length]], device=device)])
         self.tokens = torch.cat([self.tokens, token.view(1, 1)])
@@ -140,11 +140,12 @@ def cached_length(layer: Any) -> int:
 
 
 def keys_values(layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of one cache layer."""
     assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
     return layer.keys, layer.values
 
 
-def pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
+def _pad_left(tensor: torch.Tensor, amount: int, dim: int = -2) -> torch.Tensor:
     if amount == 0:
         return tensor
     shape = list(tensor.shape)

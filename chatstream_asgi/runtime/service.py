@@ -54,15 +54,12 @@ class ChatService:
         admission: AdmissionPolicy = "fifo",
         trust_forwarded: bool = False,
     ) -> None:
-        if admission not in ADMISSION_POLICIES:
-            raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, not {admission!r}")
-        if max_queue_wait is not None and not max_queue_wait > 0:
-            raise ValueError(f"max_queue_wait must be positive seconds or None, not {max_queue_wait!r}")
-        if context_len <= params.max_new_tokens:
-            raise ValueError(
-                f"context_len ({context_len}) must be larger than max_new_tokens ({params.max_new_tokens}): "
-                "the prompt gets what is left"
-            )
+        check_service_options(
+            admission=admission,
+            max_queue_wait=max_queue_wait,
+            context_len=context_len,
+            max_new_tokens=params.max_new_tokens,
+        )
         self.engines: list[Engine] = _engines(
             model,
             tokenizer,
@@ -144,6 +141,21 @@ class ChatService:
             engine.close()
 
 
+def check_service_options(
+    *, admission: str, max_queue_wait: float | None, context_len: int, max_new_tokens: int
+) -> None:
+    """Refuse options that are wrong whatever the model, before any model is placed."""
+    if admission not in ADMISSION_POLICIES:
+        raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, not {admission!r}")
+    if max_queue_wait is not None and not max_queue_wait > 0:
+        raise ValueError(f"max_queue_wait must be positive seconds or None, not {max_queue_wait!r}")
+    if context_len <= max_new_tokens:
+        raise ValueError(
+            f"context_len ({context_len}) must be larger than max_new_tokens ({max_new_tokens}): "
+            "the prompt gets what is left"
+        )
+
+
 def _engines(
     model: Any,
     tokenizer: Any,
@@ -160,13 +172,13 @@ def _engines(
     """The engines a service runs: the one given, or a local replica of `model` per device."""
     if engine is not None:
         if devices is not None:
-            raise ValueError("devices= (or num_gpus=) places a local model; a ready engine= runs where it is")
+            raise ValueError("devices= places a local model; a ready engine= runs where it is")
         return [engine]
     if model is None or tokenizer is None:
-        raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")
+        raise ValueError("a ChatService needs model= and tokenizer= (or a ready engine=)")
     if prompt_class is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
-            "the tokenizer has no chat template: pass chat_prompt_clazz= with a prompt class "
+            "the tokenizer has no chat template: pass prompt_class= with a prompt class "
             "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
         )
     places: list[str | None] = list(devices) if devices else [device]
