@@ -6,9 +6,11 @@
 - `openai`: OpenAI's `{"error": {"message", "type", "param", "code"}}`, for `/v1`.
 
 Whether the error goes out as a Starlette response (an endpoint returns it) or on a raw ASGI
-`send` (the middleware refuses before any app runs), the bytes come from `error_body`, so the
-shapes cannot drift between paths. A request whose client already left is answered 499 (nginx's
-"client closed request"): nobody reads it, but servers and logs see an honest status.
+`send` (the middleware refuses before any app runs), the JSON comes from `error_body`, so the
+shapes cannot drift between paths. (The raw plain and ChatStream refusals keep `json.dumps`'s
+spacing, which clients have seen; `/v1` renders compactly everywhere.) A request whose client
+already left is answered 499 (nginx's "client closed request"): nobody reads it, but servers and
+logs see an honest status.
 """
 
 from __future__ import annotations
