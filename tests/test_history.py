@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+from starlette.applications import Starlette
 
-from chatstream_asgi import AbstractChatPrompt, ChatStream
+from chatstream_asgi import AbstractChatPrompt, ChatStream, ChatStreamMiddleware, MemoryStore
 from chatstream_asgi.engine.mock import MockEngine
 from chatstream_asgi.frontends.console import ConsoleConversation
 
@@ -59,3 +60,25 @@ def test_outside_chat_mode_the_console_reply_continues_the_users_text_as_the_ser
     assert served_text.startswith("User: " + QUESTION) and served_text.endswith("Paris.")
     assert console_text == served_text
     assert consoled.get_responder_last_msg() == served.get_responder_last_msg()
+
+
+class _SlowStore(MemoryStore):
+    """A store whose writes take a while, as a remote one's may."""
+
+    async def save(self, session_id: str, data: dict[str, Any]) -> None:
+        await anyio.sleep(0.5)
+        await super().save(session_id, data)
+
+
+def test_a_turn_is_saved_before_its_client_reads_the_end_of_the_reply(serve: Any) -> None:
+    """A client that asks for the history the moment the reply ends (the page reloading, a
+    keep-alive connection's next request) finds the turn, however slow the store."""
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
+    app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, session_store=_SlowStore(), webui=True)
+    try:
+        with serve(app).client() as client:
+            assert client.post("/chat_stream", json={"user_input": "remember this"}).text == "remember this"
+            messages = client.get("/get_history").json()["messages"]
+    finally:
+        chat_stream.close()
+    assert [(m["role"], m["content"]) for m in messages] == [("user", "remember this"), ("assistant", "remember this")]

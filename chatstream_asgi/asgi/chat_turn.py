@@ -108,6 +108,7 @@ class ChatTurnResponse(AdmittedResponse):
         if outcome == SUCCESS and shaper is not None and (tail := shaper.flush()):
             await send({"type": "http.response.body", "body": self._encoder.delta(tail), "more_body": True})
             self.delivered = True
+        await self.record_once(outcome)  # the session is saved before the client sees the end
         if outcome == SUCCESS:
             usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
             await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})

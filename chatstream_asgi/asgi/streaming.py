@@ -148,6 +148,7 @@ class AdmittedResponse(Response):
         self._slot = slot
         self._callback = callback
         self._finished = False
+        self._recorded = False
         self.telemetry = telemetry_of(request.scope)
         #: Whether any reply text reached the client: it decides between the two disconnect outcomes.
         self.delivered = False
@@ -218,6 +219,14 @@ class AdmittedResponse(Response):
     async def record(self, outcome: str) -> None:
         """Keep what the outcome leaves behind (history); runs before the slot is freed."""
 
+    async def record_once(self, outcome: str) -> None:
+        """`record`, once: a response calls it before its final body goes out, so a client that
+        sends its next request the moment it reads the end (a keep-alive connection, a page
+        reload) finds what this turn left; `finish` calls it for every other way a turn ends."""
+        if not self._recorded:
+            self._recorded = True
+            await self.record(outcome)
+
     async def abandon(self) -> None:
         """End a turn whose response was never sent (the endpoint did not return it)."""
         left = self._exchange.client_left.is_set()
@@ -236,7 +245,7 @@ class AdmittedResponse(Response):
         self._finished = True
         self._exchange.open_turn = None
         try:
-            await self.record(outcome)
+            await self.record_once(outcome)
         finally:
             self._slot.release()
         if self.stats is not None:
