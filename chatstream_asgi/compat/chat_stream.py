@@ -31,7 +31,7 @@ from chatstream_asgi.errors import ChatStreamError, InvalidParameter
 from chatstream_asgi.frontends.console import ConsoleConversation
 from chatstream_asgi.outcomes import OutcomeCallback
 from chatstream_asgi.runtime.admission import Admission, AdmissionPolicy
-from chatstream_asgi.runtime.service import ChatService, check_service_options
+from chatstream_asgi.runtime.service import ChatService, check_model_arguments, check_service_options
 from chatstream_asgi.sessions.attached import FallbackSessions
 
 #: ChatStream constructor arguments that have no counterpart here: accepted, warned about, ignored.
@@ -145,7 +145,16 @@ class ChatStream:
             devices = [f"cuda:{index}" for index in range(num_gpus)]
         if use_mock_response and engine is None:
             engine = mock_engine(chosen["mock_params"])
-        _check_model_arguments(model, tokenizer, engine, devices, chat_prompt_clazz)
+        check_model_arguments(
+            model,
+            tokenizer,
+            engine,
+            devices,
+            chat_prompt_clazz,
+            owner="ChatStream",
+            prompt_option="chat_prompt_clazz=",
+            devices_option="devices= (or num_gpus=)",
+        )
         #: ChatStream's `client_roles` dict as given (None: every mounted API is open), and its rules.
         self.client_roles: dict[str, Any] | None = chosen["client_roles"]
         self.roles = ClientRoles(self.client_roles) if self.client_roles is not None else None
@@ -346,24 +355,3 @@ class ChatStream:
         """Stop the engines' threads: they finish what they run first, and this waits for them
         (bounded), so call it off the event loop (`anyio.to_thread.run_sync(chat_stream.close)`)."""
         self.service.close()
-
-
-def _check_model_arguments(
-    model: Any,
-    tokenizer: Any,
-    engine: Engine | None,
-    devices: list[str] | None,
-    chat_prompt_clazz: type[AbstractChatPrompt] | None,
-) -> None:
-    """Refuse a model that cannot be served, naming ChatStream's arguments, before it is placed."""
-    if engine is not None:
-        if devices is not None:
-            raise ValueError("devices= (or num_gpus=) places a local model; a ready engine= runs where it is")
-        return
-    if model is None or tokenizer is None:
-        raise ValueError("ChatStream needs model= and tokenizer= (or a ready engine=)")
-    if chat_prompt_clazz is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template: pass chat_prompt_clazz= with a prompt class "
-            "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
-        )

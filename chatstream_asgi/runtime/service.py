@@ -156,6 +156,32 @@ def check_service_options(
         )
 
 
+def check_model_arguments(
+    model: Any,
+    tokenizer: Any,
+    engine: Engine | None,
+    devices: Sequence[str] | None,
+    prompt_class: type[AbstractChatPrompt] | None,
+    *,
+    owner: str = "a ChatService",
+    prompt_option: str = "prompt_class=",
+    devices_option: str = "devices=",
+) -> None:
+    """Refuse a model that cannot be served, before it is placed; the messages name the caller's
+    own arguments (`ChatStream` says `chat_prompt_clazz=`, a `ChatService` `prompt_class=`)."""
+    if engine is not None:
+        if devices is not None:
+            raise ValueError(f"{devices_option} places a local model; a ready engine= runs where it is")
+        return
+    if model is None or tokenizer is None:
+        raise ValueError(f"{owner} needs model= and tokenizer= (or a ready engine=)")
+    if prompt_class is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"the tokenizer has no chat template: pass {prompt_option} with a prompt class "
+            "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
+        )
+
+
 def _engines(
     model: Any,
     tokenizer: Any,
@@ -170,17 +196,9 @@ def _engines(
     prefill_chunk_tokens: int | None,
 ) -> list[Engine]:
     """The engines a service runs: the one given, or a local replica of `model` per device."""
+    check_model_arguments(model, tokenizer, engine, devices, prompt_class)
     if engine is not None:
-        if devices is not None:
-            raise ValueError("devices= places a local model; a ready engine= runs where it is")
         return [engine]
-    if model is None or tokenizer is None:
-        raise ValueError("a ChatService needs model= and tokenizer= (or a ready engine=)")
-    if prompt_class is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template: pass prompt_class= with a prompt class "
-            "(a subclass of chatstream_asgi.AbstractChatPrompt) that renders this model's format"
-        )
     places: list[str | None] = list(devices) if devices else [device]
     if batching is None:
         batching = supports_batching(model)
