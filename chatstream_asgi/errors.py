@@ -79,6 +79,20 @@ class NotFound(ChatStreamError):
     code = "not_found"
 
 
+class MethodNotAllowed(ChatStreamError):
+    """A route the middleware serves, asked with a method it does not answer (`GET /chat_stream`)."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+    def __init__(self, method: str, path: str, allowed: str) -> None:
+        super().__init__(f"{method} {path} is not served here: use {allowed}")
+        self.allowed = allowed
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allowed}
+
+
 class SessionBusy(ChatStreamError):
     """A turn of this session is already queued or running."""
 

@@ -353,9 +353,7 @@ async def test_prompts_that_arrive_together_are_prefilled_in_one_pass_and_reply_
         assert replies[text] == greedy_reply(model, tokenizer, text, 25)
 
 
-async def test_when_a_shared_prefill_fails_each_prompt_is_tried_alone(
-    engine: Any, model: Any, tokenizer: Any
-) -> None:
+async def test_when_a_shared_prefill_fails_each_prompt_is_tried_alone(engine: Any, model: Any, tokenizer: Any) -> None:
     shared_attempts: list[int] = []
 
     def fail_shared_passes(module: Any, args: Any, kwargs: dict[str, Any]) -> None:

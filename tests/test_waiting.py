@@ -74,7 +74,11 @@ def busy_server(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> Iterato
         hooks.prefill_started.clear()
         outcomes = Outcomes()
         app = ChatStreamMiddleware(
-            Starlette(), chat_stream=chat_stream, serve=True, openai=True, callback=outcomes,
+            Starlette(),
+            chat_stream=chat_stream,
+            serve=True,
+            openai=True,
+            callback=outcomes,
             ping_interval=ping_interval,
             api_keys=api_keys,
         )
@@ -122,9 +126,12 @@ def test_malformed_deadline_header_is_400_naming_it_and_leaves_nothing_behind(bu
         assert response.status_code == 400
         assert response.json()["error"] == "invalid_request"
         assert "X-ChatStream-Deadline" in response.json()["detail"]
-        assert client.post("/chat_stream", json={"user_input": "w"}, headers={"X-ChatStream-Deadline": "0"}).json()[
-            "error"
-        ] == "queue_timeout"
+        assert (
+            client.post("/chat_stream", json={"user_input": "w"}, headers={"X-ChatStream-Deadline": "0"}).json()[
+                "error"
+            ]
+            == "queue_timeout"
+        )
     assert chat_stream.load() == {"processing": 1, "waiting": 0, "num_of_concurrent_executions": 1, "max_queue_size": 5}
 
 

@@ -166,6 +166,8 @@ class ChatEndpoint:
                 stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
             params = service.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
             prompt = self._session_prompt(session)
+            if turn.system is not None:
+                prompt.set_system(turn.system)
             if turn.regenerate and not prompt.has_reply_to_regenerate():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
             conversation = None if session.is_new else session.session_id

@@ -61,12 +61,19 @@ class CookieSessions:
         self._prompt_from_dict = prompt_from_dict
 
     async def around(
-        self, scope: Scope, send: Send, run: Callable[[Session, Send], Awaitable[None]], shape: ErrorShape
+        self,
+        scope: Scope,
+        send: Send,
+        run: Callable[[Session, Send], Awaitable[None]],
+        shape: ErrorShape,
+        *,
+        fresh: bool = False,
     ) -> None:
-        """Open the cookie's session around `run`: a new session's cookie goes out with the
-        response, marked changes are stored at the end, and a held turn lock is released."""
+        """Open the cookie's session (or, `fresh`, a new one whatever the cookie names) around
+        `run`: a new session's cookie goes out with the response, marked changes are stored at
+        the end, and a held turn lock is released."""
         try:
-            session = await self._open(scope)
+            session = await self._open(scope, fresh)
         except SessionStoreUnavailable as error:
             telemetry_of(scope).refused(error)
             await send_error(send, error, shape)
@@ -91,8 +98,8 @@ class CookieSessions:
             with anyio.CancelScope(shield=True):
                 await self._persist(lazy.opened)
 
-    async def _open(self, scope: Scope) -> Session:
-        signed = cookie_parser(Headers(scope=scope).get("cookie", "")).get(self.cookie)
+    async def _open(self, scope: Scope, fresh: bool = False) -> Session:
+        signed = None if fresh else cookie_parser(Headers(scope=scope).get("cookie", "")).get(self.cookie)
         session_id = self._signer.unsign(signed) if signed else None
         return await Session.open(session_id, self.store, self._prompt_from_dict)
 

@@ -52,11 +52,12 @@ from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
 from chatstream_asgi.asgi.openai_api import chat_completions, models_response
 from chatstream_asgi.asgi.telemetry import send_with_request_id, start_request, telemetry_of
 from chatstream_asgi.asgi.waiting import API_KEY_SCOPE_KEY
-from chatstream_asgi.asgi.webui import ChatPage
+from chatstream_asgi.asgi.webui import NEW_CHAT_PATH, ChatPage
 from chatstream_asgi.errors import (
     BodyTimeout,
     BodyTooLarge,
     ChatStreamError,
+    MethodNotAllowed,
     ShuttingDown,
 )
 from chatstream_asgi.log import bind_request_id, request_logger, unbind_request_id
@@ -243,7 +244,42 @@ class ChatStreamMiddleware:
             return self._metrics_response, "admin", "plain"
         if self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
             return page, "chat", "plain"
+        if self.page is not None and (route, method) == (NEW_CHAT_PATH, "POST"):
+            return self._new_chat, "chat", "chatstream"
+        served = self._served_method(route)
+        # OPTIONS passes through: an app's CORS middleware inside this one answers preflights.
+        if served is not None and method != "OPTIONS":
+            allowed, shape = served
+            return functools.partial(self._wrong_method, allowed, shape), None, shape
         return None
+
+    def _served_method(self, route: str) -> tuple[str, ErrorShape] | None:
+        """The method of a route this middleware answers itself (not one it hands to the app),
+        and its error shape; None for any other route."""
+        api = route[1:]
+        if route == self.path and self.serve:
+            return "POST", "plain"
+        if api in self.served_apis:
+            return API_METHODS[api], "chatstream"
+        if self.openai and route in ("/v1/chat/completions", "/v1/models"):
+            return ("POST" if route.endswith("completions") else "GET"), "openai"
+        if (self.health and route in ("/health", "/ready")) or (self._metrics is not None and route == "/metrics"):
+            return "GET", "plain"
+        if self.page is not None and route == NEW_CHAT_PATH:
+            return "POST", "chatstream"
+        return None
+
+    async def _wrong_method(self, allowed: str, shape: ErrorShape, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._refuse(scope, send, MethodNotAllowed(scope["method"], scope["path"], allowed), shape)
+
+    async def _new_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The page's "New chat": a fresh session and its cookie. The old conversation stays in
+        the store (until its TTL) rather than being cleared: starting over destroys nothing."""
+
+        async def answer(session: Session, send: Send) -> None:
+            await JSONResponse({"success": True})(scope, receive, send)
+
+        await self.sessions.around(scope, send, answer, "chatstream", fresh=True)
 
     async def _passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's own routes: `request.state.session` is there for them, opened only if read."""
@@ -331,9 +367,7 @@ class ChatStreamMiddleware:
         else:
             await answer(None, send)
 
-    async def _read_body_or_refuse(
-        self, scope: Scope, receive: Receive, send: Send, shape: ErrorShape
-    ) -> bytes | None:
+    async def _read_body_or_refuse(self, scope: Scope, receive: Receive, send: Send, shape: ErrorShape) -> bytes | None:
         """The body, or None when the client left or it was refused (413 too large, 408 too slow)."""
         try:
             return await read_body(scope, receive, max_size=self.max_body_size, timeout=self.body_timeout)

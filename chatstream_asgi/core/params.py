@@ -170,6 +170,8 @@ class ChatTurnRequest:
     user_input: str
     regenerate: bool
     overrides: dict[str, Any]
+    #: The conversation's system text from this turn on (None: keep what it has).
+    system: str | None = None
 
 
 def parse_json_object(body: bytes | str) -> dict[str, Any]:
@@ -216,8 +218,11 @@ def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
         if user_input is None:
             raise InvalidRequest("'user_input' is required")
         raise InvalidRequest(f"'user_input' must be a string, not {_json_type(user_input)}")
+    system = data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRequest(f"'system' must be a string, not {_json_type(system)}")
     overrides = {key: value for key, value in data.items() if key in _PARAM_KEYS}
-    return ChatTurnRequest(user_input=user_input, regenerate=regenerate, overrides=overrides)
+    return ChatTurnRequest(user_input=user_input, regenerate=regenerate, overrides=overrides, system=system)
 
 
 def _check_number(

@@ -349,9 +349,7 @@ def _redis_store(url: str) -> Any:
 
         return RedisStore(url)
     except ImportError:
-        raise CommandError(
-            f'--session-store {url} needs redis-py: pip install "chatstream-asgi[redis]"'
-        ) from None
+        raise CommandError(f'--session-store {url} needs redis-py: pip install "chatstream-asgi[redis]"') from None
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -140,5 +140,3 @@ def stored_text(data: dict[str, Any], max_turns: int | None, max_bytes: int | No
         excess -= sizes[dropped]
         dropped += 1
     return json.dumps(trim_turns(data, len(starts) - dropped))
-
-

@@ -69,8 +69,14 @@ def test_sha256_pass_phrases_are_compared_as_hashes(serve: Any) -> None:
     digest = hashlib.sha256(b"open sesame").hexdigest()
     roles = {
         "user": {"apis": {"allow": ["chat_stream"], "auth_method": "nothing", "use_session": True}},
-        "dev": {"apis": {"allow": "all", "auth_method": "ui_pass_phrase_sha256", "ui_pass_phrase_sha256": digest,
-                         "use_session": True}},
+        "dev": {
+            "apis": {
+                "allow": "all",
+                "auth_method": "ui_pass_phrase_sha256",
+                "ui_pass_phrase_sha256": digest,
+                "use_session": True,
+            }
+        },
     }
     chat_stream = ChatStream(use_mock_response=True, client_roles=roles)
     app = FastAPI()
@@ -147,5 +153,3 @@ def test_params_read_as_chatstreams_dict() -> None:
     assert params.get("temperature") == 0.5 and params["max_new_tokens"] == 256
     assert params.get("top_k_value") is None and params.get("use_top_k_sampling") is False
     assert params.get("not_a_key", "fallback") == "fallback" and "top_p_value" in params
-
-

@@ -36,8 +36,9 @@ def test_compat_chatstream_answers_a_full_queue_with_200_and_the_error_json(serv
 
 
 def test_compat_chatstream_streams_cumulative_chunks_ending_in_eos(serve: Any) -> None:
-    chat_stream = ChatStream(use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0.001},
-                             compat="chatstream")
+    chat_stream = ChatStream(
+        use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0.001}, compat="chatstream"
+    )
     server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
     with server.client() as client:
         body = client.post("/chat_stream", json={"user_input": "one two three four five six"}).text
@@ -57,8 +58,13 @@ def test_compat_chatstream_takes_chatstreams_parameter_defaults() -> None:
 
 
 def test_arguments_passed_win_over_the_compat_defaults() -> None:
-    chat_stream = ChatStream(use_mock_response=True, compat="chatstream", temperature=0.3, stream_format="delta",
-                             too_many_request_as_http_error=True)
+    chat_stream = ChatStream(
+        use_mock_response=True,
+        compat="chatstream",
+        temperature=0.3,
+        stream_format="delta",
+        too_many_request_as_http_error=True,
+    )
     assert chat_stream.params.get("temperature") == 0.3
     assert chat_stream.stream_format == "delta" and chat_stream.too_many_request_as_http_error is True
 

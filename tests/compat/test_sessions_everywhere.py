@@ -29,8 +29,11 @@ def session_app(serve: Any) -> tuple[Any, MemoryStore]:
     async def get_note(request: Request) -> Any:
         data = request.state.session.get_session()
         prompt = data.get("chat_prompt")
-        return {"note": data.get("note"), "turns": prompt.get_turn() if prompt else 0,
-                "id": request.state.session.get_session_id()}
+        return {
+            "note": data.get("note"),
+            "turns": prompt.get_turn() if prompt else 0,
+            "id": request.state.session.get_session_id(),
+        }
 
     @app.post("/forget")
     async def forget(request: Request) -> Any:

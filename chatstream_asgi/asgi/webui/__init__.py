@@ -24,6 +24,9 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
     "/chatstream.css": ("chatstream.css", "text/css; charset=utf-8"),
 }
 
+#: Where the page's "New chat" asks for a fresh session (POST; served with the page).
+NEW_CHAT_PATH = "/new_chat"
+
 _OPTIONS_BLOCK = '<script id="chatstream-options" type="application/json">{}</script>'
 
 _HEADERS = {

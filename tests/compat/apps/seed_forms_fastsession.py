@@ -13,12 +13,14 @@ from chatstream import ChatStream
 model_path = os.environ["CHATSTREAM_MODEL"]
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 model = AutoModelForCausalLM.from_pretrained(model_path)
-chat_stream = ChatStream(model=model, tokenizer=tokenizer, device="cpu", max_new_tokens=8,
-                         num_of_concurrent_executions=2, max_queue_size=5)
+chat_stream = ChatStream(
+    model=model, tokenizer=tokenizer, device="cpu", max_new_tokens=8, num_of_concurrent_executions=2, max_queue_size=5
+)
 
 app = FastAPI()
-app.add_middleware(FastSessionMiddleware, secret_key="your-session-secret-key", store=MemoryStore(),
-                   http_only=True, secure=False)
+app.add_middleware(
+    FastSessionMiddleware, secret_key="your-session-secret-key", store=MemoryStore(), http_only=True, secure=False
+)
 
 finished = []  # what the callback saw: (outcome, prompt text)
 

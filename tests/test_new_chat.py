@@ -1,0 +1,56 @@
+"""The page's "New chat" (POST /new_chat) and a chat's `system` text."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.applications import Starlette
+
+from chatstream_asgi import ChatStreamMiddleware
+
+
+def _page_server(make_chat_stream: Any, serve: Any) -> Any:
+    return serve(
+        ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(max_new_tokens=4), webui=True, serve=True)
+    )
+
+
+def _history(client: Any) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = client.get("/get_history").json()["messages"]
+    return messages
+
+
+def test_new_chat_starts_an_empty_conversation_and_keeps_the_old_one_on_the_server(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    server = _page_server(make_chat_stream, serve)
+    with server.client() as client:
+        assert client.post("/chat_stream", json={"user_input": "first conversation"}).status_code == 200
+        old_cookie = client.cookies["chatstream_session"]
+        response = client.post("/new_chat")
+        assert response.status_code == 200 and response.json() == {"success": True}
+        new_cookie = client.cookies["chatstream_session"]
+        assert new_cookie != old_cookie
+        assert _history(client) == []
+    with server.client(cookies={"chatstream_session": old_cookie}) as old:
+        assert [m["content"] for m in _history(old)][0] == "first conversation"
+
+
+def test_system_text_sent_with_a_chat_becomes_the_conversations_system_message(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    chat_stream = make_chat_stream(max_new_tokens=4)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"all": True}))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "hi", "system": "Answer like a pirate."})
+        prompt = unquote(client.get("/get_prompt").json()["prompt"])  # ChatStream's get_prompt is URL-encoded
+    assert prompt.startswith("<|system|>Answer like a pirate.<|end|>")
+
+
+def test_a_system_that_is_not_a_string_is_refused(make_chat_stream: Any, serve: Any) -> None:
+    server = _page_server(make_chat_stream, serve)
+    with server.client() as client:
+        response = client.post("/chat_stream", json={"user_input": "hi", "system": 3})
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request" and "'system'" in response.json()["detail"]

@@ -1,0 +1,84 @@
+"""A wrong method on a route the middleware serves is 405 JSON naming the method to use (DESIGN §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from chatstream_asgi import ChatStreamMiddleware
+
+
+@pytest.fixture
+def server(make_chat_stream: Any, serve: Any) -> Any:
+    app = ChatStreamMiddleware(
+        Starlette(),
+        chat_stream=make_chat_stream(),
+        serve=True,
+        health=True,
+        apis={"all": True},
+        openai=True,
+        webui=True,
+    )
+    return serve(app)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed", "shape"),
+    [
+        ("GET", "/chat_stream", "POST", "plain"),
+        ("PUT", "/chat_stream", "POST", "plain"),
+        ("GET", "/clear_context", "POST", "chatstream"),
+        ("POST", "/get_history", "GET", "chatstream"),
+        ("GET", "/v1/chat/completions", "POST", "openai"),
+        ("DELETE", "/v1/models", "GET", "openai"),
+        ("POST", "/health", "GET", "plain"),
+        ("GET", "/new_chat", "POST", "chatstream"),
+    ],
+)
+def test_a_wrong_method_is_405_json_naming_the_method_to_use(
+    server: Any, method: str, path: str, allowed: str, shape: str
+) -> None:
+    with server.client() as client:
+        response = client.request(method, path)
+    assert response.status_code == 405
+    assert response.headers["allow"] == allowed
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    error = body["error"] if shape == "openai" else body
+    code = error["code"] if shape == "openai" else error["error"]
+    assert code == "method_not_allowed"
+    message = error["message"] if shape == "openai" else error["detail"]
+    assert f"use {allowed}" in message
+    assert "set-cookie" not in response.headers  # a refusal starts no conversation
+
+
+def test_options_passes_through_to_the_apps_own_handling(make_chat_stream: Any, serve: Any) -> None:
+    async def preflight(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("app's preflight")
+
+    app = Starlette(routes=[Route("/chat_stream", preflight, methods=["OPTIONS"])])
+    server = serve(ChatStreamMiddleware(app, chat_stream=make_chat_stream(), serve=True))
+    with server.client() as client:
+        response = client.options("/chat_stream")
+    assert response.status_code == 200 and response.text == "app's preflight"
+
+
+def test_a_route_the_middleware_hands_to_the_app_keeps_the_apps_own_answer(make_chat_stream: Any, serve: Any) -> None:
+    async def own(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the app's GET")
+
+    app = Starlette(routes=[Route("/chat_stream", own, methods=["GET", "POST"])])
+    server = serve(ChatStreamMiddleware(app, chat_stream=make_chat_stream(), serve=False))
+    with server.client() as client:
+        assert client.get("/chat_stream").text == "the app's GET"
+
+
+def test_routes_that_are_off_stay_the_apps_404(make_chat_stream: Any, serve: Any) -> None:
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), serve=True))
+    with server.client() as client:
+        assert client.get("/v1/chat/completions").status_code == 404
+        assert client.get("/new_chat").status_code == 404
