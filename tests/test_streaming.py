@@ -236,6 +236,21 @@ def test_regenerate_replaces_the_last_reply(chat_server: Any) -> None:
     assert prompt.responder_messages[0].get_message_id() == again.headers["x-chatstream-last-generated-message-id"]
 
 
+def test_regenerate_with_user_input_edits_the_last_user_message_and_replies_to_the_edit(chat_server: Any) -> None:
+    server, _, outcomes = chat_server(max_new_tokens=4)
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "first question"})
+        client.post("/chat_stream", json={"user_input": "a typo'd question"})
+        edited = client.post("/chat_stream", json={"user_input": "the corrected question", "regenerate": True})
+        outcomes.wait(3)
+    prompt = outcomes.calls[2][0].state.session.get_session()["chat_prompt"]
+    assert [content.get_message() for content in prompt.requester_messages] == [
+        "first question",
+        "the corrected question",
+    ]
+    assert prompt.get_turn() == 2 and prompt.get_responder_last_msg() == edited.text
+
+
 def test_long_history_is_truncated_to_fit_the_context(chat_server: Any) -> None:
     server, _, outcomes = chat_server(stream_format="sse", context_len=160, max_new_tokens=16)
     usages = []

@@ -281,6 +281,12 @@ class AbstractChatPrompt(ABC):
         """The newest assistant message, or None."""
         return self.responder_messages[-1].message if self.responder_messages else None
 
+    def set_requester_last_msg(self, message: str) -> None:
+        """Replace the text of the newest user message (input replacements applied), as an edit."""
+        if not self.requester_messages:
+            raise ValueError("the conversation has no user message yet")
+        self.requester_messages[-1].set_message(self.replace_string(message, self.get_replacement_when_input()))
+
     def set_responder_last_msg(self, message: str | None) -> None:
         """Replace the text of the newest assistant message."""
         self._last_responder().set_message(message)
