@@ -1,7 +1,8 @@
 """What a turn leaves in its conversation: the one copy of the history rules every front-end uses.
 
 A turn adds the user's message and an empty reply (or, to regenerate, empties the last reply,
-and with a non-empty `user_input` puts that text in place of the last user message: an edit), then records the reply as it is generated, so a reply stopped half-way keeps what was shown.
+and with a non-empty `user_input` puts that text in place of the last user message: an edit),
+then records the reply as it is generated, so a reply stopped half-way keeps what was shown.
 A turn that failed, or showed nothing before its client left, leaves the conversation as it was.
 A prompt class with `strip_reply` keeps the reply stripped of surrounding whitespace, and outside
 chat mode the model continues the user's text, so the reply (as ChatStream gives it) is that text
