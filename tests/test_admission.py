@@ -159,7 +159,7 @@ async def test_waiter_hears_its_position_whenever_it_changes() -> None:
     ahead = admission.enter()
     heard: list[int] = []
 
-    async def report(position: int, eta_s: float) -> None:
+    async def report(position: int, eta_s: float | None) -> None:
         heard.append(position)
 
     async with anyio.create_task_group() as tg:

@@ -175,15 +175,40 @@ def test_waiter_served_before_its_deadline_streams_normally(busy_server: Any, ho
     assert "success" in outcomes.wait(1)
 
 
-def test_waiting_sse_client_gets_its_200_at_once_then_its_position_and_eta(busy_server: Any) -> None:
+def test_waiting_sse_client_gets_its_200_at_once_then_its_position(busy_server: Any) -> None:
     server, chat_stream, _ = busy_server()
     waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "next"}))
     [frame] = waiter.until(QUEUE_EVENT)
     assert waiter.data.startswith(b"HTTP/1.1 200")
     assert b"x-chatstream-last-generated-message-id" in waiter.data.lower()
     assert frame["position"] == 1
-    assert frame["eta_s"] > 0
     assert chat_stream.load()["waiting"] == 1
+
+
+def test_no_eta_is_given_before_any_chat_has_finished(busy_server: Any) -> None:
+    server, _, _ = busy_server()
+    waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "next"}))
+    [frame] = waiter.until(QUEUE_EVENT)
+    assert frame == {"position": 1, "eta_s": None}  # a figure with nothing measured behind it would be made up
+
+
+def test_once_a_chat_has_finished_the_eta_is_measured(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> None:
+    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_new_tokens=4)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
+    with server.client() as client:
+        assert client.post("/chat_stream", json={"user_input": "a finished chat"}).status_code == 200
+    hooks.hold = threading.Event()
+    hooks.prefill_started.clear()
+    holder = open_stream(server.url, "/chat_stream", {"user_input": "I hold the slot"})
+    try:
+        assert hooks.prefill_started.wait(30)
+        waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "next"}))
+        [frame] = waiter.until(QUEUE_EVENT)
+        assert frame["position"] == 1 and isinstance(frame["eta_s"], float)  # from the measured hold
+        waiter.sock.close()
+    finally:
+        hooks.hold.set()
+        holder.close()
 
 
 def test_queue_frames_follow_position_changes_then_the_reply_streams(busy_server: Any, hooks: ModelHooks) -> None:
@@ -269,8 +294,8 @@ def test_fair_admission_puts_a_one_request_client_ahead_of_anothers_burst(
 ) -> None:
     server, chat_stream, _ = busy_server(admission="fair", **options)
     burst = [_queue_position(server, client_a) for _ in range(3)]
-    assert [QUEUE_EVENT.findall(w.data) for w in burst] == [[b'{"position": 1, "eta_s": 1.0}']] + [
-        [f'{{"position": {n}, "eta_s": {float(n)}}}'.encode()] for n in (2, 3)
+    assert [QUEUE_EVENT.findall(w.data) for w in burst] == [
+        [f'{{"position": {n}, "eta_s": null}}'.encode()] for n in (1, 2, 3)
     ]
     single = _queue_position(server, client_b)
     assert QUEUE_EVENT.findall(single.data)[0].startswith(b'{"position": 2,')

@@ -198,7 +198,7 @@ async def chat_completions(
     return start(slot)
 
 
-def _queue(position: int, eta_s: float) -> dict[str, Any]:
+def _queue(position: int, eta_s: float | None) -> dict[str, Any]:
     return {"position": position, "eta_s": eta_s}
 
 

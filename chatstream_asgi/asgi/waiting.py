@@ -85,7 +85,7 @@ class WaitingResponse(Response):
         callback: OutcomeCallback | None,
         media_type: str,
         headers: dict[str, str],
-        queue_frame: Callable[[int, float], bytes],
+        queue_frame: Callable[[int, float | None], bytes],
         error_frame: Callable[[ChatStreamError], bytes],
         start: Callable[[Slot], AdmittedResponse],
         release: Callable[[], Awaitable[None]],
@@ -105,7 +105,7 @@ class WaitingResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
 
-            async def report(position: int, eta_s: float) -> None:
+            async def report(position: int, eta_s: float | None) -> None:
                 frame = self._queue_frame(position, eta_s)
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
 

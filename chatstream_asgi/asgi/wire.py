@@ -42,8 +42,9 @@ class WireEncoder:
         """A keep-alive that carries no text (only SSE has one)."""
         return b""
 
-    def queue(self, position: int, eta_s: float) -> bytes:
-        """Where a waiting request stands (only SSE tells it): `position` 1 is next; `eta_s` estimates the wait."""
+    def queue(self, position: int, eta_s: float | None) -> bytes:
+        """Where a waiting request stands (only SSE tells it): `position` 1 is next; `eta_s`
+        estimates the wait (None until a generation has finished: nothing measured yet)."""
         return b""
 
 
@@ -75,7 +76,7 @@ class SSEEncoder(WireEncoder):
     def ping(self) -> bytes:
         return sse_ping()
 
-    def queue(self, position: int, eta_s: float) -> bytes:
+    def queue(self, position: int, eta_s: float | None) -> bytes:
         return sse_event({"position": position, "eta_s": eta_s}, "queue")
 
 

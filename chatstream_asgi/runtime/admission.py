@@ -32,7 +32,7 @@ AdmissionPolicy = Literal["fifo", "fair"]
 ADMISSION_POLICIES: tuple[AdmissionPolicy, ...] = ("fifo", "fair")
 
 #: What a waiter is told while it waits: `(position, eta_s)`, position 1 being next.
-PositionReport = Callable[[int, float], Awaitable[None]]
+PositionReport = Callable[[int, float | None], Awaitable[None]]
 
 # Weight of the newest hold time in the running average behind Retry-After and ETAs.
 _HOLD_SMOOTHING = 0.2
@@ -96,9 +96,11 @@ class Ticket:
             return 0
         return self._admission._queue.position(self)
 
-    def eta_s(self) -> float:
-        """Seconds until the slot is likely granted, from the measured time a generation holds one."""
-        return round(self._admission.estimate(self.position()), 1)
+    def eta_s(self) -> float | None:
+        """Seconds until the slot is likely granted, from the measured time a generation holds
+        one; None until a generation has finished (no figure is better than a made-up one)."""
+        estimate = self._admission.estimate(self.position())
+        return None if estimate is None else round(estimate, 1)
 
     async def wait(
         self, client_left: anyio.Event, report: PositionReport | None = None, every: float = math.inf
@@ -282,15 +284,19 @@ class Admission:
         """Generations running on each replica."""
         return list(self._running)
 
-    def estimate(self, position: int) -> float:
+    def estimate(self, position: int) -> float | None:
         """Seconds until the waiter at `position` likely gets a slot: position times the average
-        hold of a slot, shared among the slots."""
-        average = self._average_hold if self._average_hold is not None else 1.0
-        return average * position / self._slots
+        hold of a slot, shared among the slots; None before any generation has finished."""
+        if self._average_hold is None:
+            return None
+        return self._average_hold * position / self._slots
 
     def retry_after(self) -> float:
-        """Seconds until a retry is likely to get in: the estimate for the back of the queue."""
-        return max(1.0, self.estimate(len(self._queue) + 1))
+        """Seconds until a retry is likely to get in: the estimate for the back of the queue.
+        `Retry-After` must say something even before any hold was measured: a second a slot."""
+        position = len(self._queue) + 1
+        estimate = self.estimate(position)
+        return max(1.0, estimate if estimate is not None else position / self._slots)
 
     def _place(self, slot: Slot, prefer: int | None) -> Slot:
         """Put a newly granted slot on the `prefer`red replica if it has room, else on the
