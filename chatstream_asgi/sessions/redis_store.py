@@ -142,7 +142,7 @@ class RedisStore:
             self._orphan(session_id, token)
             raise
         if taken == -1:  # Redis ran it after the deadline: this caller is still here, Redis was slow
-            raise SessionStoreUnavailable(f"the session store at {self._safe_url()} answered after the deadline")
+            raise SessionStoreUnavailable(f"the session store at {self.safe_url()} answered after the deadline")
         return token if taken == 1 else None
 
     async def _clock_offset(self) -> float:
@@ -210,7 +210,7 @@ class RedisStore:
                 return await operation
         except self._errors as error:
             raise SessionStoreUnavailable(
-                f"the session store at {self._safe_url()} did not answer: {type(error).__name__}"
+                f"the session store at {self.safe_url()} did not answer: {type(error).__name__}"
             ) from error
 
     def _session_key(self, session_id: str) -> str:
@@ -223,7 +223,7 @@ class RedisStore:
         """The turn lock and its "ending" mark (the holder's token, set when its client left)."""
         return [self._lock_key(session_id), f"{self.prefix}ending:{session_id}"]
 
-    def _safe_url(self) -> str:
+    def safe_url(self) -> str:
         """The URL without a password, for error messages."""
         scheme, _, rest = self.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
