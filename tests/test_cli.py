@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,15 +34,16 @@ def _free_port() -> int:
 def run_cli(tmp_path: Path) -> Iterator[object]:
     processes: list[subprocess.Popen[str]] = []
 
-    def run(*args: str) -> tuple[subprocess.Popen[str], str]:
+    def run(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
         port = _free_port()
-        env = {**os.environ, "HOME": str(tmp_path)}  # the demo model is built under a fresh home
+        # Models are built and converted in a fresh home's cache, unless the test names another.
+        home = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"} | {"HOME": str(tmp_path)}
         process = subprocess.Popen(
             [sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(port), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=home | (env or {}),
         )
         processes.append(process)
         return process, f"http://127.0.0.1:{port}"
@@ -67,15 +70,33 @@ def _ready(url: str) -> bool:
         return False
 
 
-def test_serve_without_a_model_builds_the_demo_model_and_says_so(run_cli: object, tmp_path: Path) -> None:
-    process, url = run_cli()  # type: ignore[operator]
+def test_serve_without_a_model_serves_smollm2_converted_in_the_cache(run_cli: object, smollm2_cache: Path) -> None:
+    process, url = run_cli(env={"XDG_CACHE_HOME": str(smollm2_cache)})  # type: ignore[operator]
     banner = _banner(process)
-    assert "demo model" in banner and "random weights" in banner
-    assert (tmp_path / ".cache" / "chatstream-asgi" / "demo-model" / "config.json").exists()
+    assert "SmolLM2-135M-Instruct" in banner and "--model" in banner  # what it is, and how to serve another
+    assert wait_until(lambda: _ready(url), timeout=120)
+    answer = httpx.post(f"{url}/chat_stream", json={"user_input": "What is the capital of France?"}, timeout=60)
+    assert "Paris" in answer.text
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "SmolLM2-135M-Instruct"
+
+
+def test_a_converted_default_model_is_not_converted_again(smollm2_cache: Path) -> None:
+    result = _run("chat", "--max-new-tokens", "4", stdin="Hi\n", env={"XDG_CACHE_HOME": str(smollm2_cache)})
+    assert result.returncode == 0, result.stderr
+    assert "converting" not in result.stderr and "loading the model" in result.stderr
+
+
+def test_demo_random_builds_a_readable_model_once_and_says_so(run_cli: object, tmp_path: Path) -> None:
+    process, url = run_cli("--model", "demo-random")  # type: ignore[operator]
+    assert "random-weight" in _banner(process)
+    assert (tmp_path / ".cache" / "chatstream-asgi" / "demo-random" / "config.json").exists()
     assert wait_until(lambda: _ready(url), timeout=60)
-    assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    response = httpx.post(f"{url}/chat_stream", json={"user_input": "Hello", "max_new_tokens": 8})
-    assert response.status_code == 200 and response.text
+    replies = [httpx.post(f"{url}/chat_stream", json={"user_input": f"Hello {n}"}, timeout=60).text for n in range(8)]
+    # Whole words and punctuation only: nothing a browser or terminal shows as \ufffd or acts on.
+    assert all(re.fullmatch(r"( [A-Za-z]{2,}|[.,!?])*", reply) for reply in replies), replies
+    assert any(len(reply.split()) < 100 for reply in replies)  # its end token ends replies
+    again = _run("chat", "--model", "demo-random", "--max-new-tokens", "4", stdin="Hi\n", env={"HOME": str(tmp_path)})
+    assert again.returncode == 0 and "building" not in again.stderr  # built once
 
 
 def test_serve_takes_a_model_folder_and_the_limits(run_cli: object, model_dir: Path) -> None:
@@ -182,6 +203,14 @@ def _run(*args: str, env: dict[str, str] | None = None, stdin: str | None = None
         input=stdin,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
+
+
+def _usage_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a command refused for how it was called (exit code 2)."""
+    assert result.returncode == 2, result
+    [line] = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    return line
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -317,3 +346,89 @@ def test_a_cache_size_that_is_not_a_size_is_refused_with_the_expected_form(size:
     result = _run("serve", "--conversation-cache-bytes", size)
     assert result.returncode == 2
     assert "--conversation-cache-bytes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_port_out_of_range_is_one_line() -> None:
+    line = _usage_error(_run("serve", "--port", "99999"))
+    assert "--port" in line and "1 to 65535" in line and "--help" in line
+
+
+def test_options_without_a_command_ask_if_serve_was_meant() -> None:
+    line = _usage_error(_run("--port", "8000"))
+    assert "did you mean `chatstream-asgi serve --port 8000`" in line
+
+
+def test_metrics_without_prometheus_client_says_what_to_install_before_the_model_loads(tmp_path: Path) -> None:
+    shadow = tmp_path / "prometheus_client"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named prometheus_client')\n")
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result = _run("serve", "--metrics", env={"PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(tmp_path / "empty")})
+    assert 'pip install "chatstream-asgi[metrics]"' in _one_line_error(result)
+    assert "loading" not in result.stderr and "converting" not in result.stderr
+
+
+def test_a_redis_store_that_does_not_answer_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    store = ("--session-store", f"redis://127.0.0.1:{port}/0", "--secret-key", "k")
+    result = _run("serve", *store, env={"XDG_CACHE_HOME": str(tmp_path / "empty")})
+    line = _one_line_error(result)
+    assert f"redis://127.0.0.1:{port}/0 does not answer" in line
+    assert "loading" not in result.stderr and "converting" not in result.stderr
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_fast_saying_what_to_do(tmp_path: Path) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    result = _run("serve", "--model", "someone/some-model", env=env)
+    line = _one_line_error(result)
+    assert f"cannot reach http://127.0.0.1:{port}" in line
+    assert "HF_HUB_OFFLINE=1" in line and "--model DIR" in line
+    assert "Retrying" not in result.stderr  # no retries, no duplicated warnings
+
+
+def test_the_default_model_without_its_converter_says_what_to_install(tmp_path: Path) -> None:
+    shadow = tmp_path / "gguf"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('No module named gguf')\n")
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    result = _run("serve", env={"PYTHONPATH": pythonpath, "XDG_CACHE_HOME": str(tmp_path / "empty")})
+    line = _one_line_error(result)
+    assert 'pip install "chatstream-asgi[demo]"' in line and "--model demo-random" in line
+
+
+def test_the_banners_curl_carries_the_api_key_header(run_cli: object) -> None:
+    process, _ = run_cli("--model", "mock", "--api-key", "s3cret")  # type: ignore[operator]
+    _banner(process)
+    assert process.stdout is not None
+    curl = next(line for line in process.stdout if "curl" in line)
+    # stdout is not a terminal here (a log, say): the key itself stays out of it.
+    assert "-H 'Authorization: Bearer KEY'" in curl and "s3cret" not in curl
+
+
+def test_a_stop_that_cuts_chats_short_logs_no_error_line(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock", "--shutdown-timeout", "0.5")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    long_chat = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    body = json.dumps({"user_input": "word " * 400}).encode()
+    long_chat.sendall(b"POST /chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    long_chat.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert long_chat.recv(100).startswith(b"HTTP/1.1 200")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    long_chat.close()
+    assert process.returncode == 0
+    assert "ERROR" not in output and "Traceback" not in output
+    assert "--shutdown-timeout reached" in output
+
+
+def test_serve_help_groups_its_options_and_shows_an_example() -> None:
+    result = _run("serve", "--help")
+    assert result.returncode == 0
+    for heading in ("model:", "listening:", "capacity:", "sessions and access:", "routes and stopping:", "examples:"):
+        assert heading in result.stdout
+    assert "chatstream-asgi serve --model" in result.stdout

