@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
-from chatstream_asgi.frontends.demo_model import ensure_demo_model
+from chatstream_asgi.frontends.default_model import ensure_default_model
 
-model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_demo_model()
+model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_default_model()
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 model = AutoModelForCausalLM.from_pretrained(model_path)
 
@@ -42,4 +42,4 @@ async def stream_api(request: Request):
 
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

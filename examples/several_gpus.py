@@ -12,9 +12,9 @@ from starlette.applications import Starlette
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
-from chatstream_asgi.frontends.demo_model import ensure_demo_model
+from chatstream_asgi.frontends.default_model import ensure_default_model
 
-model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_demo_model()
+model_path = os.environ.get("CHATSTREAM_MODEL") or ensure_default_model()
 if os.environ.get("CHATSTREAM_DEVICES"):
     devices = os.environ["CHATSTREAM_DEVICES"].split(",")
 elif torch.cuda.device_count() > 0:
@@ -36,4 +36,4 @@ chat_stream = ChatStream(
 app = ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, openai=True, health=True)
 
 if __name__ == "__main__":
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

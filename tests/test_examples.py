@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 
@@ -162,3 +166,32 @@ def test_several_gpus_example_runs_two_replicas_here(
     example = load_example("several_gpus")
     assert len(example.chat_stream.engines) == 2
     assert _chat(serve(example.app)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["fastapi_plain", "fastapi_intercept", "fastapi_callback", "starlette_serve", "quart_serve", "bare_asgi"],
+)
+def test_an_example_run_as_a_script_serves_on_the_port_in_PORT(name: str, model_dir: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PORT": str(port), "CHATSTREAM_MODEL": str(model_dir)}
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / f"{name}.py")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+
+        def answers() -> bool:
+            try:
+                chat = httpx.post(
+                    f"http://127.0.0.1:{port}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 4}
+                )
+            except httpx.TransportError:
+                return process.poll() is not None  # stop waiting for a script that died
+            return chat.status_code == 200
+
+        assert wait_until(answers, timeout=90) and process.poll() is None, process.stderr
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -53,8 +53,12 @@ def default_model_path() -> Path:
     return cache_root() / MODEL_NAME
 
 
-def ensure_default_model(progress: Progress) -> Path:
-    """The folder of the converted default model, converting it first if this is the first run."""
+def ensure_default_model(progress: Progress | None = None) -> Path:
+    """The folder of the converted default model, converting it first if this is the first run.
+
+    `progress` hears each slow stage as it starts (default: a line on stderr).
+    """
+    progress = progress or _say
     folder = default_model_path()
     if (folder / _COMPLETE).exists():
         return folder
@@ -149,6 +153,10 @@ def _check_converter_installed() -> None:
             f"the default model ({MODEL_NAME}) needs {' and '.join(missing)} to convert it once: {DEMO_EXTRA}; "
             "or pass --model FOLDER_OR_HUB_ID, or --model demo-random (a tiny random-weight model)"
         )
+
+
+def _say(line: str) -> None:
+    print(f"chatstream-asgi: {line}", file=sys.stderr, flush=True)
 
 
 def _importable(name: str) -> bool:
