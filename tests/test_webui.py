@@ -6,23 +6,34 @@ skip: CI installs it. Each test leaves a screenshot in `$CHATSTREAM_ARTIFACTS` (
 temporary folder). The browser context bypasses the page's Content-Security-Policy only so
 that playwright can evaluate its checks; the escaping test therefore proves that text is
 inserted as text on its own, without the CSP's help.
+
+`ScriptedEngine` lets a test write the model's reply piece by piece, so the page can be caught
+before its first token or mid-reply without racing a clock. The markdown tests
+(test_webui_markdown.py) share this module's browser, page and engine helpers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pytest
 from fastapi import FastAPI
 from playwright.sync_api import Browser, Page, sync_playwright
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
+from chatstream_asgi.engine.base import GenerationStats
 from chatstream_asgi.engine.mock import MockEngine
 
 from .conftest import HANG_GUARD, LiveServer, ModelHooks, Outcomes, open_chat, read_first_text, wait_until
@@ -48,8 +59,10 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
     pages: list[Page] = []
     errors: list[str] = []
 
-    def open_(url: str, width: int = 1000, height: int = 720) -> Page:
+    def open_(url: str, width: int = 1000, height: int = 720, init_script: str | None = None) -> Page:
         context = browser.new_context(bypass_csp=True, viewport={"width": width, "height": height})
+        if init_script is not None:
+            context.add_init_script(init_script)
         page = context.new_page()
         page.set_default_timeout(GUARD_MS)
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -65,9 +78,69 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
     assert not errors, f"the page's script failed: {errors}"
 
 
+class _ScriptedGeneration:
+    def __init__(self, send: Any, receive: Any) -> None:
+        self.stats = GenerationStats()
+        self._send = send
+        self._receive = receive
+
+    async def next_text(self, timeout: float) -> str | None:
+        with anyio.move_on_after(timeout):
+            try:
+                piece = await self._receive.receive()
+            except anyio.EndOfStream:  # cancel() closed the stream
+                self.stats.finish_reason = "cancelled"
+                return None
+            if piece is None:
+                self.stats.finish_reason = "stop"
+                return None
+            self.stats.completion_tokens += 1
+            return str(piece)
+        return ""
+
+    def cancel(self) -> None:
+        self._send.close()
+
+
+class ScriptedEngine:
+    """An engine whose reply the test writes: `say(text)` sends a piece, `end()` ends the reply."""
+
+    ready = True
+    name_or_path = "scripted"
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self._token: Any = None
+        self._send: Any = None
+
+    @asynccontextmanager
+    async def generate(self, prompt: Any, params: Any, *, context_len: int) -> AsyncIterator[_ScriptedGeneration]:
+        send, receive = anyio.create_memory_object_stream[str | None](64)
+        with send, receive:
+            # The test speaks from its own thread: into this loop, through its token.
+            self._token, self._send = anyio.lowlevel.current_token(), send
+            self.started.set()
+            yield _ScriptedGeneration(send, receive)
+
+    def say(self, text: str | None) -> None:
+        assert self.started.wait(HANG_GUARD), "no generation started"
+        anyio.from_thread.run_sync(self._send.send_nowait, text, token=self._token)
+
+    def end(self) -> None:
+        self.say(None)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 def mock_app(**middleware: Any) -> ChatStreamMiddleware:
     """The page in front of the mock engine, which echoes what it is told."""
-    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=200))
+    return engine_app(MockEngine(tokens_per_second=200), **middleware)
+
+
+def engine_app(engine: Any, **middleware: Any) -> ChatStreamMiddleware:
+    """The page in front of `engine` (a MockEngine that says a text, a ScriptedEngine)."""
+    chat_stream = ChatStream(engine=engine, max_new_tokens=1024)
     return ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True, **middleware)
 
 
@@ -97,6 +170,30 @@ def server_history(page: Page) -> list[dict[str, Any]]:
     """The conversation the server keeps for the page's cookie."""
     history: dict[str, Any] = page.evaluate("() => fetch('get_history').then(r => r.json())")
     return list(history["messages"])
+
+
+def contents(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(message["role"], message["content"]) for message in history]
+
+
+def chat_bodies(page: Page) -> list[dict[str, Any]]:
+    """The bodies of the chats the page sends from now on, as they are sent."""
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda request: "chat_stream" in request.url and bodies.append(json.loads(request.post_data)))
+    return bodies
+
+
+def session_cookie(page: Page) -> str:
+    return next(cookie["value"] for cookie in page.context.cookies() if cookie["name"] == "chatstream_session")
+
+
+def save_system_prompt(page: Page, text: str) -> None:
+    if page.is_hidden("#settings"):
+        page.click("#settings-toggle")
+    page.fill("#system", text)
+    page.click("#settings-save")
+    page.wait_for_selector("#settings-status:has-text('Saved')")
+    page.evaluate("() => { document.getElementById('settings-status').textContent = ''; }")
 
 
 def test_the_reply_grows_on_the_page_as_the_model_generates_it(
@@ -159,11 +256,42 @@ def test_clear_empties_the_conversation_on_the_page_and_on_the_server(
     send(page, "Forget me")
     wait_for_replies(page, 1)
     page.click("#clear")
+    page.click("#confirm-ok")
     page.wait_for_selector(".msg", state="detached")
     assert server_history(page) == []
     page.reload()
     page.wait_for_selector("#send:enabled")
     assert messages(page) == []
+
+
+def test_clear_asks_first_and_cancel_keeps_the_conversation(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    send(page, "Keep me")
+    wait_for_replies(page, 1)
+    page.click("#clear")
+    page.wait_for_selector("#confirm[open]")
+    page.click("#confirm-cancel")
+    page.wait_for_selector("#confirm", state="hidden")
+    assert messages(page) == [("user", "Keep me"), ("assistant", "Keep me")]
+    assert contents(server_history(page)) == [("user", "Keep me"), ("assistant", "Keep me")]
+
+
+def test_new_chat_empties_the_page_without_asking_and_keeps_the_old_conversation_on_the_server(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    server = serve(mock_app())
+    page = open_page(server.url)
+    send(page, "First conversation")
+    wait_for_replies(page, 1)
+    old_cookie = session_cookie(page)
+    page.click("#new-chat")
+    page.wait_for_selector(".msg", state="detached")
+    assert page.evaluate("() => document.getElementById('confirm').open") is False
+    assert session_cookie(page) != old_cookie
+    assert server_history(page) == []
+    with server.client(cookies={"chatstream_session": old_cookie}) as old:
+        kept = old.get("/get_history").json()["messages"]
+    assert contents(kept) == [("user", "First conversation"), ("assistant", "First conversation")]
 
 
 def test_html_looking_text_is_shown_as_text_and_never_run(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
@@ -172,7 +300,8 @@ def test_html_looking_text_is_shown_as_text_and_never_run(serve: Callable[[Any],
     send(page, attack)
     wait_for_replies(page, 1)
     assert messages(page) == [("user", attack), ("assistant", attack)]
-    assert page.evaluate("() => document.querySelectorAll('.bubble *').length") == 0
+    assert page.evaluate("() => document.querySelectorAll('.msg.user .bubble *').length") == 0
+    assert page.evaluate("() => document.querySelectorAll('.bubble img, .bubble script, .bubble b').length") == 0
     assert page.evaluate("() => window.pwned") is None
 
 
@@ -250,6 +379,92 @@ def test_a_message_over_the_body_limit_shows_the_servers_message_and_the_chat_go
     assert messages(page) == [("user", "short"), ("assistant", "short")]
 
 
+def test_the_last_user_message_can_be_edited_and_resent(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    send(page, "First question")
+    wait_for_replies(page, 1)
+    send(page, "Secnod qestion")
+    wait_for_replies(page, 2)
+    page.click(".msg.user.editable button[aria-label='Edit message']")
+    page.fill(".msg.user.editing textarea", "Second question")
+    page.click(".msg.user.editing button[type='submit']")
+    wait_for_replies(page, 2)
+    expected = [
+        ("user", "First question"),
+        ("assistant", "First question"),
+        ("user", "Second question"),
+        ("assistant", "Second question"),
+    ]
+    assert messages(page) == expected
+    assert contents(server_history(page)) == expected
+
+
+def test_only_the_last_user_message_offers_an_edit(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    send(page, "One")
+    wait_for_replies(page, 1)
+    send(page, "Two")
+    wait_for_replies(page, 2)
+    edits = page.locator(".msg.user button[aria-label='Edit message']:visible")
+    assert edits.count() == 1
+    assert edits.evaluate("button => button.closest('.msg').querySelector('.bubble').textContent") == "Two"
+
+
+def test_cancelling_an_edit_keeps_the_message_as_it_was(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    send(page, "As it was")
+    wait_for_replies(page, 1)
+    page.click(".msg.user.editable button[aria-label='Edit message']")
+    page.fill(".msg.user.editing textarea", "Something else")
+    page.click(".msg.user.editing button:has-text('Cancel')")
+    page.wait_for_selector(".msg.user.editing", state="detached")
+    assert messages(page) == [("user", "As it was"), ("assistant", "As it was")]
+    assert contents(server_history(page)) == [("user", "As it was"), ("assistant", "As it was")]
+
+
+def test_a_typing_indicator_shows_until_the_first_text_arrives(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    engine = ScriptedEngine()
+    page = open_page(serve(engine_app(engine)).url)
+    send(page, "Are you there?")
+    assert engine.started.wait(HANG_GUARD)  # the model is thinking: no token yet
+    assert page.locator(".msg.assistant .typing").is_visible()
+    engine.say("Yes")
+    page.wait_for_selector(".msg.assistant .typing", state="detached")
+    assert messages(page)[1] == ("assistant", "Yes")
+    engine.end()
+    wait_for_replies(page, 1)
+
+
+def test_the_typing_indicator_goes_when_the_turn_ends_without_text(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    engine = ScriptedEngine()
+    page = open_page(serve(engine_app(engine)).url)
+    send(page, "Never mind")
+    assert engine.started.wait(HANG_GUARD)
+    page.wait_for_selector(".msg.assistant .typing")
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('Stopped before the reply began')")
+    assert page.locator(".typing").count() == 0
+
+
+def test_like_and_dislike_appear_only_once_the_reply_has_finished(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    engine = ScriptedEngine()
+    page = open_page(serve(engine_app(engine)).url)
+    send(page, "Rate me later")
+    engine.say("Still writing")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .bubble').textContent === 'Still writing'")
+    buttons = ".msg.assistant button[aria-label='Good reply'], .msg.assistant button[aria-label='Bad reply']"
+    assert page.locator(buttons).count() == 0
+    engine.end()
+    wait_for_replies(page, 1)
+    assert page.locator(buttons).count() == 2
+
+
 def test_like_sends_feedback_with_the_replys_message_id(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
     received: list[dict[str, Any]] = []
     page = open_page(serve(mock_app(apis={"all": True, "on_feedback_received": received.append})).url)
@@ -279,12 +494,61 @@ def test_settings_are_stored_and_a_bad_value_is_shown_next_to_its_field(
     assert (params["temperature"], params["top_k_value"]) == (0.3, 7)
 
 
+def test_a_system_prompt_set_in_the_settings_reaches_the_server(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app(apis={"all": True})).url)
+    save_system_prompt(page, "Answer like a pirate.")
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    prompt = unquote(page.evaluate("() => fetch('get_prompt').then(r => r.json())")["prompt"])
+    assert "Answer like a pirate." in prompt  # ChatStream's get_prompt is URL-encoded
+
+
+def test_the_system_prompt_is_kept_in_the_browser_and_sent_with_every_chat(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    save_system_prompt(page, "Be brief.")
+    page.reload()
+    page.wait_for_selector("#send:enabled")
+    bodies = chat_bodies(page)
+    send(page, "One")
+    wait_for_replies(page, 1)
+    send(page, "Two")
+    wait_for_replies(page, 2)
+    assert [body.get("system") for body in bodies] == ["Be brief.", "Be brief."]
+    page.click("#settings-toggle")
+    assert page.input_value("#system") == "Be brief."
+
+
+def test_an_emptied_system_prompt_is_sent_as_empty(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    save_system_prompt(page, "Be brief.")
+    save_system_prompt(page, "")
+    bodies = chat_bodies(page)
+    send(page, "Plain again")
+    wait_for_replies(page, 1)
+    assert [body.get("system") for body in bodies] == [""]
+
+
+def test_no_system_is_sent_until_the_user_sets_one(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    page.click("#settings-toggle")
+    page.click("#settings-save")  # saving the other settings leaves an untouched system prompt unset
+    page.wait_for_selector("#settings-status:has-text('Saved')")
+    bodies = chat_bodies(page)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    assert ["system" in body for body in bodies] == [False]
+
+
 def test_the_page_fits_a_phone_screen(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
     page = open_page(serve(mock_app()).url, width=375, height=667)
     send(page, "A long message that has to wrap on a narrow screen " * 3)
     wait_for_replies(page, 1)
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
-    for control in ("#input", "#send", "#clear", "#settings-toggle"):
+    for control in ("#input", "#send", "#new-chat", "#clear", "#settings-toggle"):
         box = page.locator(control).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, control
 
@@ -345,6 +609,12 @@ def test_append_apis_leaves_the_page_out_when_asked(serve: Callable[[Any], LiveS
         assert client.get("/get_load").status_code == 200
 
 
+def test_the_default_title_is_chatstream_asgi(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    page = open_page(serve(mock_app()).url)
+    assert page.title() == "chatstream-asgi"
+    assert page.text_content("#title") == "chatstream-asgi"
+
+
 def test_web_ui_params_set_the_title_placeholder_and_greeting(
     serve: Callable[[Any], LiveServer], open_page: Any
 ) -> None:
@@ -356,12 +626,9 @@ def test_web_ui_params_set_the_title_placeholder_and_greeting(
     assert page.text_content("#greeting") == "Hi! How can I help?"
 
 
-def test_a_waiting_page_shows_how_many_are_ahead_and_about_how_long(
-    make_chat_stream: Callable[..., ChatStream], hooks: ModelHooks, serve: Callable[[Any], LiveServer], open_page: Any
-) -> None:
-    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=2, max_new_tokens=8)
-    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True))
-    page = open_page(server.url)
+def wait_in_the_queue(server: LiveServer, chat_stream: ChatStream, hooks: ModelHooks, page: Page, status: str) -> str:
+    """Send from the page while one chat holds the only slot and another waits before it; the
+    status line once it says `status`."""
     stuck = threading.Event()
     hooks.hold = stuck  # the model stalls mid-step: the one slot stays taken
     running = open_chat(server.url, "I hold the only slot")
@@ -371,7 +638,8 @@ def test_a_waiting_page_shows_how_many_are_ahead_and_about_how_long(
         waiting = open_chat(server.url, "I wait first")
         assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
         send(page, "Let me in")
-        page.wait_for_selector("#status.wait:has-text('1 ahead of you, about')")
+        page.wait_for_selector(f"#status.wait:has-text('{status}')")
+        shown = page.text_content("#status") or ""
         hooks.hold = None
         stuck.set()
         read_first_text(running)
@@ -381,3 +649,25 @@ def test_a_waiting_page_shows_how_many_are_ahead_and_about_how_long(
             waiting.close()
     wait_for_replies(page, 1)
     assert messages(page)[1][1]
+    return shown
+
+
+def test_a_waiting_page_shows_its_place_without_a_made_up_estimate(
+    make_chat_stream: Callable[..., ChatStream], hooks: ModelHooks, serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=2, max_new_tokens=8)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True))
+    page = open_page(server.url)
+    # No generation has finished yet, so the server's eta_s is null: no time to show.
+    assert wait_in_the_queue(server, chat_stream, hooks, page, "1 ahead of you") == "1 ahead of you"
+
+
+def test_a_waiting_page_shows_about_how_long_once_the_server_has_timed_a_reply(
+    make_chat_stream: Callable[..., ChatStream], hooks: ModelHooks, serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    chat_stream = make_chat_stream(num_of_concurrent_executions=1, max_queue_size=2, max_new_tokens=8)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True))
+    with server.client() as client:
+        assert client.post("/chat_stream", json={"user_input": "A reply to time"}).status_code == 200
+    page = open_page(server.url)
+    assert wait_in_the_queue(server, chat_stream, hooks, page, "1 ahead of you, about ").endswith(" s")

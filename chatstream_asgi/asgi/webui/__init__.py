@@ -6,7 +6,9 @@ the event loop of a request), and served from memory. ChatStream injected its `w
 by replacing `const opts = {}` in the script; here the options go into a JSON data block of the
 page instead (`<` escaped, so no option value can close the block), which the script reads
 with `JSON.parse`. A strict Content-Security-Policy allows only the page's own script and
-style, so even a bug that inserted text as markup could not run a script.
+style, so even a bug that inserted text as markup could not run a script. Replies are rendered
+as markdown by a small renderer of the page's own (markdown.js) that builds DOM nodes and never
+parses HTML: no third-party code, no licence file to ship beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/chatstream.js": ("chatstream.js", "text/javascript; charset=utf-8"),
     "/chatstream.css": ("chatstream.css", "text/css; charset=utf-8"),
+    # Modules chatstream.js imports: the conversation's DOM, and the markdown renderer it uses.
+    "/messages.js": ("messages.js", "text/javascript; charset=utf-8"),
+    "/markdown.js": ("markdown.js", "text/javascript; charset=utf-8"),
 }
 
 #: Where the page's "New chat" asks for a fresh session (POST; served with the page).

@@ -1,0 +1,592 @@
+// Markdown to DOM for the chat page's replies, built node by node.
+//
+// Safe by construction: every text goes in as a text node or through textContent, never as
+// markup, so HTML in a reply shows as the characters it is. A link is made only for an
+// absolute http(s) or mailto URL; a markdown image becomes a link to its URL, never an <img>
+// (a reply must not make the browser fetch anything). The subset is what chat models write:
+// headings, paragraphs, emphasis, code spans and fenced code, nested lists, block quotes,
+// tables, rules and links. Deliberate differences from CommonMark: raw HTML is text, indented
+// code blocks and reference links are not recognised, a single newline is a line break (as
+// chat UIs show it), and any list marker may start a list right under a paragraph line (a
+// streamed list shows as a list from its first token, not as a heading for a moment).
+
+const FENCE = /^( {0,3})(`{3,}|~{3,})(.*)$/;
+const FENCE_CLOSE = /^ {0,3}(`{3,}|~{3,})[ \t]*$/;
+const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*))?$/;
+const SETEXT = /^ {0,3}(=+|-{2,})[ \t]*$/;
+const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
+const QUOTE = /^ {0,3}> ?(.*)$/;
+const LIST_ITEM = /^( {0,3})([-+*]|\d{1,9}[.)])([ \t]+|$)(.*)$/;
+const TABLE_DELIMITER = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
+const ESCAPABLE = /[!-/:-@[-`{-~]/;
+const WORD = /[\p{L}\p{N}]/u;
+const SPACE = /\s/;
+const LINK_SCHEMES = new Set(["http:", "https:", "mailto:"]);
+
+// -- blocks -----------------------------------------------------------------------------------
+
+const isBlank = (line) => /^[ \t]*$/.test(line);
+
+function indentOf(line) {
+  let column = 0;
+  for (const char of line) {
+    if (char === " ") column += 1;
+    else if (char === "\t") column += 4 - (column % 4);
+    else break;
+  }
+  return column;
+}
+
+// `line` less `columns` columns of indentation (a tab that straddles the cut leaves spaces).
+function dedent(line, columns) {
+  let column = 0;
+  let index = 0;
+  while (index < line.length && column < columns && (line[index] === " " || line[index] === "\t")) {
+    column += line[index] === " " ? 1 : 4 - (column % 4);
+    index += 1;
+  }
+  return " ".repeat(Math.max(0, column - columns)) + line.slice(index);
+}
+
+function fenceOpening(line) {
+  const match = FENCE.exec(line);
+  // A backtick fence's info string may not hold a backtick (it would be a code span).
+  if (!match || (match[2][0] === "`" && match[3].includes("`"))) return null;
+  return { indent: match[1].length, fence: match[2], lang: match[3].trim().split(/\s+/)[0] };
+}
+
+function listMarker(line) {
+  const match = LIST_ITEM.exec(line);
+  if (!match || RULE.test(line)) return null;
+  const [, indent, marker, spaces, rest] = match;
+  const ordered = /^\d/.test(marker);
+  // Content starts after the marker and its spaces; five or more spaces mean code in CommonMark,
+  // text here, so the content starts one space after the marker.
+  const gap = rest === "" || spaces.length > 4 ? 1 : spaces.length;
+  return {
+    ordered,
+    kind: marker.slice(-1),
+    start: ordered ? parseInt(marker, 10) : 1,
+    contentIndent: indent.length + marker.length + gap,
+    first: " ".repeat(Math.max(0, spaces.length - gap)) + rest,
+  };
+}
+
+function sameList(a, b) {
+  return a.ordered === b.ordered && a.kind === b.kind;
+}
+
+function splitRow(line) {
+  let text = line.trim();
+  if (text.startsWith("|")) text = text.slice(1);
+  if (text.endsWith("|") && !text.endsWith("\\|")) text = text.slice(0, -1);
+  const cells = [""];
+  for (let index = 0; index < text.length; index += 1) {
+    if (text[index] === "\\" && text[index + 1] === "|") {
+      cells[cells.length - 1] += "|";
+      index += 1;
+    } else if (text[index] === "|") {
+      cells.push("");
+    } else {
+      cells[cells.length - 1] += text[index];
+    }
+  }
+  return cells.map((cell) => cell.trim());
+}
+
+function startsTable(lines, index) {
+  const head = lines[index];
+  const delimiter = lines[index + 1];
+  return (
+    head.includes("|") &&
+    delimiter !== undefined &&
+    delimiter.includes("|") &&
+    TABLE_DELIMITER.test(delimiter) &&
+    splitRow(head).length === splitRow(delimiter).length
+  );
+}
+
+// Whether lines[index] starts a block that ends a paragraph above it.
+function interruptsParagraph(lines, index) {
+  const line = lines[index];
+  if (fenceOpening(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line)) return true;
+  const marker = listMarker(line);
+  // An ordered list interrupts only from 1, so that "2024. A good year" in a sentence stays text.
+  if (marker && (!marker.ordered || marker.start === 1)) return true;
+  return startsTable(lines, index);
+}
+
+// A paragraph's lines as inline text: indentation dropped, two trailing spaces a hard break.
+function joinLines(lines) {
+  return lines
+    .map((line, index) => {
+      const text = line.replace(/^[ \t]+/, "");
+      const hardBreak = index < lines.length - 1 && / {2,}$/.test(text);
+      return text.replace(/[ \t]+$/, "") + (hardBreak ? "\\" : "");
+    })
+    .join("\n");
+}
+
+function readFence(lines, index, opening) {
+  const body = [];
+  let next = index + 1;
+  while (next < lines.length) {
+    const close = FENCE_CLOSE.exec(lines[next]);
+    next += 1;
+    if (close && close[1][0] === opening.fence[0] && close[1].length >= opening.fence.length) break;
+    body.push(dedent(lines[next - 1], opening.indent));
+  }
+  // An unclosed fence (a reply still streaming) runs to the end, as CommonMark says.
+  return [{ type: "code", lang: opening.lang, text: body.join("\n") }, next];
+}
+
+function readHeading(lines, index, match) {
+  const text = (match[2] || "").replace(/(^|[ \t]+)#+[ \t]*$/, "").trim();
+  return [{ type: "heading", level: match[1].length, text }, index + 1];
+}
+
+function readQuote(lines, index) {
+  const inner = [];
+  let next = index;
+  while (next < lines.length) {
+    const match = QUOTE.exec(lines[next]);
+    const lazy = !match && !isBlank(lines[next]) && inner.length > 0 && !isBlank(inner[inner.length - 1]);
+    if (match) inner.push(match[1]);
+    else if (lazy && !interruptsParagraph(lines, next)) inner.push(lines[next]);
+    else break;
+    next += 1;
+  }
+  return [{ type: "quote", children: parseBlocks(inner) }, next];
+}
+
+// Whether lines[index], not indented enough for the item, still goes on the item's paragraph.
+function lazyLine(itemLines, lines, index) {
+  const paragraphOpen = !isBlank(itemLines[itemLines.length - 1]);
+  return paragraphOpen && !listMarker(lines[index]) && !interruptsParagraph(lines, index);
+}
+
+// One list item's lines, less its indentation: indented lines, blank lines followed by one,
+// and unindented lines that go on its paragraph.
+function readItem(lines, index, marker) {
+  const itemLines = [marker.first];
+  let next = index + 1;
+  while (next < lines.length) {
+    const line = lines[next];
+    if (isBlank(line)) {
+      let after = next;
+      while (after < lines.length && isBlank(lines[after])) after += 1;
+      if (after === lines.length || indentOf(lines[after]) < marker.contentIndent) break;
+      while (next < after) {
+        itemLines.push("");
+        next += 1;
+      }
+      continue;
+    }
+    if (indentOf(line) >= marker.contentIndent) itemLines.push(dedent(line, marker.contentIndent));
+    else if (lazyLine(itemLines, lines, next)) itemLines.push(line);
+    else break;
+    next += 1;
+  }
+  return [itemLines, next];
+}
+
+function readList(lines, index, first) {
+  const items = [];
+  let loose = false;
+  let next = index;
+  for (;;) {
+    const marker = listMarker(lines[next]);
+    const [itemLines, end] = readItem(lines, next, marker);
+    const children = parseBlocks(itemLines);
+    items.push(children);
+    loose = loose || children.some((child, position) => position > 0 && child.gapBefore);
+    next = end;
+    let after = next;
+    while (after < lines.length && isBlank(lines[after])) after += 1;
+    const following = after < lines.length ? listMarker(lines[after]) : null;
+    if (!following || !sameList(following, first)) break;
+    // Items apart by a blank line make a loose list (paragraphs); a trailing blank ends the list.
+    loose = loose || after > next;
+    next = after;
+  }
+  return [{ type: "list", ordered: first.ordered, start: first.start, loose, items }, next];
+}
+
+function readTable(lines, index) {
+  const head = splitRow(lines[index]);
+  const aligns = splitRow(lines[index + 1]).map((cell) => {
+    if (cell.startsWith(":") && cell.endsWith(":")) return "center";
+    if (cell.endsWith(":")) return "right";
+    return cell.startsWith(":") ? "left" : "";
+  });
+  const rows = [];
+  let next = index + 2;
+  while (next < lines.length && !isBlank(lines[next]) && !interruptsParagraph(lines, next)) {
+    rows.push(splitRow(lines[next]));
+    next += 1;
+  }
+  return [{ type: "table", head, aligns, rows }, next];
+}
+
+function readParagraph(lines, index) {
+  const text = [lines[index]];
+  let next = index + 1;
+  while (next < lines.length && !isBlank(lines[next])) {
+    const underline = SETEXT.exec(lines[next]);
+    if (underline) {
+      return [{ type: "heading", level: underline[1][0] === "=" ? 1 : 2, text: joinLines(text) }, next + 1];
+    }
+    if (interruptsParagraph(lines, next)) break;
+    text.push(lines[next]);
+    next += 1;
+  }
+  return [{ type: "paragraph", text: joinLines(text) }, next];
+}
+
+function readBlock(lines, index) {
+  const line = lines[index];
+  const opening = fenceOpening(line);
+  if (opening) return readFence(lines, index, opening);
+  const heading = HEADING.exec(line);
+  if (heading) return readHeading(lines, index, heading);
+  if (RULE.test(line)) return [{ type: "rule" }, index + 1];
+  if (QUOTE.test(line)) return readQuote(lines, index);
+  const marker = listMarker(line);
+  if (marker) return readList(lines, index, marker);
+  if (startsTable(lines, index)) return readTable(lines, index);
+  return readParagraph(lines, index);
+}
+
+// The blocks of `lines`, each with its source (`raw`) and whether a blank line came before it.
+function parseBlocks(lines) {
+  const blocks = [];
+  let gapBefore = false;
+  let index = 0;
+  while (index < lines.length) {
+    if (isBlank(lines[index])) {
+      gapBefore = blocks.length > 0;
+      index += 1;
+      continue;
+    }
+    const [block, next] = readBlock(lines, index);
+    block.raw = lines.slice(index, next).join("\n");
+    block.gapBefore = gapBefore;
+    blocks.push(block);
+    gapBefore = false;
+    index = next;
+  }
+  return blocks;
+}
+
+// -- inlines ----------------------------------------------------------------------------------
+
+function element(tag, className, children) {
+  const made = document.createElement(tag);
+  if (className) made.className = className;
+  if (children) made.append(...children);
+  return made;
+}
+
+// An absolute http(s) or mailto URL, normalised by the browser's own parser; null for anything
+// else (javascript:, data:, relative paths), so such a link stays text.
+function safeHref(url) {
+  let parsed;
+  try {
+    parsed = new URL(url.trim());
+  } catch {
+    return null;
+  }
+  return LINK_SCHEMES.has(parsed.protocol) ? parsed.href : null;
+}
+
+function link(href, children, className) {
+  const anchor = element("a", className, children);
+  anchor.href = href;
+  anchor.target = "_blank";
+  anchor.rel = "noopener noreferrer nofollow";
+  return anchor;
+}
+
+function runLength(text, index, char) {
+  let end = index;
+  while (text[end] === char) end += 1;
+  return end - index;
+}
+
+function codeSpan(text, index) {
+  const size = runLength(text, index, "`");
+  for (let close = text.indexOf("`", index + size); close >= 0; ) {
+    const run = runLength(text, close, "`");
+    if (run === size) {
+      let code = text.slice(index + size, close).replace(/\n/g, " ");
+      if (code.length > 2 && code.startsWith(" ") && code.endsWith(" ") && code.trim()) code = code.slice(1, -1);
+      return { nodes: [element("code", null, [code])], end: close + size };
+    }
+    close = text.indexOf("`", close + run);
+  }
+  // No closing run of the same length: the whole run is text (not a shorter span inside it).
+  return { nodes: ["`".repeat(size)], end: index + size };
+}
+
+// Where emphasis opened at `from` with `size` characters `char` closes; -1 if it never does.
+function findCloser(text, from, char, size) {
+  let index = from;
+  while (index < text.length) {
+    if (text[index] === "\\") {
+      index += 2;
+    } else if (text[index] === "`") {
+      index = codeSpan(text, index).end; // code binds tighter than emphasis
+    } else if (text[index] !== char) {
+      index += 1;
+    } else {
+      const run = runLength(text, index, char);
+      const after = text[index + run] || " ";
+      const closes = index > from && !SPACE.test(text[index - 1]) && (char !== "_" || !WORD.test(after));
+      // A run of three or more may close an inner and an outer emphasis at once ("*a **b***").
+      if (closes && (run === size || run >= 3)) return index + run - size;
+      index += run;
+    }
+  }
+  return -1;
+}
+
+function emphasisNode(char, size, children) {
+  if (char === "~") return element("del", null, children);
+  if (size === 1) return element("em", null, children);
+  const strong = element("strong", null, children);
+  return size === 2 ? strong : element("em", null, [strong]);
+}
+
+function emphasis(text, index, inLink) {
+  const char = text[index];
+  const run = runLength(text, index, char);
+  const literal = { nodes: [char.repeat(run)], end: index + run };
+  const after = text[index + run] || " ";
+  const before = text[index - 1] || " ";
+  if (SPACE.test(after) || (char === "_" && WORD.test(before))) return literal; // "2 * 3", snake_case
+  const sizes = char === "~" ? (run === 2 ? [2] : []) : [3, 2, 1].filter((size) => size <= run);
+  for (const size of sizes) {
+    const close = findCloser(text, index + run, char, size);
+    if (close >= 0) {
+      const inner = inlineNodes(text.slice(index + run, close), inLink);
+      return { nodes: [char.repeat(run - size), emphasisNode(char, size, inner)], end: close + size };
+    }
+  }
+  return literal;
+}
+
+function closingBracket(text, index) {
+  let depth = 0;
+  for (let at = index; at < text.length; at += 1) {
+    if (text[at] === "\\") at += 1;
+    else if (text[at] === "`") at = codeSpan(text, at).end - 1;
+    else if (text[at] === "[") depth += 1;
+    else if (text[at] === "]" && --depth === 0) return at;
+  }
+  return -1;
+}
+
+function skipSpace(text, index) {
+  while (index < text.length && SPACE.test(text[index])) index += 1;
+  return index;
+}
+
+// `(url "title")` from `index` (at the "("): {url, title, end} or null.
+function destination(text, index) {
+  let at = skipSpace(text, index + 1);
+  let url;
+  if (text[at] === "<") {
+    const close = text.indexOf(">", at);
+    if (close < 0 || text.slice(at, close).includes("\n")) return null;
+    url = text.slice(at + 1, close);
+    at = close + 1;
+  } else {
+    const start = at;
+    for (let depth = 0; at < text.length && !SPACE.test(text[at]); at += 1) {
+      if (text[at] === "\\") at += 1;
+      else if (text[at] === "(") depth += 1;
+      else if (text[at] === ")" && depth-- === 0) break;
+    }
+    url = text.slice(start, at);
+  }
+  at = skipSpace(text, at);
+  let title = "";
+  if (text[at] === '"' || text[at] === "'" || text[at] === "(") {
+    const close = text.indexOf(text[at] === "(" ? ")" : text[at], at + 1);
+    if (close < 0) return null;
+    title = text.slice(at + 1, close);
+    at = skipSpace(text, close + 1);
+  }
+  if (text[at] !== ")") return null;
+  return { url: url.replace(/\\([!-/:-@[-`{-~])/g, "$1"), title, end: at + 1 };
+}
+
+// `[label](url)`, or with `image` `![alt](url)`: a link to a safe URL, else the label as text.
+function bracketLink(text, index, inLink, image) {
+  const open = image ? index + 1 : index;
+  const close = closingBracket(text, open);
+  if (close < 0 || text[close + 1] !== "(") return null;
+  const target = destination(text, close + 1);
+  if (!target) return null;
+  const label = text.slice(open + 1, close);
+  const href = safeHref(target.url);
+  // Never an <img>: the image becomes a link to it, so nothing loads unless the reader asks.
+  const children = image ? [label || target.url] : inlineNodes(label, true);
+  if (!href || inLink) return { nodes: children, end: target.end };
+  const anchor = link(href, children, image ? "image-link" : null);
+  if (target.title) anchor.title = target.title;
+  return { nodes: [anchor], end: target.end };
+}
+
+function autolink(text, index, inLink) {
+  const match = /^<([A-Za-z][A-Za-z0-9+.-]{1,31}:[^<>\s]*|[^<>\s@]+@[^<>\s@]+\.[^<>\s@]+)>/.exec(text.slice(index));
+  if (!match) return null;
+  const url = match[1].includes(":") ? match[1] : "mailto:" + match[1];
+  const href = safeHref(url);
+  const nodes = href && !inLink ? [link(href, [match[1]])] : [match[0]];
+  return { nodes, end: index + match[0].length };
+}
+
+// A bare http(s) URL in the text (GitHub's extension), less the punctuation that ends a sentence.
+function bareUrl(text, index, inLink) {
+  if (inLink || WORD.test(text[index - 1] || "")) return null;
+  const match = /^https?:\/\/[^\s<>]+/i.exec(text.slice(index));
+  if (!match) return null;
+  let url = match[0].replace(/[?!.,:;*_~'"]+$/, "");
+  while (url.endsWith(")") && url.split("(").length < url.split(")").length) url = url.slice(0, -1);
+  const href = safeHref(url);
+  if (!href) return null;
+  return { nodes: [link(href, [url])], end: index + url.length };
+}
+
+function backslash(text, index) {
+  const next = text[index + 1];
+  if (next === "\n") return { nodes: [document.createElement("br")], end: index + 2 };
+  if (next !== undefined && ESCAPABLE.test(next)) return { nodes: [next], end: index + 2 };
+  return null;
+}
+
+const INLINE_RULES = {
+  "\\": backslash,
+  "`": codeSpan,
+  "*": emphasis,
+  _: emphasis,
+  "~": emphasis,
+  "[": (text, index, inLink) => (inLink ? null : bracketLink(text, index, inLink, false)),
+  "!": (text, index, inLink) => (text[index + 1] === "[" ? bracketLink(text, index, inLink, true) : null),
+  "<": autolink,
+  h: bareUrl,
+  H: bareUrl,
+};
+
+// The nodes of inline `text`; `inLink` when inside a link's label (no links within links).
+function inlineNodes(text, inLink) {
+  const nodes = [];
+  let plain = "";
+  let index = 0;
+  while (index < text.length) {
+    const rule = INLINE_RULES[text[index]];
+    const found = rule ? rule(text, index, inLink) : null;
+    if (!found) {
+      plain += text[index];
+      index += 1;
+      continue;
+    }
+    for (const item of found.nodes) {
+      if (typeof item === "string") {
+        plain += item;
+      } else {
+        if (plain) nodes.push(plain);
+        plain = "";
+        nodes.push(item);
+      }
+    }
+    index = found.end;
+  }
+  if (plain) nodes.push(plain);
+  return nodes;
+}
+
+// -- rendering --------------------------------------------------------------------------------
+
+function codeBlock(block) {
+  const code = element("code", null, [block.text]);
+  const head = element("div", "code-head");
+  // The language and the button's label come from CSS (attr() and content), so the reply's
+  // text (select all, textContent) holds only the code.
+  if (/^[\w+#.-]{1,40}$/.test(block.lang)) head.dataset.lang = block.lang;
+  const copy = element("button", "code-copy");
+  copy.type = "button";
+  copy.setAttribute("aria-label", "Copy code");
+  copy.title = "Copy code";
+  head.append(copy);
+  return element("div", "code-block", [head, element("pre", null, [code])]);
+}
+
+function table(block) {
+  const row = (cells, tag) =>
+    element(
+      "tr",
+      null,
+      block.head.map((_, column) => {
+        const cell = element(tag, null, inlineNodes(cells[column] || "", false));
+        if (block.aligns[column]) cell.className = "align-" + block.aligns[column];
+        return cell;
+      })
+    );
+  const head = element("thead", null, [row(block.head, "th")]);
+  const body = element("tbody", null, block.rows.map((cells) => row(cells, "td")));
+  return element("div", "table-wrap", [element("table", null, [head, body])]);
+}
+
+function list(block) {
+  const made = element(block.ordered ? "ol" : "ul");
+  if (block.ordered && block.start !== 1) made.start = block.start;
+  for (const children of block.items) {
+    // A tight list's paragraphs are its items' bare text, as in CommonMark.
+    const parts = children.map((child) =>
+      block.loose || child.type !== "paragraph" ? [renderBlock(child)] : inlineNodes(child.text, false)
+    );
+    made.append(element("li", null, parts.flat()));
+  }
+  return made;
+}
+
+function renderBlock(block) {
+  switch (block.type) {
+    case "heading":
+      return element("h" + block.level, null, inlineNodes(block.text, false));
+    case "code":
+      return codeBlock(block);
+    case "quote":
+      return element("blockquote", null, block.children.map(renderBlock));
+    case "list":
+      return list(block);
+    case "table":
+      return table(block);
+    case "rule":
+      return element("hr");
+    default:
+      return element("p", null, inlineNodes(block.text, false));
+  }
+}
+
+// The source and node of each top-level block rendered into a container, in order.
+const renderedBlocks = new WeakMap();
+
+// Renders markdown `source` into `container`, again as the source grows: a top-level block
+// whose source is unchanged keeps its node, so only the blocks that changed are rebuilt.
+export function renderMarkdown(container, source) {
+  const blocks = parseBlocks(source.split(/\r?\n/));
+  const before = renderedBlocks.get(container) || [];
+  const after = blocks.map((block, index) => {
+    const old = before[index];
+    if (old && old.raw === block.raw) return old;
+    const fresh = { raw: block.raw, node: renderBlock(block) };
+    if (old) old.node.replaceWith(fresh.node);
+    else container.append(fresh.node);
+    return fresh;
+  });
+  for (const old of before.slice(blocks.length)) old.node.remove();
+  renderedBlocks.set(container, after);
+}
