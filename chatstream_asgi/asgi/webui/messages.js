@@ -232,11 +232,13 @@ export function createConversation(log, empty, handlers) {
         },
         finish(stopped) {
           cancelAnimationFrame(frame);
+          const follow = atEnd();
           if (sources.get(message)) render();
           else bubbleOf(message).querySelector(".typing")?.remove();
           message.classList.remove("pending");
           message.classList.toggle("stopped", stopped === true);
           columnOf(message).append(replyActions(message));
+          if (follow) scrollToEnd(); // the buttons too, not just the text
         },
       };
     },
