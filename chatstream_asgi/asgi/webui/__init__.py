@@ -7,8 +7,8 @@ by replacing `const opts = {}` in the script; here the options go into a JSON da
 page instead (`<` escaped, so no option value can close the block), which the script reads
 with `JSON.parse`. A strict Content-Security-Policy allows only the page's own script and
 style, so even a bug that inserted text as markup could not run a script. Replies are rendered
-as markdown by a small renderer of the page's own (markdown.js) that builds DOM nodes and never
-parses HTML: no third-party code, no licence file to ship beside it.
+as markdown by a small renderer of the page's own (markdown.js, markdown-inline.js) that builds
+DOM nodes and never parses HTML: no third-party code, no licence file to ship beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
     # Modules chatstream.js imports: the conversation's DOM, and the markdown renderer it uses.
     "/messages.js": ("messages.js", "text/javascript; charset=utf-8"),
     "/markdown.js": ("markdown.js", "text/javascript; charset=utf-8"),
+    "/markdown-inline.js": ("markdown-inline.js", "text/javascript; charset=utf-8"),
 }
 
 #: Where the page's "New chat" asks for a fresh session (POST; served with the page).
