@@ -29,7 +29,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import pytest
 from fastapi import FastAPI
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Request, sync_playwright
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
@@ -179,7 +179,12 @@ def contents(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def chat_bodies(page: Page) -> list[dict[str, Any]]:
     """The bodies of the chats the page sends from now on, as they are sent."""
     bodies: list[dict[str, Any]] = []
-    page.on("request", lambda request: "chat_stream" in request.url and bodies.append(json.loads(request.post_data)))
+
+    def record(request: Request) -> None:
+        if "chat_stream" in request.url:
+            bodies.append(json.loads(request.post_data or "{}"))
+
+    page.on("request", record)
     return bodies
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from playwright.sync_api import Page
+from playwright.sync_api import Dialog, Page, Request
 
 from chatstream_asgi.engine.mock import MockEngine
 
@@ -51,12 +51,16 @@ class AttackWatch:
         self.dialogs: list[str] = []
         self.foreign_requests: list[str] = []
         page.on("dialog", self._dialog)
-        page.on("request", lambda request: is_foreign(request.url) and self.foreign_requests.append(request.url))
+        page.on("request", self._request)
         page.route(is_foreign, lambda route: route.abort())
 
-    def _dialog(self, dialog: Any) -> None:
+    def _dialog(self, dialog: Dialog) -> None:
         self.dialogs.append(dialog.message)
         dialog.dismiss()
+
+    def _request(self, request: Request) -> None:
+        if is_foreign(request.url):
+            self.foreign_requests.append(request.url)
 
     def assert_nothing_ran(self, page: Page) -> None:
         assert page.evaluate("() => window.__pwned") is None
