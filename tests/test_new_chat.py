@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote
 
+from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi import ChatStream, ChatStreamMiddleware
+from chatstream_asgi.engine.mock import MockEngine
 
 
 def _page_server(make_chat_stream: Any, serve: Any) -> Any:
@@ -54,3 +56,18 @@ def test_a_system_that_is_not_a_string_is_refused(make_chat_stream: Any, serve: 
         response = client.post("/chat_stream", json={"user_input": "hi", "system": 3})
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request" and "'system'" in response.json()["detail"]
+
+
+def test_new_chat_works_on_a_page_mounted_by_append_apis(serve: Any) -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
+    app = FastAPI()
+    app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream)
+    chat_stream.append_apis(app, {"all": True})
+    with serve(app).client() as client:
+        client.post("/chat_stream", json={"user_input": "first conversation"})
+        old_cookie = client.cookies["chatstream_session"]
+        assert client.post("/new_chat").json() == {"success": True}
+        assert client.cookies["chatstream_session"] != old_cookie
+        assert _history(client) == []
+    with serve(app).client(cookies={"chatstream_session": old_cookie}) as old:
+        assert [m["content"] for m in _history(old)][:1] == ["first conversation"]

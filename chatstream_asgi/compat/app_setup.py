@@ -17,14 +17,15 @@ from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from chatstream_asgi.asgi.chat_endpoint import ChatServer
 from chatstream_asgi.asgi.conversation_apis import API_METHODS, ApiOptions, enabled_apis, handle_api
 from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.asgi.streaming import MESSAGE_ID_HEADER
-from chatstream_asgi.asgi.webui import PAGE_FILES, ChatPage
+from chatstream_asgi.asgi.webui import NEW_CHAT_PATH, PAGE_FILES, ChatPage
+from chatstream_asgi.sessions.lazy import LazySession
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,21 @@ def append_apis(server: ChatServer, app: Any, opts: ApiOptions) -> None:
                 return response
 
             app.router.routes.append(Route(path, serve_file, methods=["GET"]))
+        app.router.routes.append(Route(NEW_CHAT_PATH, _new_chat, methods=["POST"], name="new_chat"))
+
+
+async def _new_chat(request: Request) -> Response:
+    """The page's "New chat" on an app's own routes: a fresh session from the middleware's
+    sessions (`LazySession.start_new`); other session middleware has no way to start one."""
+    session = getattr(request.state, "session", None)
+    if not isinstance(session, LazySession):
+        return JSONResponse(
+            {"success": False, "error": "not_supported",
+             "detail": "New chat needs ChatStreamMiddleware's sessions (chat_stream.append_middlewares(app))"},
+            status_code=501,
+        )  # fmt: skip
+    session.start_new()
+    return JSONResponse({"success": True})
 
 
 #: ChatStream's names of the page's routes (`/` and `/chatstream.js`).

@@ -225,9 +225,13 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
     from chatstream_asgi.engine.mock import MockEngine
     from chatstream_asgi.runtime.service import ChatService
 
+    sampling: dict[str, Any] = {}
+    if args.model is None:
+        from chatstream_asgi.frontends.default_model import SAMPLING as sampling
+
     def make(**model: Any) -> ChatService:
         return ChatService(
-            params=GenerationParams(max_new_tokens=args.max_new_tokens),
+            params=GenerationParams(max_new_tokens=args.max_new_tokens, **sampling),
             concurrency=concurrency,
             max_queue_size=queue,
             context_len=args.context_len,

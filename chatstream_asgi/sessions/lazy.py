@@ -70,6 +70,12 @@ class LazySession:
         """The session's id."""
         return self._open_now().session_id
 
+    def start_new(self) -> Session:
+        """Put a new, empty session in place of the cookie's (whose stored conversation stays):
+        its cookie goes out with the response, as any new session's does."""
+        self._session = Session.open_new(self._store, self._prompt_from_dict)
+        return self._session
+
     def named_by_cookie(self) -> bool:
         """Whether the request carries a cookie naming a session of ours."""
         return self._session_id() is not None
