@@ -18,6 +18,9 @@ from starlette.applications import Starlette
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
 
 from .conftest import LiveServer, wait_until
+from .test_webui import browser, contents, messages, open_page, send, server_history, wait_for_replies
+
+__all__ = ["browser", "open_page"]  # the chat page's fixtures, used here as pytest fixtures
 
 MAX_NEW_TOKENS = 24
 
@@ -92,6 +95,28 @@ def test_a_conversation_of_several_turns_through_chat_stream_keeps_its_history_o
             messages += [{"role": "assistant", "content": reply}]
         history = client.get("/get_history").json()["messages"]
     assert [(m["role"], m["content"]) for m in history] == [(m["role"], m["content"]) for m in messages]
+
+
+def test_a_conversation_of_several_turns_on_the_chat_page_shows_what_the_model_wrote(
+    real_server: Any, smollm2: tuple[Any, Any], open_page: Any
+) -> None:
+    server = real_server()
+    page = open_page(server.url)
+    questions = ("What is the capital of France?", "And of Italy?", "Which of the two is further south?")
+    expected: list[dict[str, str]] = []
+    for turn, question in enumerate(questions, start=1):
+        send(page, question)
+        wait_for_replies(page, turn)
+        expected.append({"role": "user", "content": question})
+        expected.append({"role": "assistant", "content": reference_reply(smollm2, expected, MAX_NEW_TOKENS)})
+    assert contents(server_history(page)) == [(m["role"], m["content"]) for m in expected]
+
+    def words(text: str) -> list[str]:  # markdown rendering may change spacing and drop markup
+        return text.replace("*", "").replace("`", "").split()
+
+    shown = messages(page)
+    assert [role for role, _ in shown] == [m["role"] for m in expected]
+    assert [words(text) for _, text in shown] == [words(m["content"]) for m in expected]
 
 
 def test_a_stop_string_ends_the_reply_just_before_it(real_server: Any) -> None:
