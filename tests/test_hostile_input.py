@@ -169,15 +169,21 @@ def test_a_body_that_trickles_past_body_timeout_gets_408(make_chat_stream: Any, 
     assert chat_stream.load()["processing"] == 0
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/get_prompt"), ("GET", "/chat_stream")])
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/get_prompt", 404),  # not mounted: the app's own answer, the middleware let it through
+        ("GET", "/chat_stream", 405),  # the middleware's route, asked with the wrong method
+    ],
+)
 def test_a_route_this_server_does_not_serve_sets_no_cookie(
-    make_chat_stream: Any, serve: Any, method: str, path: str
+    make_chat_stream: Any, serve: Any, method: str, path: str, status: int
 ) -> None:
     chat_stream = make_chat_stream()
     live = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
     with live.client() as client:
         response = client.request(method, path)
-    assert response.status_code == 404  # the app's own answer: the middleware let it through
+    assert response.status_code == status
     assert "set-cookie" not in response.headers
 
 

@@ -370,7 +370,9 @@ def test_non_chat_routes_pass_through_untouched(make_chat_stream: Any, serve: An
     assert get_chat.text == "/chat_stream" and "set-cookie" not in get_chat.headers
 
 
-def test_serve_mode_leaves_other_methods_on_the_chat_path_to_the_app(make_chat_stream: Any, serve: Any) -> None:
+def test_serve_mode_leaves_preflight_to_the_app_and_answers_a_wrong_method_with_405(
+    make_chat_stream: Any, serve: Any
+) -> None:
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
@@ -386,7 +388,7 @@ def test_serve_mode_leaves_other_methods_on_the_chat_path_to_the_app(make_chat_s
         get = client.get("/chat_stream")
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://chat.example"
-    assert get.status_code == 404
+    assert get.status_code == 405 and get.headers["allow"] == "POST"
 
 
 def test_handler_without_the_middleware_answers_in_a_plain_starlette_app(make_chat_stream: Any, serve: Any) -> None:
