@@ -93,6 +93,20 @@ class MethodNotAllowed(ChatStreamError):
         return {"Allow": self.allowed}
 
 
+class UnsupportedMediaType(ChatStreamError):
+    """A route that must be called with a JSON body's `Content-Type` was not (a cross-site form)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class NotSupported(ChatStreamError):
+    """What was asked needs something this deployment does not have (say which, and how to add it)."""
+
+    status_code = 501
+    code = "not_supported"
+
+
 class SessionBusy(ChatStreamError):
     """A turn of this session is already queued or running."""
 

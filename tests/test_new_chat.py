@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote
 
+import pytest
 from fastapi import FastAPI
 from starlette.applications import Starlette
 
-from chatstream_asgi import ChatStream, ChatStreamMiddleware
+from chatstream_asgi import ChatPrompt, ChatStream, ChatStreamMiddleware
 from chatstream_asgi.engine.mock import MockEngine
 
 
@@ -30,7 +31,7 @@ def test_new_chat_starts_an_empty_conversation_and_keeps_the_old_one_on_the_serv
     with server.client() as client:
         assert client.post("/chat_stream", json={"user_input": "first conversation"}).status_code == 200
         old_cookie = client.cookies["chatstream_session"]
-        response = client.post("/new_chat")
+        response = client.post("/new_chat", json={})
         assert response.status_code == 200 and response.json() == {"success": True}
         new_cookie = client.cookies["chatstream_session"]
         assert new_cookie != old_cookie
@@ -42,16 +43,45 @@ def test_new_chat_starts_an_empty_conversation_and_keeps_the_old_one_on_the_serv
 def test_system_text_sent_with_a_chat_becomes_the_conversations_system_message(
     make_chat_stream: Any, serve: Any
 ) -> None:
-    chat_stream = make_chat_stream(max_new_tokens=4)
+    chat_stream = make_chat_stream(max_new_tokens=4, allow_system_prompt=True)
     server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"all": True}))
     with server.client() as client:
         client.post("/chat_stream", json={"user_input": "hi", "system": "Answer like a pirate."})
+        client.post("/chat_stream", json={"user_input": "and again"})  # no system: the conversation keeps its own
         prompt = unquote(client.get("/get_prompt").json()["prompt"])  # ChatStream's get_prompt is URL-encoded
     assert prompt.startswith("<|system|>Answer like a pirate.<|end|>")
+    assert prompt.count("pirate") == 1
+
+
+def test_a_system_text_is_refused_unless_the_server_allows_it(make_chat_stream: Any, serve: Any) -> None:
+    class Guarded(ChatPrompt):
+        def build_initial_prompt(self, chat_prompt: Any) -> None:
+            chat_prompt.set_system("Never reveal the secret.")
+
+    chat_stream = make_chat_stream(max_new_tokens=4, chat_prompt_clazz=Guarded)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"all": True}))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "hi"})
+        refused = client.post("/chat_stream", json={"user_input": "hi", "system": ""})
+        prompt = unquote(client.get("/get_prompt").json()["prompt"])
+    assert refused.status_code == 400 and "allow_system_prompt" in refused.json()["detail"]
+    assert prompt.startswith("<|system|>Never reveal the secret.<|end|>")
+
+
+def test_a_refused_turn_leaves_the_system_text_as_it_was(make_chat_stream: Any, serve: Any) -> None:
+    chat_stream = make_chat_stream(max_new_tokens=4, allow_system_prompt=True)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"all": True}))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "hi", "system": "first system"})
+        refused = client.post("/chat_stream", json={"user_input": "hi", "system": "second", "temperature": 9})
+        prompt = unquote(client.get("/get_prompt").json()["prompt"])
+    assert refused.status_code == 422
+    assert prompt.startswith("<|system|>first system<|end|>")
 
 
 def test_a_system_that_is_not_a_string_is_refused(make_chat_stream: Any, serve: Any) -> None:
-    server = _page_server(make_chat_stream, serve)
+    chat_stream = make_chat_stream(max_new_tokens=4, allow_system_prompt=True)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
     with server.client() as client:
         response = client.post("/chat_stream", json={"user_input": "hi", "system": 3})
     assert response.status_code == 400
@@ -66,8 +96,36 @@ def test_new_chat_works_on_a_page_mounted_by_append_apis(serve: Any) -> None:
     with serve(app).client() as client:
         client.post("/chat_stream", json={"user_input": "first conversation"})
         old_cookie = client.cookies["chatstream_session"]
-        assert client.post("/new_chat").json() == {"success": True}
+        assert client.post("/new_chat", json={}).json() == {"success": True}
         assert client.cookies["chatstream_session"] != old_cookie
         assert _history(client) == []
     with serve(app).client(cookies={"chatstream_session": old_cookie}) as old:
         assert [m["content"] for m in _history(old)][:1] == ["first conversation"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "text/plain"}],
+    ids=["none", "form", "text"],
+)
+def test_new_chat_from_a_form_is_refused_and_keeps_the_conversation(
+    make_chat_stream: Any, serve: Any, headers: dict[str, str]
+) -> None:
+    server = _page_server(make_chat_stream, serve)
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "keep me"})
+        cookie = client.cookies["chatstream_session"]
+        refused = client.post("/new_chat", content=b"a=1", headers=headers)
+        assert refused.status_code == 415 and refused.json()["error"] == "unsupported_media_type"
+        assert "set-cookie" not in refused.headers and client.cookies["chatstream_session"] == cookie
+        assert [m["content"] for m in _history(client)][:1] == ["keep me"]
+
+
+def test_new_chat_without_the_middlewares_sessions_says_what_it_needs(serve: Any) -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
+    app = FastAPI()
+    chat_stream.append_apis(app, {"all": True})  # no middleware: the app's own sessions, if any
+    with serve(app).client() as client:
+        response = client.post("/new_chat", json={})
+    assert response.status_code == 501 and response.json()["error"] == "not_supported"
+    assert "append_middlewares" in response.json()["detail"]

@@ -236,12 +236,12 @@ def test_regenerate_replaces_the_last_reply(chat_server: Any) -> None:
     assert prompt.responder_messages[0].get_message_id() == again.headers["x-chatstream-last-generated-message-id"]
 
 
-def test_regenerate_with_user_input_edits_the_last_user_message_and_replies_to_the_edit(chat_server: Any) -> None:
+def test_an_edit_replaces_the_last_user_message_and_replies_to_it_anew(chat_server: Any) -> None:
     server, _, outcomes = chat_server(max_new_tokens=4)
     with server.client() as client:
         client.post("/chat_stream", json={"user_input": "first question"})
         client.post("/chat_stream", json={"user_input": "a typo'd question"})
-        edited = client.post("/chat_stream", json={"user_input": "the corrected question", "regenerate": True})
+        edited = client.post("/chat_stream", json={"edit": "the corrected question"})
         outcomes.wait(3)
     prompt = outcomes.calls[2][0].state.session.get_session()["chat_prompt"]
     assert [content.get_message() for content in prompt.requester_messages] == [
@@ -249,6 +249,34 @@ def test_regenerate_with_user_input_edits_the_last_user_message_and_replies_to_t
         "the corrected question",
     ]
     assert prompt.get_turn() == 2 and prompt.get_responder_last_msg() == edited.text
+
+
+def test_regenerate_ignores_the_user_input_sent_with_it(chat_server: Any) -> None:
+    server, _, outcomes = chat_server(max_new_tokens=4)
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "the question"})
+        client.post("/chat_stream", json={"user_input": "what a front-end left in its box", "regenerate": True})
+        outcomes.wait(2)
+    prompt = outcomes.calls[1][0].state.session.get_session()["chat_prompt"]
+    assert [content.get_message() for content in prompt.requester_messages] == ["the question"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"edit": ""}, {"edit": 3}, {"edit": "x", "user_input": "y"}, {"edit": "x", "regenerate": True}],
+    ids=["empty", "not-a-string", "with-user_input", "with-regenerate"],
+)
+def test_a_malformed_edit_is_refused_and_changes_nothing(chat_server: Any, body: dict[str, Any]) -> None:
+    server, _, outcomes = chat_server(max_new_tokens=4)
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "the question"})
+        outcomes.wait(1)
+        refused = client.post("/chat_stream", json=body)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"
+    assert "'edit'" in refused.json()["detail"]
+    assert len(outcomes.calls) == 1  # refused before admission: no turn ran
+    prompt = outcomes.calls[0][0].state.session.get_session()["chat_prompt"]
+    assert [content.get_message() for content in prompt.requester_messages] == ["the question"]
 
 
 def test_long_history_is_truncated_to_fit_the_context(chat_server: Any) -> None:

@@ -37,6 +37,7 @@ def server(make_chat_stream: Any, serve: Any) -> Any:
         ("DELETE", "/v1/models", "GET", "openai"),
         ("POST", "/health", "GET", "plain"),
         ("GET", "/new_chat", "POST", "chatstream"),
+        ("HEAD", "/chat_stream", "POST", "plain"),
     ],
 )
 def test_a_wrong_method_is_405_json_naming_the_method_to_use(
@@ -47,6 +48,8 @@ def test_a_wrong_method_is_405_json_naming_the_method_to_use(
     assert response.status_code == 405
     assert response.headers["allow"] == allowed
     assert response.headers["content-type"].startswith("application/json")
+    if method == "HEAD":
+        return  # no body to a HEAD
     body = response.json()
     error = body["error"] if shape == "openai" else body
     code = error["code"] if shape == "openai" else error["error"]
@@ -82,3 +85,20 @@ def test_routes_that_are_off_stay_the_apps_404(make_chat_stream: Any, serve: Any
     with server.client() as client:
         assert client.get("/v1/chat/completions").status_code == 404
         assert client.get("/new_chat").status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/get_history", "/v1/models"])
+def test_head_on_a_get_route_is_answered_as_get(server: Any, path: str) -> None:
+    with server.client() as client:
+        head, get = client.head(path), client.get(path)
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+
+
+def test_with_api_keys_a_wrong_method_needs_a_key_like_any_request_of_its_route(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    app = ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), serve=True, api_keys=["k"])
+    with serve(app).client() as client:
+        assert client.get("/chat_stream").status_code == 401
+        assert client.get("/chat_stream", headers={"Authorization": "Bearer k"}).status_code == 405

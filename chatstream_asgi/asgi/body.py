@@ -68,3 +68,10 @@ def replay_body(body: bytes, then: Receive) -> Receive:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return replay
+
+
+def says_json(scope: Scope) -> bool:
+    """Whether the request's `Content-Type` is JSON's: what a form on another site cannot send
+    without a CORS preflight (it may send `text/plain` or form encodings only)."""
+    content_type = Headers(scope=scope).get("content-type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"

@@ -81,7 +81,9 @@ class ChatEndpoint:
 
     `stream_format` is the format of a request that asks for none; `too_many_request_as_http_error=False`
     answers a full queue with ChatStream's 200 + error JSON; `rules` (ChatStream's `client_roles`)
-    decide which client may chat and which messages are pass phrases.
+    decide which client may chat and which messages are pass phrases. `allow_system_prompt` lets
+    a chat carry `system` text for its conversation; off (the default), such a chat is refused,
+    so no client can replace the system text an app's prompt class sets (a persona, a guardrail).
     """
 
     def __init__(
@@ -91,12 +93,14 @@ class ChatEndpoint:
         stream_format: StreamFormat = "delta",
         too_many_request_as_http_error: bool = True,
         rules: ClientRules | None = None,
+        allow_system_prompt: bool = False,
     ) -> None:
         check_stream_format(stream_format)
         self.service = service
         self.stream_format: StreamFormat = stream_format
         self.too_many_request_as_http_error = too_many_request_as_http_error
         self.rules = rules
+        self.allow_system_prompt = allow_system_prompt
         #: Sessions for requests that reach the handler with none attached (no middleware in front).
         self.fallback_sessions = FallbackSessions()
 
@@ -132,6 +136,8 @@ class ChatEndpoint:
             if stream_format is None:
                 raise InvalidRequest(f"'format' must be one of {', '.join(STREAM_FORMATS)}")
             turn = parse_chat_request(exchange.body if request_body is None else request_body)
+            if turn.system is not None and not self.allow_system_prompt:
+                raise InvalidRequest("this server does not take a chat's 'system' text (allow_system_prompt is off)")
             granted = self.rules.promote(session.get_session(), turn.user_input) if self.rules is not None else None
             if granted is not None:  # a pass phrase: answered here, never shown to the model
                 return await _answer_grant(session, granted, stream_format)
@@ -166,8 +172,6 @@ class ChatEndpoint:
                 stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
             params = service.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
             prompt = self._session_prompt(session)
-            if turn.system is not None:
-                prompt.set_system(turn.system)
             if turn.regenerate and not prompt.has_reply_to_regenerate():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
             conversation = None if session.is_new else session.session_id
@@ -201,8 +205,7 @@ class ChatEndpoint:
                 slot=slot,
                 service=self.service,
                 prompt=admitted.prompt,
-                user_input=turn.user_input,
-                regenerate=turn.regenerate,
+                turn=turn,
                 params=admitted.params,
                 encoder=encoder,
                 callback=callback,

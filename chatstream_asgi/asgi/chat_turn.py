@@ -23,7 +23,7 @@ from chatstream_asgi.asgi.streaming import (
 )
 from chatstream_asgi.asgi.wire import WireEncoder
 from chatstream_asgi.core.history import TurnHistory
-from chatstream_asgi.core.params import GenerationParams
+from chatstream_asgi.core.params import ChatTurnRequest, GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.core.reply import ReplyShaper
 from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, SessionValueNotStorable, ShuttingDown
@@ -52,8 +52,7 @@ class ChatTurnResponse(AdmittedResponse):
         slot: Slot,
         service: ChatService,
         prompt: AbstractChatPrompt,
-        user_input: str,
-        regenerate: bool,
+        turn: ChatTurnRequest,
         params: GenerationParams,
         encoder: WireEncoder,
         callback: OutcomeCallback | None,
@@ -71,8 +70,15 @@ class ChatTurnResponse(AdmittedResponse):
         self._service = service
         self._params = params
         self._encoder = encoder
-        self._history = TurnHistory(prompt, user_input=user_input, regenerate=regenerate, message_id=self.message_id)
-        self.telemetry.content("prompt", user_input)
+        self._history = TurnHistory(
+            prompt,
+            user_input=turn.user_input,
+            regenerate=turn.regenerate,
+            edit=turn.edit,
+            system=turn.system,
+            message_id=self.message_id,
+        )
+        self.telemetry.content("prompt", turn.user_input)
 
     async def run(self, send: Send) -> str:
         history = self._history

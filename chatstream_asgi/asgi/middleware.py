@@ -11,21 +11,24 @@ facade, or a `ChatEndpoint` built over a `ChatService`; this module never import
 ChatStream's conversation APIs get the session too, whether the middleware serves them
 (`apis=`) or the app mounted them (`chat_stream.append_apis`). `/v1/chat/completions` (with
 `openai=True`) gets the same body replay and disconnect watch, without a session. `webui=True`
-serves the chat page (`/` and its two files) and the session APIs it calls. With
+serves the chat page (`/` and its script and style files), the session APIs it calls and its
+`POST /new_chat` (a fresh session). With
 `api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key
 whose scopes include the route's: `chat` (`/chat_stream`, `/v1`, the page), `apis` (the
 conversation APIs) or `admin` (`get_prompt`, `get_resource_usage`, `/metrics`).
 Every route it serves gets an `X-Request-Id` and a `RequestTelemetry` (`telemetry.py`) that its
 log lines and metrics (`metrics=True`: `/metrics`) go through.
-Every other request (other paths and methods, websockets, lifespan) passes straight through, so an
-app's own `OPTIONS` (CORS) or `GET` handling of these paths is never shadowed.
+A route the middleware answers itself, asked with another method, is 405 JSON naming the method
+to use (`GET /chat_stream` with `serve=True`). Every other request (other paths, `OPTIONS`, other
+methods on routes it only intercepts for the app, websockets, lifespan) passes straight through,
+so an app's own CORS preflights and its own routes are never shadowed.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import anyio.to_thread
@@ -36,7 +39,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatstream_asgi.asgi.access import ADMIN_APIS, ApiKeys, KeyRing
-from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE, read_body, replay_body
+from chatstream_asgi.asgi.body import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_SIZE,
+    read_body,
+    replay_body,
+    says_json,
+)
 from chatstream_asgi.asgi.chat_endpoint import ChatServer
 from chatstream_asgi.asgi.conversation_apis import (
     API_METHODS,
@@ -52,13 +61,14 @@ from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
 from chatstream_asgi.asgi.openai_api import chat_completions, models_response
 from chatstream_asgi.asgi.telemetry import send_with_request_id, start_request, telemetry_of
 from chatstream_asgi.asgi.waiting import API_KEY_SCOPE_KEY
-from chatstream_asgi.asgi.webui import NEW_CHAT_PATH, ChatPage
+from chatstream_asgi.asgi.webui import NEW_CHAT_NEEDS_JSON, NEW_CHAT_PATH, ChatPage
 from chatstream_asgi.errors import (
     BodyTimeout,
     BodyTooLarge,
     ChatStreamError,
     MethodNotAllowed,
     ShuttingDown,
+    UnsupportedMediaType,
 )
 from chatstream_asgi.log import bind_request_id, request_logger, unbind_request_id
 from chatstream_asgi.outcomes import OutcomeCallback
@@ -71,6 +81,18 @@ if TYPE_CHECKING:
 
 logger = request_logger(__name__)
 _Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Route(NamedTuple):
+    """A route of the middleware: its method, handler, key scope (None: no key) and error shape;
+    `owned` when the middleware answers it itself, so another method is 405 rather than the app's."""
+
+    method: str
+    handler: _Handler
+    needed: str | None
+    shape: ErrorShape
+    owned: bool
+
 
 #: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
 FINISH_GRACE = 10.0
@@ -142,7 +164,16 @@ class ChatStreamMiddleware:
         self.api_options: ApiOptions = apis or {}
         self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
         # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
-        self.page = ChatPage(web_ui_params, model=self.service.name, chat_path=path) if webui else None
+        self.page = (
+            ChatPage(
+                web_ui_params,
+                model=self.service.name,
+                chat_path=path,
+                system_prompt=self.endpoint.allow_system_prompt,
+            )
+            if webui
+            else None
+        )
         self._api_keys = KeyRing(api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -226,47 +257,45 @@ class ChatStreamMiddleware:
         await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
 
     def _match(self, route: str, method: str) -> tuple[_Handler, str | None, ErrorShape] | None:
-        """The handler of a route this middleware serves, the key scope it needs (None: no key),
-        and the shape of its errors; None for everything that passes through."""
-        api = route[1:]
-        if route == self.path and method == "POST":
-            return self._chat, "chat" if self.serve else None, "plain"
-        if API_METHODS.get(api) == method and (api in self.served_apis or api in SESSION_APIS):
-            needed = ("admin" if api in ADMIN_APIS else "apis") if api in self.served_apis else None
-            return functools.partial(self._api, api), needed, "chatstream"
-        if self.openai and (route, method) == ("/v1/chat/completions", "POST"):
-            return self._completions, "chat", "openai"
-        if self.openai and (route, method) == ("/v1/models", "GET"):
-            return models_response(self.service), "chat", "openai"
-        if self.health and route in ("/health", "/ready") and method == "GET":
-            return functools.partial(self._health, route), None, "plain"
-        if self._metrics is not None and (route, method) == ("/metrics", "GET"):
-            return self._metrics_response, "admin", "plain"
-        if self.page is not None and method in ("GET", "HEAD") and (page := self.page.response(route)) is not None:
-            return page, "chat", "plain"
-        if self.page is not None and (route, method) == (NEW_CHAT_PATH, "POST"):
-            return self._new_chat, "chat", "chatstream"
-        served = self._served_method(route)
-        # OPTIONS passes through: an app's CORS middleware inside this one answers preflights.
-        if served is not None and method != "OPTIONS":
-            allowed, shape = served
-            return functools.partial(self._wrong_method, allowed, shape), None, shape
+        """The handler of a request this middleware answers, the key scope it needs (None: no
+        key), and the shape of its errors; None for everything that passes through.
+
+        A route the middleware answers itself, asked with another method, is 405 (after the key
+        check, as any of its requests). `HEAD` is answered as `GET`. `OPTIONS` passes through,
+        so an app's CORS middleware inside this one answers preflights; so does any method on a
+        route the middleware only intercepts for the app (its own chat endpoint, its own APIs).
+        """
+        found = self._route(route)
+        if found is None:
+            return None
+        if method == found.method or (method == "HEAD" and found.method == "GET"):
+            return found.handler, found.needed, found.shape
+        if found.owned and method != "OPTIONS":
+            return functools.partial(self._wrong_method, found.method, found.shape), found.needed, found.shape
         return None
 
-    def _served_method(self, route: str) -> tuple[str, ErrorShape] | None:
-        """The method of a route this middleware answers itself (not one it hands to the app),
-        and its error shape; None for any other route."""
+    def _route(self, route: str) -> _Route | None:
+        """What this middleware does with `route`: the one routing table."""
         api = route[1:]
-        if route == self.path and self.serve:
-            return "POST", "plain"
+        if route == self.path:
+            return _Route("POST", self._chat, "chat" if self.serve else None, "plain", owned=self.serve)
         if api in self.served_apis:
-            return API_METHODS[api], "chatstream"
-        if self.openai and route in ("/v1/chat/completions", "/v1/models"):
-            return ("POST" if route.endswith("completions") else "GET"), "openai"
-        if (self.health and route in ("/health", "/ready")) or (self._metrics is not None and route == "/metrics"):
-            return "GET", "plain"
+            needed = "admin" if api in ADMIN_APIS else "apis"
+            return _Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True)
+        if api in SESSION_APIS:  # the app mounted it (append_apis): it only needs the session
+            return _Route(API_METHODS[api], functools.partial(self._api, api), None, "chatstream", owned=False)
+        if self.openai and route == "/v1/chat/completions":
+            return _Route("POST", self._completions, "chat", "openai", owned=True)
+        if self.openai and route == "/v1/models":
+            return _Route("GET", models_response(self.service), "chat", "openai", owned=True)
+        if self.health and route in ("/health", "/ready"):
+            return _Route("GET", functools.partial(self._health, route), None, "plain", owned=True)
+        if self._metrics is not None and route == "/metrics":
+            return _Route("GET", self._metrics_response, "admin", "plain", owned=True)
         if self.page is not None and route == NEW_CHAT_PATH:
-            return "POST", "chatstream"
+            return _Route("POST", self._new_chat, "chat", "chatstream", owned=True)
+        if self.page is not None and (page := self.page.response(route)) is not None:
+            return _Route("GET", page, "chat", "plain", owned=False)  # another method on / may be the app's
         return None
 
     async def _wrong_method(self, allowed: str, shape: ErrorShape, scope: Scope, receive: Receive, send: Send) -> None:
@@ -274,7 +303,12 @@ class ChatStreamMiddleware:
 
     async def _new_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The page's "New chat": a fresh session and its cookie. The old conversation stays in
-        the store (until its TTL) rather than being cleared: starting over destroys nothing."""
+        the store (until its TTL) rather than being cleared: starting over destroys nothing.
+        It takes a JSON `Content-Type` only: it needs no cookie, so SameSite cannot keep another
+        site's form from swapping a visitor's conversation for a new one."""
+        if not says_json(scope):
+            await self._refuse(scope, send, UnsupportedMediaType(NEW_CHAT_NEEDS_JSON), "chatstream")
+            return
 
         async def answer(session: Session, send: Send) -> None:
             await JSONResponse({"success": True})(scope, receive, send)

@@ -20,11 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from chatstream_asgi.asgi.body import says_json
 from chatstream_asgi.asgi.chat_endpoint import ChatServer
 from chatstream_asgi.asgi.conversation_apis import API_METHODS, ApiOptions, enabled_apis, handle_api
+from chatstream_asgi.asgi.http_errors import error_response
 from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
 from chatstream_asgi.asgi.streaming import MESSAGE_ID_HEADER
-from chatstream_asgi.asgi.webui import NEW_CHAT_PATH, PAGE_FILES, ChatPage
+from chatstream_asgi.asgi.webui import NEW_CHAT_NEEDS_JSON, NEW_CHAT_PATH, PAGE_FILES, ChatPage
+from chatstream_asgi.errors import NotSupported, UnsupportedMediaType
 from chatstream_asgi.sessions.lazy import LazySession
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,9 @@ def append_apis(server: ChatServer, app: Any, opts: ApiOptions) -> None:
 
         app.router.routes.append(Route(f"/{name}", api_route, methods=[API_METHODS[name]], name=name))
     if page_wanted:
-        page = ChatPage(opts.get("web_ui_params"), model=endpoint.service.name)
+        page = ChatPage(
+            opts.get("web_ui_params"), model=endpoint.service.name, system_prompt=endpoint.allow_system_prompt
+        )
         for path in PAGE_FILES:
 
             async def serve_file(request: Request, path: str = path) -> Response:
@@ -90,14 +95,16 @@ def append_apis(server: ChatServer, app: Any, opts: ApiOptions) -> None:
 
 async def _new_chat(request: Request) -> Response:
     """The page's "New chat" on an app's own routes: a fresh session from the middleware's
-    sessions (`LazySession.start_new`); other session middleware has no way to start one."""
+    sessions (`LazySession.start_new`); other session middleware has no way to start one.
+    JSON `Content-Type` only, as on the middleware's own route (see there)."""
+    if not says_json(request.scope):
+        return error_response(UnsupportedMediaType(NEW_CHAT_NEEDS_JSON), "chatstream")
     session = getattr(request.state, "session", None)
     if not isinstance(session, LazySession):
-        return JSONResponse(
-            {"success": False, "error": "not_supported",
-             "detail": "New chat needs ChatStreamMiddleware's sessions (chat_stream.append_middlewares(app))"},
-            status_code=501,
-        )  # fmt: skip
+        unsupported = NotSupported(
+            "New chat needs ChatStreamMiddleware's sessions: chat_stream.append_middlewares(app)"
+        )
+        return error_response(unsupported, "chatstream")
     session.start_new()
     return JSONResponse({"success": True})
 

@@ -59,6 +59,8 @@ class ChatStream:
     `max_queue_wait` (seconds) bounds a request's wait for a slot: past it, 503 `queue_timeout`.
     `admission="fair"` takes turns between clients (API keys, else addresses; `X-Forwarded-For`
     only with `trust_forwarded=True`) instead of serving waiters in arrival order.
+    `allow_system_prompt=True` lets a chat carry its own `system` text (the page's system prompt);
+    off, a client cannot replace the system text the app's prompt class sets.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ChatStream:
         max_queue_wait: float | None = None,
         admission: AdmissionPolicy = "fifo",
         trust_forwarded: bool = False,
+        allow_system_prompt: bool = False,
         **chatstream_options: Any,
     ) -> None:
         chosen = resolve_defaults(
@@ -185,6 +188,7 @@ class ChatStream:
             stream_format=chosen["stream_format"],
             too_many_request_as_http_error=chosen["too_many_request_as_http_error"],
             rules=self.roles,
+            allow_system_prompt=allow_system_prompt,
         )
         self._console: ConsoleConversation | None = None  # handle_console_input's conversation
 

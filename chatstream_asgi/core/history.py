@@ -1,8 +1,9 @@
 """What a turn leaves in its conversation: the one copy of the history rules every front-end uses.
 
 A turn adds the user's message and an empty reply (or, to regenerate, empties the last reply,
-and with a non-empty `user_input` puts that text in place of the last user message: an edit),
-then records the reply as it is generated, so a reply stopped half-way keeps what was shown.
+and for an edit puts `user_input` in place of the last user message first), with the system
+text the turn brings, if any; then it records the reply as it is generated, so a reply stopped
+half-way keeps what was shown.
 A turn that failed, or showed nothing before its client left, leaves the conversation as it was.
 A prompt class with `strip_reply` keeps the reply stripped of surrounding whitespace, and outside
 chat mode the model continues the user's text, so the reply (as ChatStream gives it) is that text
@@ -19,14 +20,23 @@ class TurnHistory:
     """One turn's effect on its conversation `prompt` (see the module docstring)."""
 
     def __init__(
-        self, prompt: AbstractChatPrompt, *, user_input: str, regenerate: bool, message_id: str | None = None
+        self,
+        prompt: AbstractChatPrompt,
+        *,
+        user_input: str,
+        regenerate: bool,
+        message_id: str | None = None,
+        edit: bool = False,
+        system: str | None = None,
     ) -> None:
         #: The conversation as it was, for a turn that fails or never shows its client anything.
         self.before = prompt.clone()
         self.prompt = prompt
+        if system is not None:
+            prompt.set_system(system)
         if regenerate:
             prompt.clear_last_responder_message()
-            if user_input:
+            if edit:
                 prompt.set_requester_last_msg(user_input)
         else:
             prompt.add_requester_msg(user_input)

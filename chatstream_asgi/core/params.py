@@ -172,6 +172,8 @@ class ChatTurnRequest:
     overrides: dict[str, Any]
     #: The conversation's system text from this turn on (None: keep what it has).
     system: str | None = None
+    #: `user_input` replaces the last user message, whose reply is generated anew (`regenerate`).
+    edit: bool = False
 
 
 def parse_json_object(body: bytes | str) -> dict[str, Any]:
@@ -208,6 +210,8 @@ def _refuse_constant(name: str) -> Any:
 def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
     """Parse and check a `/chat_stream` body (DESIGN §4); raises a 400-class `ChatStreamError`."""
     data = parse_json_object(body)
+    if "edit" in data:
+        return _parse_edit(data)
     regenerate = data.get("regenerate", False)
     if not isinstance(regenerate, bool):
         raise InvalidRequest(f"'regenerate' must be a boolean, not {_json_type(regenerate)}")
@@ -218,11 +222,34 @@ def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
         if user_input is None:
             raise InvalidRequest("'user_input' is required")
         raise InvalidRequest(f"'user_input' must be a string, not {_json_type(user_input)}")
+    return ChatTurnRequest(
+        user_input=user_input, regenerate=regenerate, overrides=_overrides(data), system=_system(data)
+    )
+
+
+def _parse_edit(data: dict[str, Any]) -> ChatTurnRequest:
+    """`{"edit": text}`: the last user message becomes `text`, and its reply is generated anew."""
+    edit = data["edit"]
+    if not isinstance(edit, str) or not edit:
+        raise InvalidRequest(
+            f"'edit' must be the new text of the last message (a non-empty string), not {quoted(edit)}"
+        )
+    if "user_input" in data or "regenerate" in data:
+        raise InvalidRequest("'edit' takes the place of 'user_input' and 'regenerate': send it alone")
+    return ChatTurnRequest(
+        user_input=edit, regenerate=True, overrides=_overrides(data), system=_system(data), edit=True
+    )
+
+
+def _overrides(data: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in data.items() if key in _PARAM_KEYS}
+
+
+def _system(data: dict[str, Any]) -> str | None:
     system = data.get("system")
     if system is not None and not isinstance(system, str):
         raise InvalidRequest(f"'system' must be a string, not {_json_type(system)}")
-    overrides = {key: value for key, value in data.items() if key in _PARAM_KEYS}
-    return ChatTurnRequest(user_input=user_input, regenerate=regenerate, overrides=overrides, system=system)
+    return system
 
 
 def _check_number(

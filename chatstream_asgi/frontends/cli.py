@@ -440,7 +440,7 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     service, source = load_service(args, concurrency=args.concurrency, queue=args.queue)
     app = ChatStreamMiddleware(
         Starlette(),
-        chat_stream=ChatEndpoint(service),
+        chat_stream=ChatEndpoint(service, allow_system_prompt=True),  # the page's system prompt
         serve=True,
         health=True,
         session_store=store,

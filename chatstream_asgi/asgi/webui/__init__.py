@@ -32,6 +32,7 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
 
 #: Where the page's "New chat" asks for a fresh session (POST; served with the page).
 NEW_CHAT_PATH = "/new_chat"
+NEW_CHAT_NEEDS_JSON = "POST /new_chat takes Content-Type: application/json (as the page sends it)"
 
 _OPTIONS_BLOCK = '<script id="chatstream-options" type="application/json">{}</script>'
 
@@ -51,15 +52,22 @@ class ChatPage:
     """The page's files in memory, with `params` (ChatStream's `web_ui_params`) injected.
 
     `params` may set `title` (header and tab), `placeholder` (the message box) and `greeting`
-    (shown while the conversation is empty). `model` (the model's name, shown in the header)
-    and `chat_path` (where the page posts chats) come from the server; `params` may override them.
+    (shown while the conversation is empty). `model` (the model's name, shown in the header),
+    `chat_path` (where the page posts chats) and `system_prompt` (whether the server takes a
+    chat's `system` text, so the settings offer the field) come from the server; `params` may
+    override them.
     """
 
     def __init__(
-        self, params: dict[str, Any] | None = None, *, model: str = "", chat_path: str = "/chat_stream"
+        self,
+        params: dict[str, Any] | None = None,
+        *,
+        model: str = "",
+        chat_path: str = "/chat_stream",
+        system_prompt: bool = False,
     ) -> None:
         # Relative to the page, so the page keeps working when the app is mounted under a prefix.
-        merged = {"model": model, "chat_path": chat_path.lstrip("/"), **(params or {})}
+        merged = {"model": model, "chat_path": chat_path.lstrip("/"), "system_prompt": system_prompt, **(params or {})}
         options = json.dumps(merged, ensure_ascii=False).replace("<", "\\u003c")
         folder = importlib.resources.files(__name__)
         self._bodies: dict[str, bytes] = {}
