@@ -50,7 +50,8 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = 
     with tempfile.TemporaryDirectory() as folder:
         tiny = build_demo_model(Path(folder) / "tiny", seed=1)
         large = build_demo_model(Path(folder) / "large", hidden_size=512, num_hidden_layers=8, seed=1)
-        smollm2 = ensure_default_model() if real else None
+        on_real_model = {"overhead", "scaling", "conversation"} & set(only)
+        smollm2 = ensure_default_model() if real and on_real_model else None
         tokens = 32 if quick else 128
         started = time.perf_counter()
         results: dict[str, Any] = {"machine": _machine(), "quick": quick, "prompt": PROMPT, "new_tokens": tokens}

@@ -433,3 +433,21 @@ def test_serve_help_groups_its_options_and_shows_an_example() -> None:
     for heading in ("model:", "listening:", "capacity:", "sessions and access:", "routes and stopping:", "examples:"):
         assert heading in result.stdout
     assert "chatstream-asgi serve --model" in result.stdout
+
+
+@pytest.mark.parametrize(("option", "value"), [("--port", "abc"), ("--concurrency", "x"), ("--shutdown-timeout", "q")])
+def test_a_value_of_the_wrong_kind_is_named_in_the_users_terms(option: str, value: str) -> None:
+    line = _usage_error(_run("serve", option, value))
+    assert f"argument {option}: expected" in line and repr(value) in line
+    assert "invalid" not in line  # argparse's own "invalid _port value" names a function
+
+
+def test_the_examples_extra_installs_every_server_the_docs_show() -> None:
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    examples = {requirement.split(">")[0].split("=")[0] for requirement in extras["optional-dependencies"]["examples"]}
+    servers_doc = (Path(__file__).resolve().parent.parent / "docs" / "servers.md").read_text()
+    shown = {server for server in ("uvicorn", "hypercorn", "granian") if f"\n{server} " in servers_doc}
+    assert shown == {"uvicorn", "hypercorn", "granian"}
+    assert shown - {"uvicorn"} <= examples  # uvicorn is a dependency of the package itself

@@ -73,7 +73,7 @@ class CookieSessions:
         `run`: a new session's cookie goes out with the response, marked changes are stored at
         the end, and a held turn lock is released."""
         try:
-            session = await self._open(scope, fresh)
+            session = await self._open(scope, fresh=fresh)
         except SessionStoreUnavailable as error:
             telemetry_of(scope).refused(error)
             await send_error(send, error, shape)
@@ -98,7 +98,7 @@ class CookieSessions:
             with anyio.CancelScope(shield=True):
                 await self._persist(lazy.opened)
 
-    async def _open(self, scope: Scope, fresh: bool = False) -> Session:
+    async def _open(self, scope: Scope, *, fresh: bool = False) -> Session:
         signed = None if fresh else cookie_parser(Headers(scope=scope).get("cookie", "")).get(self.cookie)
         session_id = self._signer.unsign(signed) if signed else None
         return await Session.open(session_id, self.store, self._prompt_from_dict)

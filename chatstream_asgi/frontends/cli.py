@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -346,6 +347,8 @@ def _hub_answers(model_id: str) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
+    if urllib.request.getproxies():  # the hub is reached through a proxy: let huggingface_hub try
+        return True
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
@@ -557,7 +560,10 @@ def _chat(args: argparse.Namespace) -> int:
 
     from chatstream_asgi.frontends.console import run_console
 
-    service, source = load_service(args, concurrency=1, queue=0)
+    try:
+        service, source = load_service(args, concurrency=1, queue=0)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot start: {error}") from None
     _progress(f"chatting with {source}")
     try:
         return anyio.run(run_console, service, sys.stdin, sys.stdout, sys.stderr)
@@ -617,28 +623,38 @@ def _session_store_option(text: str) -> str:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, not {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
     return value
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+
+
 def _port(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 1 to 65535, not {value}")
     return value
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
     return value
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value

