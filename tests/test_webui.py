@@ -22,14 +22,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlparse
 
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import pytest
 from fastapi import FastAPI
-from playwright.sync_api import Browser, Page, Request, sync_playwright
+from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
@@ -133,14 +133,15 @@ class ScriptedEngine:
         """Nothing to release."""
 
 
-def mock_app(**middleware: Any) -> ChatStreamMiddleware:
+def mock_app(**options: Any) -> ChatStreamMiddleware:
     """The page in front of the mock engine, which echoes what it is told."""
-    return engine_app(MockEngine(tokens_per_second=200), **middleware)
+    return engine_app(MockEngine(tokens_per_second=200), **options)
 
 
-def engine_app(engine: Any, **middleware: Any) -> ChatStreamMiddleware:
-    """The page in front of `engine` (a MockEngine that says a text, a ScriptedEngine)."""
-    chat_stream = ChatStream(engine=engine, max_new_tokens=1024)
+def engine_app(engine: Any, *, allow_system_prompt: bool = False, **middleware: Any) -> ChatStreamMiddleware:
+    """The page in front of `engine` (a MockEngine that says a text, a ScriptedEngine), on a
+    ChatStream with `allow_system_prompt` (off by default, as for any app)."""
+    chat_stream = ChatStream(engine=engine, max_new_tokens=1024, allow_system_prompt=allow_system_prompt)
     return ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, webui=True, **middleware)
 
 
@@ -186,6 +187,16 @@ def chat_bodies(page: Page) -> list[dict[str, Any]]:
 
     page.on("request", record)
     return bodies
+
+
+def is_chat(url: str) -> bool:
+    return urlparse(url).path.endswith("/chat_stream")
+
+
+def edit_last_message(page: Page, text: str) -> None:
+    page.click(".msg.user.editable button[aria-label='Edit message']")
+    page.fill(".msg.user.editing textarea", text)
+    page.click(".msg.user.editing button[type='submit']")
 
 
 def session_cookie(page: Page) -> str:
@@ -390,10 +401,10 @@ def test_the_last_user_message_can_be_edited_and_resent(serve: Callable[[Any], L
     wait_for_replies(page, 1)
     send(page, "Secnod qestion")
     wait_for_replies(page, 2)
-    page.click(".msg.user.editable button[aria-label='Edit message']")
-    page.fill(".msg.user.editing textarea", "Second question")
-    page.click(".msg.user.editing button[type='submit']")
+    bodies = chat_bodies(page)
+    edit_last_message(page, "Second question")
     wait_for_replies(page, 2)
+    assert bodies == [{"edit": "Second question"}]
     expected = [
         ("user", "First question"),
         ("assistant", "First question"),
@@ -402,6 +413,35 @@ def test_the_last_user_message_can_be_edited_and_resent(serve: Callable[[Any], L
     ]
     assert messages(page) == expected
     assert contents(server_history(page)) == expected
+
+
+def refuse(route: Route) -> None:
+    route.fulfill(status=503, json={"success": False, "error": "queue_timeout", "detail": "No slot came free."})
+
+
+def drop(route: Route) -> None:
+    route.abort()
+
+
+@pytest.mark.parametrize("failure", [refuse, drop], ids=["refused", "unreachable"])
+def test_an_edit_that_fails_is_given_back_in_the_editor(
+    failure: Callable[[Route], None], serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    send(page, "Secnod qestion")
+    wait_for_replies(page, 1)
+    page.route(is_chat, failure)
+    edit_last_message(page, "Second question")
+    page.wait_for_selector("#status.error")
+    page.wait_for_function(
+        "() => !document.getElementById('send').hidden && document.querySelector('.msg.user.editing textarea')"
+    )
+    assert page.input_value(".msg.user.editing textarea") == "Second question"
+    assert messages(page) == [("user", "Secnod qestion"), ("assistant", "Secnod qestion")]  # as the server keeps it
+    page.unroute(is_chat)
+    page.click(".msg.user.editing button[type='submit']")  # and it can be sent again as it is
+    wait_for_replies(page, 1)
+    assert contents(server_history(page)) == [("user", "Second question"), ("assistant", "Second question")]
 
 
 def test_only_the_last_user_message_offers_an_edit(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
@@ -502,7 +542,7 @@ def test_settings_are_stored_and_a_bad_value_is_shown_next_to_its_field(
 def test_a_system_prompt_set_in_the_settings_reaches_the_server(
     serve: Callable[[Any], LiveServer], open_page: Any
 ) -> None:
-    page = open_page(serve(mock_app(apis={"all": True})).url)
+    page = open_page(serve(mock_app(allow_system_prompt=True, apis={"all": True})).url)
     save_system_prompt(page, "Answer like a pirate.")
     send(page, "Hello")
     wait_for_replies(page, 1)
@@ -513,7 +553,7 @@ def test_a_system_prompt_set_in_the_settings_reaches_the_server(
 def test_the_system_prompt_is_kept_in_the_browser_and_sent_with_every_chat(
     serve: Callable[[Any], LiveServer], open_page: Any
 ) -> None:
-    page = open_page(serve(mock_app()).url)
+    page = open_page(serve(mock_app(allow_system_prompt=True)).url)
     save_system_prompt(page, "Be brief.")
     page.reload()
     page.wait_for_selector("#send:enabled")
@@ -528,7 +568,7 @@ def test_the_system_prompt_is_kept_in_the_browser_and_sent_with_every_chat(
 
 
 def test_an_emptied_system_prompt_is_sent_as_empty(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
-    page = open_page(serve(mock_app()).url)
+    page = open_page(serve(mock_app(allow_system_prompt=True)).url)
     save_system_prompt(page, "Be brief.")
     save_system_prompt(page, "")
     bodies = chat_bodies(page)
@@ -538,7 +578,7 @@ def test_an_emptied_system_prompt_is_sent_as_empty(serve: Callable[[Any], LiveSe
 
 
 def test_no_system_is_sent_until_the_user_sets_one(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
-    page = open_page(serve(mock_app()).url)
+    page = open_page(serve(mock_app(allow_system_prompt=True)).url)
     page.click("#settings-toggle")
     page.click("#settings-save")  # saving the other settings leaves an untouched system prompt unset
     page.wait_for_selector("#settings-status:has-text('Saved')")
@@ -546,6 +586,43 @@ def test_no_system_is_sent_until_the_user_sets_one(serve: Callable[[Any], LiveSe
     send(page, "Hello")
     wait_for_replies(page, 1)
     assert ["system" in body for body in bodies] == [False]
+
+
+def test_an_edit_carries_the_system_prompt_where_the_server_takes_one(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app(allow_system_prompt=True)).url)
+    save_system_prompt(page, "Be brief.")
+    bodies = chat_bodies(page)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    edit_last_message(page, "Hello again")
+    wait_for_replies(page, 1)
+    assert bodies == [
+        {"user_input": "Hello", "regenerate": False, "system": "Be brief."},
+        {"edit": "Hello again", "system": "Be brief."},
+    ]
+    assert contents(server_history(page)) == [("user", "Hello again"), ("assistant", "Hello again")]
+
+
+def test_where_the_server_takes_no_system_prompt_the_page_neither_offers_nor_sends_one(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    # Not even one this browser kept from a server that took one: this server would refuse it.
+    kept = "localStorage.setItem('chatstream-asgi.system:/', 'Be brief.');"
+    page = open_page(serve(mock_app()).url, init_script=kept)
+    page.click("#settings-toggle")
+    page.wait_for_function("() => document.getElementById('temperature').value !== ''")
+    assert page.is_hidden("#system")
+    page.click("#settings-save")
+    page.wait_for_selector("#settings-status:has-text('Saved')")
+    bodies = chat_bodies(page)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    edit_last_message(page, "Hello again")
+    wait_for_replies(page, 1)
+    assert bodies == [{"user_input": "Hello", "regenerate": False}, {"edit": "Hello again"}]
+    assert messages(page) == [("user", "Hello again"), ("assistant", "Hello again")]
 
 
 def test_the_page_fits_a_phone_screen(serve: Callable[[Any], LiveServer], open_page: Any) -> None:

@@ -5,7 +5,14 @@
 import { createConversation, fitHeight } from "./messages.js";
 
 const options = Object.assign(
-  { title: "chatstream-asgi", placeholder: "Message", greeting: "", chat_path: "chat_stream", model: "" },
+  {
+    title: "chatstream-asgi",
+    placeholder: "Message",
+    greeting: "",
+    chat_path: "chat_stream",
+    model: "",
+    system_prompt: false, // whether the server takes a chat's system text (its allow_system_prompt)
+  },
   JSON.parse(document.getElementById("chatstream-options").textContent || "{}")
 );
 const PARAM_FIELDS = ["temperature", "top_k", "top_p", "max_new_tokens"];
@@ -179,10 +186,12 @@ async function readEvents(response, onEvent) {
   }
 }
 
-function chatBody(userInput, regenerate) {
-  const body = { user_input: userInput, regenerate };
-  const system = storedSystem();
-  if (system !== null) body.system = system; // once set, sent with every chat ("" included)
+// The body of a turn (see converse). The system prompt goes with every chat once the user has
+// set it ("" included), and only where the server takes a chat's system text at all.
+function chatBody(text, mode) {
+  const body = mode === "edit" ? { edit: text } : { user_input: text, regenerate: mode === "regenerate" };
+  const system = options.system_prompt ? storedSystem() : null;
+  if (system !== null) body.system = system;
   return body;
 }
 
@@ -249,39 +258,44 @@ async function chat(body, reply) {
   }
 }
 
-// One turn: "send" a new message, "regenerate" the last reply, or "edit" the last user message
-// to `userText` and reply to it again.
-async function converse(userText, mode) {
+// Puts the text of a turn the server did not keep back where it was written, to send again:
+// an edit in the last message's editor, a message in the message box (unless it holds a new one).
+function giveBack(text, mode) {
+  if (mode === "edit" && conversation.reopenEditor(text)) return;
+  if (!input.value) {
+    input.value = text;
+    fitHeight(input, 200);
+  }
+}
+
+// One turn: "send" a new message, "regenerate" the last reply ("" as text), or "edit" the last
+// user message to `text` and reply to it again.
+async function converse(text, mode) {
   if (busy) return;
   setBusy(true);
   showStatus("");
-  let sent = false;
   if (mode === "send") {
-    conversation.addUser(userText);
+    conversation.addUser(text);
     input.value = "";
     fitHeight(input, 200);
-    sent = true;
   } else {
     conversation.removeLastReply();
-    if (mode === "edit") conversation.replaceLastUserText(userText);
+    if (mode === "edit") conversation.replaceLastUserText(text);
   }
   const reply = conversation.startReply();
-  const outcome = await chat(chatBody(mode === "regenerate" ? "" : userText, mode !== "send"), reply);
+  const outcome = await chat(chatBody(text, mode), reply);
   controller = null;
-  if (outcome === "success" || (outcome === "stopped" && reply.text())) {
+  const kept = outcome === "success" || (outcome === "stopped" && reply.text());
+  if (kept) {
     reply.finish(outcome === "stopped");
     if (outcome === "stopped") showStatus("Stopped.");
   } else {
-    // The server keeps no turn that failed or showed nothing: show what it keeps, and give the
-    // text back so it can be sent again.
-    if (sent && !input.value) {
-      input.value = userText;
-      fitHeight(input, 200);
-    }
+    // The server keeps no turn that failed or showed nothing: show what it keeps.
     if (outcome === "stopped") showStatus("Stopped before the reply began.");
     await loadHistory();
   }
   setBusy(false);
+  if (!kept && mode !== "regenerate") giveBack(text, mode); // once the conversation is editable again
 }
 
 async function loadHistory() {
@@ -338,9 +352,13 @@ async function openSettings() {
   if (!opening) return;
   $("settings-status").textContent = "";
   PARAM_FIELDS.forEach((field) => fieldError(field, ""));
-  $("system").value = storedSystem() || "";
-  fitHeight($("system"), 240);
-  $("system").focus();
+  if (options.system_prompt) {
+    $("system").value = storedSystem() || "";
+    fitHeight($("system"), 240);
+    $("system").focus();
+  } else {
+    $("temperature").focus();
+  }
   const result = await request("get_generation_params");
   if (!result.ok) {
     $("settings-status").textContent = result.message;
@@ -363,7 +381,7 @@ async function saveSettings(event) {
   event.preventDefault();
   PARAM_FIELDS.forEach((field) => fieldError(field, ""));
   $("settings-status").textContent = "";
-  if (!saveSystem()) {
+  if (options.system_prompt && !saveSystem()) {
     $("settings-status").textContent = "This browser does not let the page keep the system prompt.";
     return;
   }
@@ -396,6 +414,10 @@ $("title").textContent = options.title;
 $("model").textContent = options.model ? "model: " + options.model : "";
 input.placeholder = options.placeholder;
 if (options.greeting) $("greeting").textContent = options.greeting;
+// The system prompt is offered only where the server takes one (its allow_system_prompt): else
+// a chat carrying it would be refused.
+$("system-field").hidden = !options.system_prompt;
+if (!options.system_prompt) settingsToggle.title = "Generation settings";
 
 $("composer").addEventListener("submit", (event) => {
   event.preventDefault();

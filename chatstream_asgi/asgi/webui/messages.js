@@ -131,10 +131,11 @@ export function createConversation(log, empty, handlers) {
     editing = null;
   }
 
-  function openEditor(message) {
+  // Opens `message` for editing, its text in the box (or `text`: an edit to try again).
+  function openEditor(message, text) {
     closeEditor();
     const box = node("textarea");
-    box.value = bubbleOf(message).textContent;
+    box.value = text ?? bubbleOf(message).textContent;
     box.rows = 1;
     box.setAttribute("aria-label", "Edit your message");
     const cancel = node("button", "ghost small", "Cancel");
@@ -248,11 +249,20 @@ export function createConversation(log, empty, handlers) {
       if (last && last.classList.contains("assistant")) last.remove();
     },
 
-    // The last user message now says `text` (the server took the edit).
+    // The last user message now says `text`, as edited (reloaded from the server if it refuses).
     replaceLastUserText(text) {
       closeEditor();
       const users = log.querySelectorAll(".msg.user");
       if (users.length) bubbleOf(users[users.length - 1]).textContent = text;
+    },
+
+    // Opens the last user message's editor again with `text`, an edit the server did not take;
+    // false if that message cannot be edited now (allowEdit has not offered it).
+    reopenEditor(text) {
+      const user = log.querySelector(".msg.user.editable");
+      if (!user) return false;
+      openEditor(user, text);
+      return true;
     },
 
     // Offers the edit on the last user message when `allowed` and a reply follows it: the
