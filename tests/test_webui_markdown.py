@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import pytest
 from playwright.sync_api import Dialog, Page, Request
 
 from chatstream_asgi.engine.mock import MockEngine
 
 from . import test_webui as page_tests
 from .conftest import LiveServer
-from .test_webui import ScriptedEngine, engine_app, messages, send, wait_for_replies
+from .test_webui import ScriptedEngine, engine_app, messages, mock_app, send, wait_for_replies
 
 # The page fixtures, shared with the page's other tests.
 browser = page_tests.browser
@@ -33,6 +34,27 @@ Object.defineProperty(navigator, "clipboard", {
   value: { writeText: (text) => { window.__copied.push(text); return Promise.resolve(); } },
 });
 """
+# A renderer bug, planted: making an <h6> throws.
+H6_THROWS = """
+const createElement = Document.prototype.createElement;
+Document.prototype.createElement = function (tag, ...rest) {
+  if (String(tag).toLowerCase() === "h6") throw new Error("a renderer bug");
+  return createElement.call(this, tag, ...rest);
+};
+"""
+# Renders a text with the page's own renderer, into a box of its own: how long it took, the
+# box's top-level tags (none: the reply fell back to plain text), its text, and how deep the
+# elements of a tag nest in it.
+RENDER = """async ([text, tag]) => {
+  const { renderMarkdown } = await import("./markdown.js");
+  const box = document.createElement("div");
+  const started = performance.now();
+  renderMarkdown(box, text);
+  const ms = performance.now() - started;
+  let deepest = 0;
+  for (let level = box.querySelector(tag); level; level = level.querySelector(tag)) deepest += 1;
+  return { ms, tags: [...box.children].map((child) => child.tagName.toLowerCase()), text: box.textContent, deepest };
+}"""
 DANGEROUS_ELEMENTS = "#log img, #log script, #log iframe, #log [onerror], #log a[href^='javascript:' i]"
 
 
@@ -79,6 +101,30 @@ def page_saying(text: str, serve: Callable[[Any], LiveServer], open_page: Any, *
 
 def reply(page: Page) -> Any:
     return page.locator(".msg.assistant .bubble")
+
+
+def render(page: Page, text: str, tag: str = "blockquote") -> dict[str, Any]:
+    rendered: dict[str, Any] = page.evaluate(RENDER, [text, tag])
+    return rendered
+
+
+def adversarial_markdown() -> str:
+    """About 200 KB of markdown made to take a naive renderer quadratic time, or its stack."""
+    paragraph = [
+        "*a " * 7000,  # emphasis that never closes
+        "_a " * 7000,
+        "[a " * 7000,  # brackets that never close
+        "[a](" * 5000,  # links whose URL never ends
+        "".join("`" * size + "x " for size in range(2, 120)) + "`a` " * 3000,  # code spans, unclosed among closed
+        "<" + "a" * 10000 + "@" + "a." * 5000,  # an email autolink that never closes
+        "http://[" * 3200,  # URLs the browser cannot parse
+        "http://a" + ")" * 5000,
+        "a" + " " * 10000,  # trailing spaces
+        "b",
+    ]
+    table = "|a" * 1000 + "|\n" + "|-" * 1000 + "|\n" + "x\n" * 5000  # a wide header over short rows
+    blocks = ["\n".join(paragraph), "# a" + " " * 10000 + "b", ">" * 5000 + "x", "1. " * 3000 + "x", table]
+    return "\n\n".join(blocks)
 
 
 def test_a_reply_in_markdown_is_shown_formatted(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
@@ -215,3 +261,71 @@ def test_streamed_markdown_keeps_the_nodes_of_finished_blocks(
     wait_for_replies(page, 1)
     kept = page.evaluate("() => [...document.querySelectorAll('.msg.assistant .bubble > *')].map(n => !!n.__kept)")
     assert kept == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    ("text", "tag", "left_as_text"),
+    [
+        (">" * 5000 + "x", "blockquote", ">" * 4984 + "x"),
+        ("1. " * 5000 + "x", "ol", "1. " * 4984 + "x"),
+        ("- " * 5000 + "x", "ul", "- " * 4984 + "x"),
+    ],
+    ids=["quotes", "ordered-lists", "lists"],
+)
+def test_blocks_nest_16_deep_and_deeper_markers_are_text(
+    text: str, tag: str, left_as_text: str, serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    rendered = render(page, text, tag)
+    assert (rendered["tags"], rendered["deepest"], rendered["text"]) == ([tag], 16, left_as_text)
+
+
+@pytest.mark.parametrize(
+    ("text", "tags"), [("- " * 5000, ["hr"]), ("*" * 20000 + "x", ["p"])], ids=["a-rule", "a-run-of-stars"]
+)
+def test_long_runs_of_markers_render(
+    text: str, tags: list[str], serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    assert render(page, text)["tags"] == tags
+
+
+def test_200_kb_of_adversarial_markdown_renders_in_bounded_time(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    text = adversarial_markdown()
+    assert len(text) > 200_000
+    rendered = render(page, text)
+    assert rendered["tags"] == ["p", "h1", "blockquote", "ol", "div", "p"]  # rendered, not fallen back to text
+    # Far above what it takes (tens of milliseconds): this catches quadratic time, not slowness.
+    assert rendered["ms"] < 5000
+
+
+def test_a_conversation_with_adversarial_markdown_streams_and_reloads(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    engine = ScriptedEngine()
+    page = open_page(serve(engine_app(engine)).url)
+    send(page, "Go")
+    engine.say(adversarial_markdown())
+    engine.end()
+    wait_for_replies(page, 1)
+    page.reload()
+    page.wait_for_selector("#send:enabled")
+    assert reply(page).evaluate("bubble => [...bubble.children].map(child => child.tagName)") == [
+        "P", "H1", "BLOCKQUOTE", "OL", "DIV", "P"
+    ]  # fmt: skip
+
+
+def test_a_reply_the_renderer_fails_on_shows_as_plain_text_and_the_page_goes_on(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    text = "###### A heading the renderer cannot make\n\nand **bold** after it"
+    page = page_saying(text, serve, open_page, init_script=H6_THROWS)
+    assert (reply(page).text_content(), reply(page).evaluate("bubble => bubble.children.length")) == (text, 0)
+    send(page, "Again")  # the page is not left busy
+    wait_for_replies(page, 2)
+    page.reload()  # and its history still loads
+    page.wait_for_selector("#send:enabled")
+    assert messages(page)[1] == ("assistant", text)

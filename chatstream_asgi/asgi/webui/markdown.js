@@ -10,8 +10,13 @@
 // code blocks and reference links are not recognised, a single newline is a line break (as
 // chat UIs show it), and any list marker may start a list right under a paragraph line (a
 // streamed list shows as a list from its first token, not as a heading for a moment).
+//
+// Robust by construction too: quotes and lists nest at most MAX_NESTING deep (a deeper marker
+// is text), a table gets no more empty cells than its source has characters, no pattern here
+// can backtrack more than linearly, and should rendering fail all the same, the reply shows as
+// plain text rather than not at all.
 
-import { element, inlineNodes } from "./markdown-inline.js";
+import { MAX_NESTING, element, inlineNodes } from "./markdown-inline.js";
 
 const FENCE = /^( {0,3})(`{3,}|~{3,})(.*)$/;
 const FENCE_CLOSE = /^ {0,3}(`{3,}|~{3,})[ \t]*$/;
@@ -25,6 +30,14 @@ const TABLE_DELIMITER = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(\|[ \t]*:?-+:?[ \t]*)*\|?[
 // -- blocks -----------------------------------------------------------------------------------
 
 const isBlank = (line) => /^[ \t]*$/.test(line);
+
+// Where `text` ends less its trailing spaces and tabs. A loop: /[ \t]+$/ would try again from
+// every space of a long run, in quadratic time.
+function trimmedEnd(text) {
+  let end = text.length;
+  while (end > 0 && (text[end - 1] === " " || text[end - 1] === "\t")) end -= 1;
+  return end;
+}
 
 function indentOf(line) {
   let column = 0;
@@ -71,6 +84,15 @@ function listMarker(line) {
   };
 }
 
+// A quote or a list starts at `line` only while blocks may nest deeper; past that it is text.
+function startsQuote(line, depth) {
+  return depth < MAX_NESTING && QUOTE.test(line);
+}
+
+function startsList(line, depth) {
+  return depth < MAX_NESTING ? listMarker(line) : null;
+}
+
 function sameList(a, b) {
   return a.ordered === b.ordered && a.kind === b.kind;
 }
@@ -105,11 +127,11 @@ function startsTable(lines, index) {
   );
 }
 
-// Whether lines[index] starts a block that ends a paragraph above it.
-function interruptsParagraph(lines, index) {
+// Whether lines[index] starts a block that ends a paragraph above it, `depth` blocks deep.
+function interruptsParagraph(lines, index, depth) {
   const line = lines[index];
-  if (fenceOpening(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line)) return true;
-  const marker = listMarker(line);
+  if (fenceOpening(line) || HEADING.test(line) || RULE.test(line) || startsQuote(line, depth)) return true;
+  const marker = startsList(line, depth);
   // An ordered list interrupts only from 1, so that "2024. A good year" in a sentence stays text.
   if (marker && (!marker.ordered || marker.start === 1)) return true;
   return startsTable(lines, index);
@@ -120,8 +142,8 @@ function joinLines(lines) {
   return lines
     .map((line, index) => {
       const text = line.replace(/^[ \t]+/, "");
-      const hardBreak = index < lines.length - 1 && / {2,}$/.test(text);
-      return text.replace(/[ \t]+$/, "") + (hardBreak ? "\\" : "");
+      const hardBreak = index < lines.length - 1 && text.endsWith("  ");
+      return text.slice(0, trimmedEnd(text)) + (hardBreak ? "\\" : "");
     })
     .join("\n");
 }
@@ -139,34 +161,42 @@ function readFence(lines, index, opening) {
   return [{ type: "code", lang: opening.lang, text: body.join("\n") }, next];
 }
 
-function readHeading(lines, index, match) {
-  const text = (match[2] || "").replace(/(^|[ \t]+)#+[ \t]*$/, "").trim();
-  return [{ type: "heading", level: match[1].length, text }, index + 1];
+// A heading's text less its closing #s ("## Title ##"), which close it only after a space.
+function headingText(text) {
+  let end = trimmedEnd(text);
+  let hashes = end;
+  while (hashes > 0 && text[hashes - 1] === "#") hashes -= 1;
+  if (hashes < end && (hashes === 0 || text[hashes - 1] === " " || text[hashes - 1] === "\t")) end = hashes;
+  return text.slice(0, end).trim();
 }
 
-function readQuote(lines, index) {
+function readHeading(lines, index, match) {
+  return [{ type: "heading", level: match[1].length, text: headingText(match[2] || "") }, index + 1];
+}
+
+function readQuote(lines, index, depth) {
   const inner = [];
   let next = index;
   while (next < lines.length) {
     const match = QUOTE.exec(lines[next]);
     const lazy = !match && !isBlank(lines[next]) && inner.length > 0 && !isBlank(inner[inner.length - 1]);
     if (match) inner.push(match[1]);
-    else if (lazy && !interruptsParagraph(lines, next)) inner.push(lines[next]);
+    else if (lazy && !interruptsParagraph(lines, next, depth)) inner.push(lines[next]);
     else break;
     next += 1;
   }
-  return [{ type: "quote", children: parseBlocks(inner) }, next];
+  return [{ type: "quote", children: parseBlocks(inner, depth + 1) }, next];
 }
 
 // Whether lines[index], not indented enough for the item, still goes on the item's paragraph.
-function lazyLine(itemLines, lines, index) {
+function lazyLine(itemLines, lines, index, depth) {
   const paragraphOpen = !isBlank(itemLines[itemLines.length - 1]);
-  return paragraphOpen && !listMarker(lines[index]) && !interruptsParagraph(lines, index);
+  return paragraphOpen && !listMarker(lines[index]) && !interruptsParagraph(lines, index, depth);
 }
 
 // One list item's lines, less its indentation: indented lines, blank lines followed by one,
 // and unindented lines that go on its paragraph.
-function readItem(lines, index, marker) {
+function readItem(lines, index, marker, depth) {
   const itemLines = [marker.first];
   let next = index + 1;
   while (next < lines.length) {
@@ -182,21 +212,21 @@ function readItem(lines, index, marker) {
       continue;
     }
     if (indentOf(line) >= marker.contentIndent) itemLines.push(dedent(line, marker.contentIndent));
-    else if (lazyLine(itemLines, lines, next)) itemLines.push(line);
+    else if (lazyLine(itemLines, lines, next, depth)) itemLines.push(line);
     else break;
     next += 1;
   }
   return [itemLines, next];
 }
 
-function readList(lines, index, first) {
+function readList(lines, index, first, depth) {
   const items = [];
   let loose = false;
   let next = index;
   for (;;) {
     const marker = listMarker(lines[next]);
-    const [itemLines, end] = readItem(lines, next, marker);
-    const children = parseBlocks(itemLines);
+    const [itemLines, end] = readItem(lines, next, marker, depth);
+    const children = parseBlocks(itemLines, depth + 1);
     items.push(children);
     loose = loose || children.some((child, position) => position > 0 && child.gapBefore);
     next = end;
@@ -211,7 +241,10 @@ function readList(lines, index, first) {
   return [{ type: "list", ordered: first.ordered, start: first.start, loose, items }, next];
 }
 
-function readTable(lines, index) {
+// A table's rows end at a blank line or another block, and once they would need more empty
+// cells (rows shorter than the header) than the table's source has characters: as in cmark-gfm,
+// a wide header over many one-character rows must not make millions of cells.
+function readTable(lines, index, depth) {
   const head = splitRow(lines[index]);
   const aligns = splitRow(lines[index + 1]).map((cell) => {
     if (cell.startsWith(":") && cell.endsWith(":")) return "center";
@@ -219,15 +252,21 @@ function readTable(lines, index) {
     return cell.startsWith(":") ? "left" : "";
   });
   const rows = [];
+  let size = lines[index].length + lines[index + 1].length;
+  let emptyCells = 0;
   let next = index + 2;
-  while (next < lines.length && !isBlank(lines[next]) && !interruptsParagraph(lines, next)) {
-    rows.push(splitRow(lines[next]));
+  while (next < lines.length && !isBlank(lines[next]) && !interruptsParagraph(lines, next, depth)) {
+    const row = splitRow(lines[next]);
+    size += lines[next].length + 1;
+    emptyCells += Math.max(0, head.length - row.length);
+    if (emptyCells > size) break;
+    rows.push(row);
     next += 1;
   }
   return [{ type: "table", head, aligns, rows }, next];
 }
 
-function readParagraph(lines, index) {
+function readParagraph(lines, index, depth) {
   const text = [lines[index]];
   let next = index + 1;
   while (next < lines.length && !isBlank(lines[next])) {
@@ -235,29 +274,30 @@ function readParagraph(lines, index) {
     if (underline) {
       return [{ type: "heading", level: underline[1][0] === "=" ? 1 : 2, text: joinLines(text) }, next + 1];
     }
-    if (interruptsParagraph(lines, next)) break;
+    if (interruptsParagraph(lines, next, depth)) break;
     text.push(lines[next]);
     next += 1;
   }
   return [{ type: "paragraph", text: joinLines(text) }, next];
 }
 
-function readBlock(lines, index) {
+function readBlock(lines, index, depth) {
   const line = lines[index];
   const opening = fenceOpening(line);
   if (opening) return readFence(lines, index, opening);
   const heading = HEADING.exec(line);
   if (heading) return readHeading(lines, index, heading);
   if (RULE.test(line)) return [{ type: "rule" }, index + 1];
-  if (QUOTE.test(line)) return readQuote(lines, index);
-  const marker = listMarker(line);
-  if (marker) return readList(lines, index, marker);
-  if (startsTable(lines, index)) return readTable(lines, index);
-  return readParagraph(lines, index);
+  if (startsQuote(line, depth)) return readQuote(lines, index, depth);
+  const marker = startsList(line, depth);
+  if (marker) return readList(lines, index, marker, depth);
+  if (startsTable(lines, index)) return readTable(lines, index, depth);
+  return readParagraph(lines, index, depth);
 }
 
-// The blocks of `lines`, each with its source (`raw`) and whether a blank line came before it.
-function parseBlocks(lines) {
+// The blocks of `lines`, `depth` quotes and lists deep, each with its source (`raw`) and whether
+// a blank line came before it.
+function parseBlocks(lines, depth) {
   const blocks = [];
   let gapBefore = false;
   let index = 0;
@@ -267,7 +307,7 @@ function parseBlocks(lines) {
       index += 1;
       continue;
     }
-    const [block, next] = readBlock(lines, index);
+    const [block, next] = readBlock(lines, index, depth);
     block.raw = lines.slice(index, next).join("\n");
     block.gapBefore = gapBefore;
     blocks.push(block);
@@ -299,7 +339,7 @@ function table(block) {
       "tr",
       null,
       block.head.map((_, column) => {
-        const cell = element(tag, null, inlineNodes(cells[column] || "", false));
+        const cell = element(tag, null, inlineNodes(cells[column] || ""));
         if (block.aligns[column]) cell.className = "align-" + block.aligns[column];
         return cell;
       })
@@ -315,7 +355,7 @@ function list(block) {
   for (const children of block.items) {
     // A tight list's paragraphs are its items' bare text, as in CommonMark.
     const parts = children.map((child) =>
-      block.loose || child.type !== "paragraph" ? [renderBlock(child)] : inlineNodes(child.text, false)
+      block.loose || child.type !== "paragraph" ? [renderBlock(child)] : inlineNodes(child.text)
     );
     made.append(element("li", null, parts.flat()));
   }
@@ -325,7 +365,7 @@ function list(block) {
 function renderBlock(block) {
   switch (block.type) {
     case "heading":
-      return element("h" + block.level, null, inlineNodes(block.text, false));
+      return element("h" + block.level, null, inlineNodes(block.text));
     case "code":
       return codeBlock(block);
     case "quote":
@@ -337,7 +377,7 @@ function renderBlock(block) {
     case "rule":
       return element("hr");
     default:
-      return element("p", null, inlineNodes(block.text, false));
+      return element("p", null, inlineNodes(block.text));
   }
 }
 
@@ -346,9 +386,13 @@ const renderedBlocks = new WeakMap();
 
 // Renders markdown `source` into `container`, again as the source grows: a top-level block
 // whose source is unchanged keeps its node, so only the blocks that changed are rebuilt.
-export function renderMarkdown(container, source) {
-  const blocks = parseBlocks(source.split(/\r?\n/));
-  const before = renderedBlocks.get(container) || [];
+function renderBlocks(container, source) {
+  const blocks = parseBlocks(source.split(/\r?\n/), 0);
+  let before = renderedBlocks.get(container);
+  if (!before) {
+    container.replaceChildren(); // the plain text of a render that failed, if any
+    before = [];
+  }
   const after = blocks.map((block, index) => {
     const old = before[index];
     if (old && old.raw === block.raw) return old;
@@ -359,4 +403,17 @@ export function renderMarkdown(container, source) {
   });
   for (const old of before.slice(blocks.length)) old.node.remove();
   renderedBlocks.set(container, after);
+}
+
+// Renders markdown `source` into `container` (see renderBlocks). Should the renderer ever fail,
+// the reply shows as its plain text instead: never lost, nor the page left busy or its history
+// unloaded, over its formatting.
+export function renderMarkdown(container, source) {
+  try {
+    renderBlocks(container, source);
+  } catch (error) {
+    renderedBlocks.delete(container);
+    container.textContent = source;
+    console.error("The reply is shown as plain text: its markdown could not be rendered.", error);
+  }
 }
