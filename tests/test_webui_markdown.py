@@ -290,16 +290,14 @@ def test_long_runs_of_markers_render(
     assert render(page, text)["tags"] == tags
 
 
-def test_200_kb_of_adversarial_markdown_renders_in_bounded_time(
-    serve: Callable[[Any], LiveServer], open_page: Any
-) -> None:
+def test_200_kb_of_adversarial_markdown_renders_as_markdown(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
+    # A renderer quadratic in any of these patterns takes minutes on this input (the old one took
+    # seconds on a quarter of it): the suite's per-test timeout fails it. No wall time is asserted.
     page = open_page(serve(mock_app()).url)
     text = adversarial_markdown()
     assert len(text) > 200_000
     rendered = render(page, text)
     assert rendered["tags"] == ["p", "h1", "blockquote", "ol", "div", "p"]  # rendered, not fallen back to text
-    # Far above what it takes (tens of milliseconds): this catches quadratic time, not slowness.
-    assert rendered["ms"] < 5000
 
 
 def test_a_conversation_with_adversarial_markdown_streams_and_reloads(
