@@ -42,18 +42,15 @@ Document.prototype.createElement = function (tag, ...rest) {
   return createElement.call(this, tag, ...rest);
 };
 """
-# Renders a text with the page's own renderer, into a box of its own: how long it took, the
-# box's top-level tags (none: the reply fell back to plain text), its text, and how deep the
-# elements of a tag nest in it.
+# Renders a text with the page's own renderer, into a box of its own: the box's top-level tags
+# (none: the reply fell back to plain text), its text, and how deep the elements of a tag nest in it.
 RENDER = """async ([text, tag]) => {
   const { renderMarkdown } = await import("./markdown.js");
   const box = document.createElement("div");
-  const started = performance.now();
   renderMarkdown(box, text);
-  const ms = performance.now() - started;
   let deepest = 0;
   for (let level = box.querySelector(tag); level; level = level.querySelector(tag)) deepest += 1;
-  return { ms, tags: [...box.children].map((child) => child.tagName.toLowerCase()), text: box.textContent, deepest };
+  return { tags: [...box.children].map((child) => child.tagName.toLowerCase()), text: box.textContent, deepest };
 }"""
 DANGEROUS_ELEMENTS = "#log img, #log script, #log iframe, #log [onerror], #log a[href^='javascript:' i]"
 
