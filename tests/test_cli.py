@@ -187,6 +187,7 @@ def test_serve_serves_the_chat_page_and_prints_its_url(run_cli: object) -> None:
     assert wait_until(lambda: _ready(url), timeout=60)
     page = httpx.get(f"{url}/")
     assert page.status_code == 200 and 'src="chatstream.js"' in page.text
+    assert '"system_prompt": true' in page.text  # serve takes the page's system prompt
 
 
 def test_serve_with_no_webui_leaves_the_root_alone(run_cli: object) -> None:
@@ -380,11 +381,15 @@ def test_a_redis_store_that_does_not_answer_is_refused_before_the_model_loads(tm
     assert "loading" not in result.stderr and "converting" not in result.stderr
 
 
-def test_a_hub_id_with_the_hub_unreachable_fails_fast_saying_what_to_do(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proxy_settings", [{}, {"NO_PROXY": "localhost"}], ids=["no-proxy", "only-exclusions"])
+def test_a_hub_id_with_the_hub_unreachable_fails_fast_saying_what_to_do(
+    tmp_path: Path, proxy_settings: dict[str, str]
+) -> None:
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    env |= proxy_settings  # exclusions alone are no proxy: the hub is still probed
     result = _run("serve", "--model", "someone/some-model", env=env)
     line = _one_line_error(result)
     assert f"cannot reach http://127.0.0.1:{port}" in line

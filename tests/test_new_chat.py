@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from typing import Any
 from urllib.parse import unquote
 
@@ -11,6 +14,8 @@ from starlette.applications import Starlette
 
 from chatstream_asgi import ChatPrompt, ChatStream, ChatStreamMiddleware
 from chatstream_asgi.engine.mock import MockEngine
+
+from .conftest import wait_until
 
 
 def _page_server(make_chat_stream: Any, serve: Any) -> Any:
@@ -121,6 +126,49 @@ def test_new_chat_from_a_form_is_refused_and_keeps_the_conversation(
         assert [m["content"] for m in _history(client)][:1] == ["keep me"]
 
 
+def test_new_chat_on_an_append_apis_page_refuses_a_form_too(serve: Any) -> None:
+    chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
+    app = FastAPI()
+    app.add_middleware(ChatStreamMiddleware, chat_stream=chat_stream)
+    chat_stream.append_apis(app, {"all": True})
+    with serve(app).client() as client:
+        refused = client.post(
+            "/new_chat", content=b"a=1", headers={"Content-Type": "application/x-www-form-urlencoded"}
+        )
+    assert refused.status_code == 415 and refused.json()["error"] == "unsupported_media_type"
+    assert "set-cookie" not in refused.headers
+
+
+def test_a_system_text_given_by_a_turn_whose_client_left_before_any_reply_is_not_kept(
+    make_chat_stream: Any, serve: Any, hooks: Any
+) -> None:
+    chat_stream = make_chat_stream(max_new_tokens=4, allow_system_prompt=True)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True, apis={"all": True}))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "hi", "system": "first system"})
+        cookie = f"chatstream_session={client.cookies['chatstream_session']}"
+        hooks.hold = threading.Event()  # the model is stuck: no reply text will come
+        hooks.prefill_started.clear()
+        sock = raw_chat(server.url, {"user_input": "again", "system": "second system"}, cookie)
+        assert hooks.prefill_started.wait(30)
+        sock.close()  # the client leaves before the first token
+        hooks.hold.set()
+        assert wait_until(lambda: chat_stream.load()["processing"] == 0)
+        prompt = unquote(client.get("/get_prompt").json()["prompt"])
+    assert prompt.startswith("<|system|>first system<|end|>")
+
+
+def test_the_page_is_told_whether_the_server_takes_a_system_text_and_params_cannot_say_otherwise(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    app = ChatStreamMiddleware(
+        Starlette(), chat_stream=make_chat_stream(), webui=True, web_ui_params={"system_prompt": "Be brief."}
+    )
+    with serve(app).client() as client:
+        page = client.get("/").text
+    assert '"system_prompt": false' in page
+
+
 def test_new_chat_without_the_middlewares_sessions_says_what_it_needs(serve: Any) -> None:
     chat_stream = ChatStream(engine=MockEngine(tokens_per_second=1000))
     app = FastAPI()
@@ -129,3 +177,16 @@ def test_new_chat_without_the_middlewares_sessions_says_what_it_needs(serve: Any
         response = client.post("/new_chat", json={})
     assert response.status_code == 501 and response.json()["error"] == "not_supported"
     assert "append_middlewares" in response.json()["detail"]
+
+
+def raw_chat(url: str, body: dict[str, Any], cookie: str) -> socket.socket:
+    """A chat over a raw socket, so the test decides when the client leaves."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    data = json.dumps(body).encode()
+    head = (
+        f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + data)
+    return sock

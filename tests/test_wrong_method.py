@@ -102,3 +102,32 @@ def test_with_api_keys_a_wrong_method_needs_a_key_like_any_request_of_its_route(
     with serve(app).client() as client:
         assert client.get("/chat_stream").status_code == 401
         assert client.get("/chat_stream", headers={"Authorization": "Bearer k"}).status_code == 405
+
+
+def test_the_chat_may_share_the_pages_path_each_answering_its_own_method(make_chat_stream: Any, serve: Any) -> None:
+    app = ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), serve=True, webui=True, path="/")
+    with serve(app).client() as client:
+        page, head = client.get("/"), client.head("/")
+        chat = client.post("/", json={"user_input": "hi", "max_new_tokens": 2})
+        wrong = client.put("/")
+    assert page.status_code == head.status_code == 200 and "chatstream.js" in page.text and head.content == b""
+    assert chat.status_code == 200 and chat.headers["x-chatstream-last-generated-message-id"]
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+
+
+def test_with_the_page_on_the_apps_own_post_to_the_root_still_answers(make_chat_stream: Any, serve: Any) -> None:
+    async def own(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("the app's POST /")
+
+    app = Starlette(routes=[Route("/", own, methods=["POST"])])
+    with serve(ChatStreamMiddleware(app, chat_stream=make_chat_stream(), webui=True)).client() as client:
+        assert client.post("/").text == "the app's POST /"
+        assert client.get("/chatstream.js").status_code == 200
+        assert client.head("/chatstream.js").content == b""
+
+
+def test_options_on_new_chat_and_head_on_a_post_route(server: Any) -> None:
+    with server.client() as client:
+        assert client.options("/new_chat").status_code != 405  # the app's (here: its 404), for CORS
+        head = client.head("/clear_context")
+    assert head.status_code == 405 and head.headers["allow"] == "POST"

@@ -138,7 +138,13 @@ class ChatEndpoint:
             turn = parse_chat_request(exchange.body if request_body is None else request_body)
             if turn.system is not None and not self.allow_system_prompt:
                 raise InvalidRequest("this server does not take a chat's 'system' text (allow_system_prompt is off)")
-            granted = self.rules.promote(session.get_session(), turn.user_input) if self.rules is not None else None
+            # A pass phrase counts as a new message only, never as the text of an edit or a regenerate.
+            plain_turn = not turn.regenerate
+            granted = (
+                self.rules.promote(session.get_session(), turn.user_input)
+                if self.rules is not None and plain_turn
+                else None
+            )
             if granted is not None:  # a pass phrase: answered here, never shown to the model
                 return await _answer_grant(session, granted, stream_format)
             admitted = await self._admit(request, exchange, turn, stream_format == "sse", callback)

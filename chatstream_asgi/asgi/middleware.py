@@ -265,38 +265,43 @@ class ChatStreamMiddleware:
         so an app's CORS middleware inside this one answers preflights; so does any method on a
         route the middleware only intercepts for the app (its own chat endpoint, its own APIs).
         """
-        found = self._route(route)
-        if found is None:
-            return None
-        if method == found.method or (method == "HEAD" and found.method == "GET"):
-            return found.handler, found.needed, found.shape
-        if found.owned and method != "OPTIONS":
-            return functools.partial(self._wrong_method, found.method, found.shape), found.needed, found.shape
+        found = self._routes(route)
+        asked = "GET" if method == "HEAD" else method
+        for candidate in found:
+            if candidate.method == asked:
+                return candidate.handler, candidate.needed, candidate.shape
+        owned = [candidate for candidate in found if candidate.owned]
+        if owned and method != "OPTIONS":
+            allowed = ", ".join(candidate.method for candidate in owned)
+            first = owned[0]
+            return functools.partial(self._wrong_method, allowed, first.shape), first.needed, first.shape
         return None
 
-    def _route(self, route: str) -> _Route | None:
-        """What this middleware does with `route`: the one routing table."""
+    def _routes(self, route: str) -> list[_Route]:
+        """What this middleware does with `route`, one entry a method: the one routing table.
+        (A path may take two: `path="/"` chats by POST where the page is served by GET.)"""
         api = route[1:]
+        found: list[_Route] = []
         if route == self.path:
-            return _Route("POST", self._chat, "chat" if self.serve else None, "plain", owned=self.serve)
+            found.append(_Route("POST", self._chat, "chat" if self.serve else None, "plain", owned=self.serve))
         if api in self.served_apis:
             needed = "admin" if api in ADMIN_APIS else "apis"
-            return _Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True)
-        if api in SESSION_APIS:  # the app mounted it (append_apis): it only needs the session
-            return _Route(API_METHODS[api], functools.partial(self._api, api), None, "chatstream", owned=False)
+            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True))
+        elif api in SESSION_APIS:  # the app mounted it (append_apis): it only needs the session
+            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), None, "chatstream", owned=False))
         if self.openai and route == "/v1/chat/completions":
-            return _Route("POST", self._completions, "chat", "openai", owned=True)
+            found.append(_Route("POST", self._completions, "chat", "openai", owned=True))
         if self.openai and route == "/v1/models":
-            return _Route("GET", models_response(self.service), "chat", "openai", owned=True)
+            found.append(_Route("GET", models_response(self.service), "chat", "openai", owned=True))
         if self.health and route in ("/health", "/ready"):
-            return _Route("GET", functools.partial(self._health, route), None, "plain", owned=True)
+            found.append(_Route("GET", functools.partial(self._health, route), None, "plain", owned=True))
         if self._metrics is not None and route == "/metrics":
-            return _Route("GET", self._metrics_response, "admin", "plain", owned=True)
+            found.append(_Route("GET", self._metrics_response, "admin", "plain", owned=True))
         if self.page is not None and route == NEW_CHAT_PATH:
-            return _Route("POST", self._new_chat, "chat", "chatstream", owned=True)
+            found.append(_Route("POST", self._new_chat, "chat", "chatstream", owned=True))
         if self.page is not None and (page := self.page.response(route)) is not None:
-            return _Route("GET", page, "chat", "plain", owned=False)  # another method on / may be the app's
-        return None
+            found.append(_Route("GET", page, "chat", "plain", owned=False))  # another method on / may be the app's
+        return found
 
     async def _wrong_method(self, allowed: str, shape: ErrorShape, scope: Scope, receive: Receive, send: Send) -> None:
         await self._refuse(scope, send, MethodNotAllowed(scope["method"], scope["path"], allowed), shape)

@@ -347,9 +347,12 @@ def _hub_answers(model_id: str) -> bool:
 
     if constants.HF_HUB_OFFLINE:
         return False
-    if urllib.request.getproxies():  # the hub is reached through a proxy: let huggingface_hub try
-        return True
     endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxies = urllib.request.getproxies()
+    if (proxies.get(endpoint.scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(
+        endpoint.hostname or ""
+    ):
+        return True  # the hub is reached through a proxy: let huggingface_hub try it
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         socket.create_connection((endpoint.hostname or "", port), timeout=HUB_PROBE_TIMEOUT).close()

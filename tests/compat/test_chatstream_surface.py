@@ -55,6 +55,21 @@ def test_pass_phrase_typed_into_the_chat_promotes_the_session_and_never_reaches_
     assert "hi" in prompt.json()["prompt"] and "developer" not in prompt.json()["prompt"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [{"user_input": "i am a developer", "regenerate": True}, {"edit": "i am a developer"}],
+    ids=["regenerate", "edit"],
+)
+def test_a_pass_phrase_counts_only_as_a_new_message(roles_app: Any, body: dict[str, Any]) -> None:
+    with roles_app.client() as client:
+        client.post("/chat_stream", json={"user_input": "hi"})
+        again = client.post("/chat_stream", json=body)
+        prompt = client.get("/get_prompt")
+    assert again.status_code == 200 and "granted" not in again.text
+    assert "x-chatstream-api-devtool-enabled" not in again.headers
+    assert prompt.status_code == 403  # still the anonymous role
+
+
 def test_program_with_the_auth_header_gets_its_role_and_without_it_the_program_default(roles_app: Any) -> None:
     with roles_app.client() as client:
         assert client.get("/get_load").status_code == 200  # the program default allows get_load

@@ -32,6 +32,7 @@ PAGE_FILES: dict[str, tuple[str, str]] = {
 
 #: Where the page's "New chat" asks for a fresh session (POST; served with the page).
 NEW_CHAT_PATH = "/new_chat"
+#: What a refused `POST /new_chat` without JSON's `Content-Type` is told.
 NEW_CHAT_NEEDS_JSON = "POST /new_chat takes Content-Type: application/json (as the page sends it)"
 
 _OPTIONS_BLOCK = '<script id="chatstream-options" type="application/json">{}</script>'
@@ -53,9 +54,9 @@ class ChatPage:
 
     `params` may set `title` (header and tab), `placeholder` (the message box) and `greeting`
     (shown while the conversation is empty). `model` (the model's name, shown in the header),
-    `chat_path` (where the page posts chats) and `system_prompt` (whether the server takes a
-    chat's `system` text, so the settings offer the field) come from the server; `params` may
-    override them.
+    and `chat_path` (where the page posts chats) come from the server, and `params` may override
+    them; `system_prompt` (whether the server takes a chat's `system` text, so the settings offer
+    the field) comes from the server only.
     """
 
     def __init__(
@@ -67,7 +68,8 @@ class ChatPage:
         system_prompt: bool = False,
     ) -> None:
         # Relative to the page, so the page keeps working when the app is mounted under a prefix.
-        merged = {"model": model, "chat_path": chat_path.lstrip("/"), "system_prompt": system_prompt, **(params or {})}
+        merged = {"model": model, "chat_path": chat_path.lstrip("/"), **(params or {})}
+        merged["system_prompt"] = system_prompt  # the server's to say: the page must not offer what it refuses
         options = json.dumps(merged, ensure_ascii=False).replace("<", "\\u003c")
         folder = importlib.resources.files(__name__)
         self._bodies: dict[str, bytes] = {}

@@ -383,6 +383,8 @@ function renderBlock(block) {
 
 // The source and node of each top-level block rendered into a container, in order.
 const renderedBlocks = new WeakMap();
+// Containers whose markdown failed to render: they show their text as it is from then on.
+const plainText = new WeakSet();
 
 // Renders markdown `source` into `container`, again as the source grows: a top-level block
 // whose source is unchanged keeps its node, so only the blocks that changed are rebuilt.
@@ -409,10 +411,15 @@ function renderBlocks(container, source) {
 // the reply shows as its plain text instead: never lost, nor the page left busy or its history
 // unloaded, over its formatting.
 export function renderMarkdown(container, source) {
+  if (plainText.has(container)) {
+    container.textContent = source; // once failed, the rest of the stream stays plain: no retry each frame
+    return;
+  }
   try {
     renderBlocks(container, source);
   } catch (error) {
     renderedBlocks.delete(container);
+    plainText.add(container);
     container.textContent = source;
     console.error("The reply is shown as plain text: its markdown could not be rendered.", error);
   }
