@@ -207,11 +207,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return backend
 
 
-def open_chat(url: str, user_input: str, cookie: str | None = None) -> socket.socket:
-    """A raw HTTP/1.1 client, so the test decides exactly when the connection closes."""
+def open_chat(url: str, user_input: str, cookie: str | None = None, **fields: Any) -> socket.socket:
+    """A raw HTTP/1.1 client, so the test decides exactly when the connection closes; `fields`
+    go into the body beside `user_input`."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
-    body = json.dumps({"user_input": user_input}).encode()
+    body = json.dumps({"user_input": user_input, **fields}).encode()
     cookie_line = f"Cookie: {cookie}\r\n" if cookie else ""
     head = (
         f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\n{cookie_line}"

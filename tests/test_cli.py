@@ -20,7 +20,7 @@ import pytest
 
 from chatstream_asgi.frontends.demo_model import CHAT_TEMPLATE
 
-from .conftest import wait_until
+from .conftest import open_chat, wait_until
 
 
 def _free_port() -> int:
@@ -371,9 +371,7 @@ def test_metrics_without_prometheus_client_says_what_to_install_before_the_model
 
 
 def test_a_redis_store_that_does_not_answer_is_refused_before_the_model_loads(tmp_path: Path) -> None:
-    with socket.socket() as closed:  # a port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = _free_port()  # a port nobody listens on
     store = ("--session-store", f"redis://127.0.0.1:{port}/0", "--secret-key", "k")
     result = _run("serve", *store, env={"XDG_CACHE_HOME": str(tmp_path / "empty")})
     line = _one_line_error(result)
@@ -385,9 +383,7 @@ def test_a_redis_store_that_does_not_answer_is_refused_before_the_model_loads(tm
 def test_a_hub_id_with_the_hub_unreachable_fails_fast_saying_what_to_do(
     tmp_path: Path, proxy_settings: dict[str, str]
 ) -> None:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
+    port = _free_port()
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
     env |= proxy_settings  # exclusions alone are no proxy: the hub is still probed
     result = _run("serve", "--model", "someone/some-model", env=env)
@@ -419,10 +415,7 @@ def test_the_banners_curl_carries_the_api_key_header(run_cli: object) -> None:
 def test_a_stop_that_cuts_chats_short_logs_no_error_line(run_cli: object) -> None:
     process, url = run_cli("--model", "mock", "--shutdown-timeout", "0.5")  # type: ignore[operator]
     assert wait_until(lambda: _ready(url), timeout=60)
-    long_chat = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-    body = json.dumps({"user_input": "word " * 400}).encode()
-    long_chat.sendall(b"POST /chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
-    long_chat.sendall(b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    long_chat = open_chat(url, "word " * 400)
     assert long_chat.recv(100).startswith(b"HTTP/1.1 200")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)

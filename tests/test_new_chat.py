@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 from typing import Any
 from urllib.parse import unquote
@@ -15,7 +13,7 @@ from starlette.applications import Starlette
 from chatstream_asgi import ChatPrompt, ChatStream, ChatStreamMiddleware
 from chatstream_asgi.engine.mock import MockEngine
 
-from .conftest import wait_until
+from .conftest import open_chat, wait_until
 
 
 def _page_server(make_chat_stream: Any, serve: Any) -> Any:
@@ -149,7 +147,7 @@ def test_a_system_text_given_by_a_turn_whose_client_left_before_any_reply_is_not
         cookie = f"chatstream_session={client.cookies['chatstream_session']}"
         hooks.hold = threading.Event()  # the model is stuck: no reply text will come
         hooks.prefill_started.clear()
-        sock = raw_chat(server.url, {"user_input": "again", "system": "second system"}, cookie)
+        sock = open_chat(server.url, "again", cookie, system="second system")
         assert hooks.prefill_started.wait(30)
         sock.close()  # the client leaves before the first token
         hooks.hold.set()
@@ -177,16 +175,3 @@ def test_new_chat_without_the_middlewares_sessions_says_what_it_needs(serve: Any
         response = client.post("/new_chat", json={})
     assert response.status_code == 501 and response.json()["error"] == "not_supported"
     assert "append_middlewares" in response.json()["detail"]
-
-
-def raw_chat(url: str, body: dict[str, Any], cookie: str) -> socket.socket:
-    """A chat over a raw socket, so the test decides when the client leaves."""
-    host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    data = json.dumps(body).encode()
-    head = (
-        f"POST /chat_stream HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    )
-    sock.sendall(head.encode() + data)
-    return sock

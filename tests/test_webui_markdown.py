@@ -96,6 +96,19 @@ def page_saying(text: str, serve: Callable[[Any], LiveServer], open_page: Any, *
     return opened
 
 
+def attacked_page(text: str, serve: Callable[[Any], LiveServer], open_page: Any) -> Page:
+    """A page whose model replies `text`, once it has checked that the reply ran nothing."""
+    engine = ScriptedEngine()
+    page: Page = open_page(serve(engine_app(engine)).url)
+    watch = AttackWatch(page)
+    send(page, "Go")
+    engine.say(text)
+    engine.end()
+    wait_for_replies(page, 1)
+    watch.assert_nothing_ran(page)
+    return page
+
+
 def reply(page: Page) -> Any:
     return page.locator(".msg.assistant .bubble")
 
@@ -160,14 +173,7 @@ def test_raw_html_from_the_model_is_shown_as_text_and_never_run(
         '<img src=x onerror="window.__pwned=1">\n\n<script>window.__pwned=2</script>\n\n'
         '<a href="javascript:window.__pwned=3">raw link</a> <iframe src="https://example.invalid/"></iframe>'
     )
-    engine = ScriptedEngine()
-    page = open_page(serve(engine_app(engine)).url)
-    watch = AttackWatch(page)
-    send(page, "Go")
-    engine.say(text)
-    engine.end()
-    wait_for_replies(page, 1)
-    watch.assert_nothing_ran(page)
+    page = attacked_page(text, serve, open_page)
     assert messages(page)[1] == ("assistant", text.replace("\n\n", ""))
 
 
@@ -177,28 +183,16 @@ def test_a_javascript_link_in_markdown_is_not_clickable(serve: Callable[[Any], L
         "[data](data:text/html,<script>window.__pwned=3</script>) <javascript:window.__pwned=4> "
         "[fine](https://example.com/ok) [mail](mailto:someone@example.com)"
     )
-    engine = ScriptedEngine()
-    page = open_page(serve(engine_app(engine)).url)
-    watch = AttackWatch(page)
-    send(page, "Go")
-    engine.say(text)
-    engine.end()
-    wait_for_replies(page, 1)
-    watch.assert_nothing_ran(page)
+    page = attacked_page(text, serve, open_page)
     hrefs = reply(page).locator("a").evaluate_all("links => links.map(link => link.getAttribute('href'))")
     assert hrefs == ["https://example.com/ok", "mailto:someone@example.com"]
     assert "click me" in (reply(page).text_content() or "")
 
 
 def test_markdown_images_never_load_nor_run(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
-    engine = ScriptedEngine()
-    page = open_page(serve(engine_app(engine)).url)
-    watch = AttackWatch(page)
-    send(page, "Go")
-    engine.say("![a chart](https://example.invalid/x.png) and ![y](javascript:window.__pwned=1)")
-    engine.end()
-    wait_for_replies(page, 1)
-    watch.assert_nothing_ran(page)
+    page = attacked_page(
+        "![a chart](https://example.invalid/x.png) and ![y](javascript:window.__pwned=1)", serve, open_page
+    )
     # The remote image is only a link to it, labelled with its alt text; the other, text.
     image_link = reply(page).locator("a")
     assert (image_link.get_attribute("href"), image_link.text_content()) == ("https://example.invalid/x.png", "a chart")
@@ -207,14 +201,7 @@ def test_markdown_images_never_load_nor_run(serve: Callable[[Any], LiveServer], 
 
 def test_html_in_a_fenced_code_block_is_shown_as_code_text(serve: Callable[[Any], LiveServer], open_page: Any) -> None:
     code = '<img src=x onerror="window.__pwned=1">\n<script>window.__pwned=2</script>'
-    engine = ScriptedEngine()
-    page = open_page(serve(engine_app(engine)).url)
-    watch = AttackWatch(page)
-    send(page, "Go")
-    engine.say(f"```html\n{code}\n```")
-    engine.end()
-    wait_for_replies(page, 1)
-    watch.assert_nothing_ran(page)
+    page = attacked_page(f"```html\n{code}\n```", serve, open_page)
     assert reply(page).locator("pre code").text_content() == code
 
 
