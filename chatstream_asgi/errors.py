@@ -107,13 +107,6 @@ class NotSupported(ChatStreamError):
     code = "not_supported"
 
 
-class SessionBusy(ChatStreamError):
-    """A turn of this session is already queued or running."""
-
-    status_code = 409
-    code = "session_busy"
-
-
 class BodyTooLarge(ChatStreamError):
     """The request body is over the middleware's `max_body_size`."""
 
@@ -130,13 +123,26 @@ class BodyTimeout(ChatStreamError):
 
 class GenerationError(ChatStreamError):
     """The engine failed before any of the reply was sent: 500 for a local model, 502 for an
-    upstream server that failed or cannot be reached, 504 for one that did not answer in time."""
+    upstream server that failed or cannot be reached, 504 for one that did not answer in time.
+
+    An upstream that is busy (429) is passed on as what it is to the client, 429
+    `too_many_requests`, with the upstream's `Retry-After` (`retry_after` seconds; 1 when it
+    sent none), so a client retries a busy front as it retries a busy server.
+    """
 
     code = "generation_failed"
 
-    def __init__(self, detail: str, status_code: int) -> None:
+    def __init__(self, detail: str, status_code: int, retry_after: float | None = None) -> None:
         super().__init__(detail)
         self.status_code = status_code
+        if status_code == 429:
+            self.code = TooManyRequests.code
+            retry_after = 1 if retry_after is None else retry_after
+        #: Whole seconds, at least 1, for `Retry-After`; None: the failure says nothing of when.
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class InvalidParameter(ChatStreamError):
@@ -175,11 +181,27 @@ class QueueTimeout(RetryLater):
     code = "queue_timeout"
 
 
-class SessionStoreUnavailable(ChatStreamError):
-    """The session store did not answer in time, or is down."""
+class SessionBusy(RetryLater):
+    """A turn of this session is already queued or running, here or on another replica, or its
+    replica died mid-turn and its lock has not expired yet (a few seconds): `Retry-After` says
+    when to try again."""
+
+    status_code = 409
+    code = "session_busy"
+
+    def __init__(self, detail: str, retry_after: float = 1.0) -> None:
+        super().__init__(detail, retry_after)
+
+
+class SessionStoreUnavailable(RetryLater):
+    """The session store did not answer in time, or is down (a restart): nothing was done, and
+    `Retry-After` says when to try again."""
 
     status_code = 503
     code = "session_store_unavailable"
+
+    def __init__(self, detail: str, retry_after: float = 1.0) -> None:
+        super().__init__(detail, retry_after)
 
 
 class SessionValueNotStorable(ChatStreamError):

@@ -116,7 +116,9 @@ def session_of(endpoint: ChatEndpoint, request: Request) -> TurnSession:
 async def _changing(session: TurnSession) -> AsyncIterator[dict[str, Any]]:
     """Change a session between turns: a running turn would overwrite the change when it ends."""
     if not await session.lock_turn():
-        raise SessionBusy("a turn of this conversation is running; try again once the reply has ended")
+        raise SessionBusy(
+            "a turn of this conversation is running: try again once the reply has ended (retry after Retry-After)"
+        )
     try:
         yield session.get_session()
         session.save_session()

@@ -94,6 +94,10 @@ class MemoryStore:
         if entry is not None:
             self.stored_bytes -= len(entry[1])
 
+    async def ping(self) -> None:
+        """Memory always answers."""
+        await anyio.lowlevel.checkpoint()
+
     async def lock_turn(self, session_id: str) -> str | None:
         await anyio.lowlevel.checkpoint()
         if session_id in self._turn_locks:

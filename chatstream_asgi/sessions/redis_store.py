@@ -2,8 +2,9 @@
 
 Every key starts with `prefix` (`chatstream:session:<id>`, `chatstream:lock:<id>`), so one Redis
 can serve several deployments. Sessions are JSON strings whose TTL is refreshed on every read
-(`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL that the running turn
-keeps refreshing, so a replica that dies mid-turn frees its sessions within `lock_ttl` seconds;
+(`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL (`lock_ttl`, 5 s) that the
+running turn refreshes every third of it, so a replica that dies mid-turn (SIGKILL, a lost node)
+frees its conversations within `lock_ttl` seconds, and the 409 meanwhile says `Retry-After`;
 release and refresh check the token in one Lua script, so nobody frees a lock it lost. A turn
 whose client left marks its lock as ending (`chatstream:ending:<id>` holds its token), so the
 next turn of that conversation waits for it instead of being refused.
@@ -28,6 +29,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -45,6 +47,9 @@ if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > tonumber(ARGV
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 """
+#: Seconds a turn lock lives unless the running turn refreshes it (it does, every third of that):
+#: how long a replica that died mid-turn (SIGKILL, a lost node) keeps its conversations locked.
+DEFAULT_LOCK_TTL = 5.0
 # Seconds between measurements of the offset between Redis's clock and ours.
 _CLOCK_CHECK_EVERY = 300.0
 # Orphaned lock tokens kept for release at most: the oldest go first (their locks expire anyway).
@@ -69,7 +74,14 @@ return 0
 
 
 class RedisStore:
-    """Session store in Redis (install with `pip install "chatstream-asgi[redis]"`)."""
+    """Session store in Redis (install with `pip install "chatstream-asgi[redis]"`).
+
+    `url` is any URL redis-py takes: `redis://`, `rediss://` (TLS; certificate options go in its
+    query, e.g. `?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`) or `unix://`. For Sentinel,
+    pass `client=` a `redis.asyncio.Redis` of your own (`Sentinel(...).master_for(name,
+    decode_responses=True)`): it follows a failover, and `url` then only names the store in
+    messages. Redis Cluster is not supported: the turn lock's scripts read two keys at once.
+    """
 
     shared: bool = True
 
@@ -81,8 +93,9 @@ class RedisStore:
         ttl: float = 86400,
         timeout: float = 2.0,
         max_turns: int | None = 100,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
         max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
+        client: Any = None,
     ) -> None:
         try:
             import redis.asyncio as redis_asyncio
@@ -102,9 +115,15 @@ class RedisStore:
         self.lock_ttl: float | None = lock_ttl
         self._lock_ttl_ms = int(lock_ttl * 1000)
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
-        self._redis = redis_asyncio.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        if client is None:
+            client = redis_asyncio.Redis.from_url(
+                url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        elif not client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisStore's client= must be made with decode_responses=True")
+        self._redis = client
+        #: Called after every call to Redis with its seconds and whether it failed (the metrics).
+        self.observer: Callable[[float, bool], None] | None = None
         self._lock = self._redis.register_script(_LOCK_UNTIL_DEADLINE)
         self._unlock = self._redis.register_script(_UNLOCK_IF_OWNER)
         self._clock_offset_ms: float | None = None  # Redis's clock minus ours
@@ -204,14 +223,25 @@ class RedisStore:
         """Close the connection pool."""
         await self._redis.aclose()
 
+    async def ping(self) -> None:
+        """Check that Redis answers now (`/ready`): `SessionStoreUnavailable` if it does not."""
+        await self._call(self._redis.ping())
+
     async def _call(self, operation: Any) -> Any:
+        started = time.monotonic()
+        failed = True
         try:
             with anyio.fail_after(self.timeout):
-                return await operation
+                answer = await operation
+            failed = False
+            return answer
         except self._errors as error:
             raise SessionStoreUnavailable(
                 f"the session store at {self.safe_url()} did not answer: {type(error).__name__}"
             ) from error
+        finally:
+            if self.observer is not None:
+                self.observer(time.monotonic() - started, failed)
 
     def _session_key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"

@@ -33,6 +33,11 @@ class SessionStore(Protocol):
         """The data saved under `session_id` (its TTL refreshed), or None if there is none."""
         ...
 
+    async def ping(self) -> None:
+        """Return once the store answers; `SessionStoreUnavailable` if it does not (`/ready`
+        asks; a store without `ping` is taken to be up)."""
+        ...
+
     async def save(self, session_id: str, data: dict[str, Any]) -> None:
         """Replace the data under `session_id`."""
         ...
