@@ -26,7 +26,13 @@ from chatstream_asgi.core.history import TurnHistory
 from chatstream_asgi.core.params import ChatTurnRequest, GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.core.reply import ReplyShaper
-from chatstream_asgi.errors import GenerationError, SessionStoreUnavailable, SessionValueNotStorable, ShuttingDown
+from chatstream_asgi.errors import (
+    ChatStreamError,
+    GenerationError,
+    SessionStoreUnavailable,
+    SessionValueNotStorable,
+    ShuttingDown,
+)
 from chatstream_asgi.log import request_logger
 from chatstream_asgi.outcomes import (
     CLIENT_DISCONNECTED_BEFORE_STREAMING,
@@ -119,12 +125,22 @@ class ChatTurnResponse(AdmittedResponse):
             usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
             await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})
         elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            body = error_body(GenerationError(str(failure), failure.status_code))
-            await send({"type": "http.response.body", "body": self._encoder.error(body), "more_body": False})
+            await self._end_cut(send, GenerationError(str(failure), failure.status_code))
         return outcome
 
     async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:
-        await send({"type": "http.response.body", "body": self._encoder.error(error_body(error)), "more_body": False})
+        await self._end_cut(send, error)
+
+    async def _end_cut(self, send: Send, error: ChatStreamError) -> None:
+        """End a started reply that will not finish, so that no client takes it for a finished
+        one: with the format's error frame, or (delta text, which has none) by returning without
+        the response's end, so the server closes the connection mid-body and every HTTP client
+        raises (httpx: `RemoteProtocolError`; a proxy passes the cut on)."""
+        if not self._encoder.cut_closes_connection:
+            body = self._encoder.error(error_body(error))
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        logger.warning("reply cut short (%s: %s): closing its connection without the end", error.code, error.detail)
 
     async def record(self, outcome: str) -> None:
         session = self._exchange.session

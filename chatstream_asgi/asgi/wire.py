@@ -25,6 +25,10 @@ class WireEncoder:
     """Delta text: each chunk is the new text, and the chunks concatenate to the reply."""
 
     media_type = "text/plain; charset=utf-8"
+    #: Whether a reply the server cuts short (shutdown, a failed engine or upstream) ends by
+    #: closing the connection without the response's end, because the format has no bytes of
+    #: its own to say so: delta text would otherwise end exactly like a finished reply.
+    cut_closes_connection = True
 
     def delta(self, text: str) -> bytes:
         """The bytes for newly generated `text`."""
@@ -51,6 +55,8 @@ class WireEncoder:
 class ChatStreamEncoder(WireEncoder):
     """ChatStream's format: every chunk is the whole reply so far, then `<::EOS::>`."""
 
+    cut_closes_connection = False  # as ChatStream ended every stream: its front-ends expect it
+
     def __init__(self) -> None:
         self._reply = ""
 
@@ -63,6 +69,7 @@ class SSEEncoder(WireEncoder):
     """Server-sent events: `data: {"delta": ...}` per chunk, then `event: done` or `event: error`."""
 
     media_type = "text/event-stream; charset=utf-8"
+    cut_closes_connection = False  # `event: error` says it
 
     def delta(self, text: str) -> bytes:
         return sse_event({"delta": text})
