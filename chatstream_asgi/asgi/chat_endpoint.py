@@ -218,6 +218,13 @@ class ChatEndpoint:
                 message_id=message_id,
             )
 
+        def resume_turn(slot: Slot) -> ChatTurnResponse:
+            # The waiting response already sent the head (and queue frames): a failure of this
+            # turn must end the stream in-band (`event: error`), not as a refusal's JSON.
+            response = start_turn(slot)
+            response.started = True
+            return response
+
         if admitted.ticket is not None:
             return WaitingResponse(
                 request=request,
@@ -228,7 +235,7 @@ class ChatEndpoint:
                 headers={MESSAGE_ID_HEADER: message_id, **STREAM_HEADERS},
                 queue_frame=encoder.queue,
                 error_frame=lambda error: encoder.error(error_body(error)),
-                start=start_turn,
+                start=resume_turn,
                 release=session.unlock_turn,
             )
         if admitted.slot is None:  # the client left while it waited

@@ -71,7 +71,10 @@ class WaitingResponse(Response):
     `queue_frame(position, eta_s)` encodes what the client is told whenever its position
     changes and at least every ping interval (the frames keep proxies from timing out, as pings
     do); `error_frame` encodes a refusal that comes after the 200 (the deadline). `start(slot)`
-    builds the admitted response once the slot is granted; it streams on after these headers.
+    builds the admitted response once the slot is granted; it streams on after these headers, so
+    it must count its head as sent (`started`): a failure of its generation (an upstream that
+    refuses, say) then ends the stream in-band too, rather than as a refusal's JSON body after
+    the queue frames.
     `release()` undoes what the request held while it waited (the session's turn lock) when no
     reply follows. A waiter that leaves gets its one outcome callback, as when it waits silently.
     """

@@ -20,12 +20,14 @@ class GenerationFailed(Exception):
     """The engine could not finish a generation; the message says why (the cause is chained).
 
     `status_code` is the HTTP status that fits when nothing was sent yet: 500 for a local
-    failure, 502 for a remote server's error, 504 for a remote server that timed out.
+    failure, 502 for a remote server's error, 504 for a remote server that timed out, 429 for a
+    remote server that is busy; `retry_after` is then the seconds it asked its clients to wait.
     """
 
-    def __init__(self, message: str, *, status_code: int = 500) -> None:
+    def __init__(self, message: str, *, status_code: int = 500, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after
 
 
 @dataclass

@@ -4,14 +4,19 @@ server, or another chatstream-asgi), with this package's sessions, admission and
 The upstream stream is read by a task of the request's own, so cancelling the generation
 cancels that task, which closes the HTTP stream: the upstream server sees its client leave and
 stops generating, just as our own server does. Upstream failures become `GenerationFailed`
-with 502 (an error or a broken stream) or 504 (no answer within `timeout`).
+with 502 (an error or a broken stream) or 504 (no answer within `timeout`); an upstream that
+says it is busy (429) stays a 429, with the seconds of its `Retry-After` (1 without one), so the
+front's client backs off as the upstream asked.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import anyio
@@ -139,6 +144,13 @@ class OpenAIEngine:
         stats = generation.stats
         url = f"{self.base_url}/chat/completions"
         async with self._client.stream("POST", url, json=body, headers=self._headers) as response:
+            if response.status_code == 429:
+                retry_after = _retry_after_seconds(response.headers.get("retry-after"))
+                raise GenerationFailed(
+                    f"the upstream server is busy (429): retry in {retry_after:g} s",
+                    status_code=429,
+                    retry_after=retry_after,
+                )
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 raise GenerationFailed(
@@ -166,3 +178,18 @@ class OpenAIEngine:
                     if choice.get("finish_reason"):
                         stats.finish_reason = choice["finish_reason"]
         generation.channel.put(stop.flush())
+
+
+def _retry_after_seconds(value: str | None) -> float:
+    """The wait a `Retry-After` header asks for (seconds, or an HTTP date), at least 1 s; 1 s
+    when there is none or it cannot be read."""
+    if value is None:
+        return 1.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return 1.0
+    return max(1.0, seconds) if math.isfinite(seconds) else 1.0
