@@ -50,6 +50,18 @@ def test_ready_is_503_until_the_engine_has_warmed_up(model: Any, tokenizer: Any,
         chat_stream.close()
 
 
+def test_ready_is_503_shutting_down_once_the_server_drains(make_chat_stream: Any, serve: Any) -> None:
+    app = ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), serve=True, health=True)
+    server = serve(app)
+    with server.client() as client:
+        assert client.get("/ready").json()["status"] == "ready"
+        app.begin_shutdown()
+        draining = client.get("/ready")
+        alive = client.get("/health")
+    assert draining.status_code == 503 and draining.json()["status"] == "shutting_down"
+    assert alive.status_code == 200  # draining, not dead: nothing should restart it
+
+
 def test_health_routes_are_off_unless_asked_for(make_chat_stream: Any, serve: Any) -> None:
     server = serve(ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(), serve=True))
     with server.client() as client:

@@ -11,9 +11,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi import ChatStreamMiddleware, RedisStore
 
-from .conftest import ModelHooks, Outcomes, open_chat, read_until, wait_until
+from .conftest import ModelHooks, Outcomes, RedisServer, open_chat, read_until, wait_until
 
 
 def _scrape(client: Any, **kwargs: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -137,3 +137,47 @@ def test_a_process_without_metrics_never_imports_prometheus_client(model_dir: An
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False"], result.stderr
+
+
+def test_capacity_gauges_export_the_slots_and_the_queue_they_fill(make_chat_stream: Any, serve: Any) -> None:
+    server = serve(_app(make_chat_stream(num_of_concurrent_executions=3, max_queue_size=7)))
+    with server.client() as client:
+        samples = _scrape(client)
+    assert _metric(samples, "chatstream_slots") == 3
+    assert _metric(samples, "chatstream_queue_size") == 7
+    assert _metric(samples, "chatstream_draining") == 0
+
+
+def test_a_turn_that_starts_from_its_cached_conversation_counts_as_a_cache_hit(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    server = serve(_app(make_chat_stream(max_new_tokens=4)))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "first"})
+        first = _scrape(client)
+        client.post("/chat_stream", json={"user_input": "second"})  # the same conversation: its cache
+        second = _scrape(client)
+    assert _metric(first, "chatstream_conversation_cache_hits_total") == 0
+    assert _metric(second, "chatstream_conversation_cache_hits_total") == 1
+    assert _metric(second, "chatstream_cached_prompt_tokens_total") > 0
+
+
+def test_session_store_calls_are_timed_and_failures_counted(
+    make_chat_stream: Any, serve: Any, redis_prefix: str
+) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    try:
+        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=0.5)
+        server = serve(_app(make_chat_stream(max_new_tokens=2), session_store=store, secret_key="k"))
+        with server.client() as client:
+            client.post("/chat_stream", json={"user_input": "stored"})
+            up = _scrape(client)
+            redis_server.stop()
+            client.post("/chat_stream", json={"user_input": "while Redis is down"})
+            down = _scrape(client)
+    finally:
+        redis_server.stop()
+    assert _metric(up, "chatstream_session_store_seconds_count") >= 3  # load, lock, save, unlock
+    assert _metric(up, "chatstream_session_store_errors_total") == 0
+    assert _metric(down, "chatstream_session_store_errors_total") >= 1

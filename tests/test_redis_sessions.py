@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware, RedisStore
 from chatstream_asgi.errors import SessionStoreUnavailable
 
-from .conftest import ModelHooks, Outcomes, RedisServer, open_chat, read_until, wait_until
+from .conftest import HANG_GUARD, ModelHooks, Outcomes, RedisServer, open_chat, read_first_text, read_until, wait_until
 from .faultproxy import FaultProxy
 
 SECRET = "a-key-every-replica-shares"
@@ -25,7 +32,7 @@ def replica(make_chat_stream: Any, serve: Any, redis_url: str, redis_prefix: str
 
     def start(url: str = redis_url, **store_options: Any) -> tuple[Any, Outcomes]:
         outcomes = Outcomes()
-        store = RedisStore(url, prefix=redis_prefix, **store_options)
+        store = RedisStore(url, **{"prefix": redis_prefix, **store_options})
         app = ChatStreamMiddleware(
             Starlette(),
             chat_stream=make_chat_stream(stream_format="sse"),
@@ -83,6 +90,7 @@ def test_second_turn_on_another_replica_while_one_runs_is_409(replica: Any, hook
         clear = client_b.post("/clear_context")
     assert busy.status_code == 409 and busy.json()["error"] == "session_busy"
     assert clear.status_code == 409 and clear.json()["success"] is False
+    assert busy.headers["retry-after"] == clear.headers["retry-after"] == "1"
     running.close()
     assert a_outcomes.wait(2)[1] == "client_disconnected_while_streaming"
     with b.client(headers={"Cookie": cookie}) as client_b:
@@ -262,4 +270,96 @@ def test_a_full_server_refuses_with_429_before_touching_a_stalled_store(
     finally:
         release.set()
         redis_server.thaw()
+        redis_server.stop()
+
+
+def test_a_replica_killed_mid_turn_frees_its_conversation_for_the_others_within_seconds(
+    model_dir: Path, tmp_path: Path, replica: Any, redis_url: str
+) -> None:
+    """A real process, SIGKILLed while it streams: its turn lock is not released by anyone, it
+    expires (`lock_ttl`, 3 s), and the conversation goes on on the other replica, whose 409s
+    meanwhile said when to retry."""
+    port = _free_port()
+    killed = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "chatstream_asgi",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--session-store",
+            redis_url,
+            "--secret-key",
+            SECRET,
+            "--max-new-tokens",
+            "3000",
+            "--context-len",
+            "4096",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _answers(f"{url}/ready") or killed.poll() is not None, timeout=60)
+        with httpx.Client(base_url=url) as client:
+            client.post("/chat_stream", json={"user_input": "hello", "max_new_tokens": 2})
+            cookie = f"chatstream_session={client.cookies['chatstream_session']}"
+        running = open_chat(url, "a long one", cookie=cookie)
+        read_first_text(running)
+        killed.kill()
+        killed.wait(HANG_GUARD)
+    finally:
+        killed.kill()
+    survivor, _ = replica(redis_url, prefix="chatstream:")  # the CLI's prefix
+    started, busy = time.monotonic(), 0
+    with survivor.client(headers={"Cookie": cookie}) as client:
+        while (answer := client.post("/chat_stream", json={"user_input": "after the crash"})).status_code == 409:
+            busy += 1
+            time.sleep(float(answer.headers["retry-after"]))
+        recovered = time.monotonic() - started
+        assert answer.status_code == 200
+        history = client.get("/get_history").json()["messages"]
+    assert [m["content"] for m in history if m["role"] == "user"] == ["hello", "after the crash"]  # the cut turn is not
+    assert busy >= 1 and recovered < 5.0, (busy, recovered)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_ready_says_the_session_store_is_unavailable_while_redis_is_down(
+    make_chat_stream: Any, serve: Any, redis_prefix: str
+) -> None:
+    redis_server = RedisServer()
+    redis_server.start()
+    try:
+        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=0.5)
+        app = ChatStreamMiddleware(
+            Starlette(), chat_stream=make_chat_stream(), serve=True, health=True, session_store=store, secret_key=SECRET
+        )
+        server = serve(app)
+        with server.client() as client:
+            assert client.get("/ready").json()["status"] == "ready"
+            redis_server.stop()
+            down = client.get("/ready")
+            assert down.status_code == 503 and down.json()["status"] == "session_store_unavailable"
+            assert client.get("/health").status_code == 200  # the process itself is fine: no restart
+            redis_server.start()
+            assert wait_until(lambda: client.get("/ready").status_code == 200)
+    finally:
         redis_server.stop()

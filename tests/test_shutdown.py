@@ -64,6 +64,14 @@ def _load(url: str) -> dict[str, int] | None:
         return None
 
 
+def _ready_status(url: str) -> str | None:
+    try:
+        status: str = httpx.get(f"{url}/ready").json()["status"]
+        return status
+    except (httpx.TransportError, KeyError, ValueError):
+        return None
+
+
 def _chats_streaming_and_queued(url: str, running: int, waiting: int, *, sse: bool) -> list[_Chat]:
     """`running` chats that stream text, then `waiting` more that wait in the queue."""
     query = "?format=sse" if sse else ""
@@ -103,8 +111,8 @@ def test_chats_the_server_cancels_at_its_timeout_still_finish_in_every_window(
     thread.join(HANG_GUARD)
     assert not thread.is_alive()
     responses = [chat.read_to_end() for chat in chats]
-    for streamed in responses[:2]:  # a text stream simply ends, cleanly
-        assert streamed.startswith(b"HTTP/1.1 200") and streamed.endswith(b"0\r\n\r\n")
+    for streamed in responses[:2]:  # a text stream is cut: no end of the chunked body, so clients see it
+        assert streamed.startswith(b"HTTP/1.1 200") and not streamed.endswith(b"0\r\n\r\n")
     for queued in responses[2:]:  # a silent waiter still has its status to give
         assert queued.startswith(b"HTTP/1.1 503") and b'"error": "shutting_down"' in queued
     assert outcomes.outcomes == ["unknown_error_occurred"] * 6
@@ -174,7 +182,7 @@ def test_serve_cuts_chats_short_at_a_second_ctrl_c_and_exits_0(model_dir: Path, 
     try:
         chats = _chats_streaming_and_queued(url, 2, 3, sse=True)
         process.send_signal(signal.SIGINT)
-        assert wait_until(lambda: _load(url) is None)  # it stopped accepting: the drain has begun
+        assert wait_until(lambda: _ready_status(url) == "shutting_down")  # the drain has begun
         process.send_signal(signal.SIGINT)
         output, _ = process.communicate(timeout=HANG_GUARD * 2)
     finally:
@@ -219,3 +227,26 @@ def test_an_app_under_plain_uvicorn_keeps_every_promise_at_its_graceful_timeout(
     _assert_sse_cut_short([chat.read_to_end() for chat in chats])
     assert output.count("outcome unknown_error_occurred") == 4, output
     assert "Traceback" not in output
+
+
+def test_serve_stays_operable_while_it_drains(model_dir: Path, tmp_path: Path) -> None:
+    """While running and queued chats finish, /ready says why it is out (503, JSON), /metrics
+    is scraped, and a new chat is refused with 503 shutting_down, not a refused connection."""
+    process, url = _serve(model_dir, tmp_path, "--shutdown-timeout", "60", "--max-new-tokens", "1000", "--metrics")
+    try:
+        chats = _chats_streaming_and_queued(url, 2, 1, sse=True)
+        process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: _ready_status(url) == "shutting_down")
+        ready = httpx.get(f"{url}/ready")
+        metrics = httpx.get(f"{url}/metrics")
+        refused = httpx.post(f"{url}/chat_stream", json={"user_input": "too late"})
+        output, _ = process.communicate(timeout=HANG_GUARD * 2)
+    finally:
+        process.kill()
+    assert ready.status_code == 503 and ready.json()["load"]["processing"] == 2
+    assert metrics.status_code == 200 and "chatstream_draining 1.0" in metrics.text
+    assert "chatstream_requests_running 2.0" in metrics.text and "chatstream_requests_waiting 1.0" in metrics.text
+    assert refused.status_code == 503 and refused.json()["error"] == "shutting_down"
+    for response in [chat.read_to_end() for chat in chats]:
+        assert b"event: done" in response
+    assert process.returncode == 0, output

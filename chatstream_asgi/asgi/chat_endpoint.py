@@ -169,7 +169,10 @@ class ChatEndpoint:
         service.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
         service.admission.check_room()  # and overload: a 429 costs no round trip to a shared store
         if not await session.lock_turn():
-            raise SessionBusy("a turn of this conversation is still running; wait for it or stop it first")
+            raise SessionBusy(
+                "a turn of this conversation is still running: wait for it or stop it first (if the "
+                "server running it stopped, the conversation is freed within seconds: retry after Retry-After)"
+            )
         try:
             if not session.is_new:  # another replica may have finished a turn since the session was read
                 await session.reload()

@@ -67,6 +67,7 @@ from chatstream_asgi.errors import (
     BodyTooLarge,
     ChatStreamError,
     MethodNotAllowed,
+    SessionStoreUnavailable,
     ShuttingDown,
     UnsupportedMediaType,
 )
@@ -157,10 +158,14 @@ class ChatStreamMiddleware:
         self._shutting_down = False
         self._in_flight = 0  # served requests not yet ended, for the lifespan shutdown to wait on
         self._idle: anyio.Event | None = None
+        self._chats = 0  # chats (/chat_stream, /v1) not yet ended, for a drain to wait on
+        self._no_chats: anyio.Event | None = None
         if metrics:  # imported only when asked for: without metrics, prometheus-client is never loaded
             from chatstream_asgi.asgi.metrics import ChatMetrics
 
             self._metrics = ChatMetrics(self.service.admission.load)
+            if hasattr(store, "observer"):  # a store that times its calls (RedisStore)
+                store.observer = self._metrics.store_call
         self.api_options: ApiOptions = apis or {}
         self.served_apis = enabled_apis(apis) | (PAGE_APIS if webui else frozenset())
         # `web_ui_params` as ChatStream's append_apis takes them: title, placeholder, greeting.
@@ -228,6 +233,21 @@ class ChatStreamMiddleware:
         when draining starts. Lifespan shutdown calls it too.
         """
         self._shutting_down = True
+        if self._metrics is not None:
+            self._metrics.draining.set(1)
+
+    async def drain(self, timeout: float) -> bool:
+        """Take no new chats (`begin_shutdown`) and wait up to `timeout` seconds for running and
+        queued ones to finish, while every other route still answers: `/ready` says
+        `shutting_down` (503) so a balancer takes the replica out, and `/metrics` is scraped to
+        the end. True once no chat is left. `chatstream-asgi serve` drains on SIGTERM before it
+        stops listening; under another server, call it from your own signal handling."""
+        self.begin_shutdown()
+        with anyio.move_on_after(timeout):
+            while self._chats:
+                self._no_chats = anyio.Event()
+                await self._no_chats.wait()
+        return not self._chats
 
     def _hold_lifespan_shutdown(self, receive: Receive) -> Receive:
         """`receive` for the lifespan, holding `lifespan.shutdown` back until requests have ended."""
@@ -283,14 +303,16 @@ class ChatStreamMiddleware:
         api = route[1:]
         found: list[_Route] = []
         if route == self.path:
-            found.append(_Route("POST", self._chat, "chat" if self.serve else None, "plain", owned=self.serve))
+            chat = functools.partial(self._counted_chat, self._chat)
+            found.append(_Route("POST", chat, "chat" if self.serve else None, "plain", owned=self.serve))
         if api in self.served_apis:
             needed = "admin" if api in ADMIN_APIS else "apis"
             found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True))
         elif api in SESSION_APIS:  # the app mounted it (append_apis): it only needs the session
             found.append(_Route(API_METHODS[api], functools.partial(self._api, api), None, "chatstream", owned=False))
         if self.openai and route == "/v1/chat/completions":
-            found.append(_Route("POST", self._completions, "chat", "openai", owned=True))
+            completions = functools.partial(self._counted_chat, self._completions)
+            found.append(_Route("POST", completions, "chat", "openai", owned=True))
         if self.openai and route == "/v1/models":
             found.append(_Route("GET", models_response(self.service), "chat", "openai", owned=True))
         if self.health and route in ("/health", "/ready"):
@@ -352,6 +374,16 @@ class ChatStreamMiddleware:
             await self._refuse(scope, send, ShuttingDown("the server is shutting down"), shape)
             return None
         return await self._read_body_or_refuse(scope, receive, send, shape)
+
+    async def _counted_chat(self, handler: _Handler, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run a chat route's handler, counted for `drain`."""
+        self._chats += 1
+        try:
+            await handler(scope, receive, send)
+        finally:
+            self._chats -= 1
+            if not self._chats and self._no_chats is not None:
+                self._no_chats.set()
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._chat_body(scope, receive, send, "plain")
@@ -417,11 +449,30 @@ class ChatStreamMiddleware:
     async def _health(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         if route == "/health":
             response = JSONResponse({"status": "ok"})
-        elif await self.service.check_ready():
-            response = JSONResponse({"status": "ready", "load": self.service.load()})
         else:
-            response = JSONResponse({"status": "loading", "load": self.service.load()}, status_code=503)
+            status = await self.readiness()
+            response = JSONResponse(
+                {"status": status, "load": self.service.load()}, status_code=200 if status == "ready" else 503
+            )
         await response(scope, receive, send)
+
+    async def readiness(self) -> str:
+        """What `/ready` says: `"ready"`, or why not: `"shutting_down"` (draining: take this
+        replica out of the balancer), `"loading"`, `"upstream_unavailable"` (front mode), or
+        `"session_store_unavailable"` (every chat would get 503 until the store is back)."""
+        if self._shutting_down:
+            return "shutting_down"
+        status = await self.service.readiness()
+        if status != "ready":
+            return status
+        ping = getattr(self.sessions.store, "ping", None)
+        if ping is not None:
+            try:
+                await ping()
+            except SessionStoreUnavailable as error:
+                logger.warning("not ready: %s", error.detail)
+                return "session_store_unavailable"
+        return "ready"
 
     async def _metrics_response(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self._metrics is not None  # routed here only with metrics on

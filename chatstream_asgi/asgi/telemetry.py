@@ -83,7 +83,8 @@ class RequestTelemetry:
             completion_tokens,
         )
         if self.metrics is not None:
-            self.metrics.finished(outcome, duration, prompt_tokens, completion_tokens)
+            cached = stats.cached_prompt_tokens if stats is not None else 0
+            self.metrics.finished(outcome, duration, prompt_tokens, completion_tokens, cached)
 
     def content(self, what: str, text: str) -> None:
         """Log a prompt or a reply, only where `log_content=True` asked for it."""

@@ -96,11 +96,18 @@ class ChatService:
 
     async def check_ready(self) -> bool:
         """`ready`, and for engines that generate elsewhere, whether that server answers now."""
+        return await self.readiness() == "ready"
+
+    async def readiness(self) -> str:
+        """`"ready"`, `"loading"` (a model is not loaded yet) or `"upstream_unavailable"` (an
+        engine that generates elsewhere does not answer now)."""
         for engine in self.engines:
+            if not engine.ready:
+                return "loading"
             answers = getattr(engine, "answers", None)
-            if not engine.ready or (answers is not None and not await answers()):
-                return False
-        return True
+            if answers is not None and not await answers():
+                return "upstream_unavailable"
+        return "ready"
 
     def load(self) -> dict[str, int]:
         """Generations running and waiting, and the limits."""

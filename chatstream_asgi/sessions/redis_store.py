@@ -2,7 +2,7 @@
 
 Every key starts with `prefix` (`chatstream:session:<id>`, `chatstream:lock:<id>`), so one Redis
 can serve several deployments. Sessions are JSON strings whose TTL is refreshed on every read
-(`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL (`lock_ttl`, 5 s) that the
+(`GETEX`). A turn lock is `SET NX PX` with a random token and a short TTL (`lock_ttl`, 3 s) that the
 running turn refreshes every third of it, so a replica that dies mid-turn (SIGKILL, a lost node)
 frees its conversations within `lock_ttl` seconds, and the 409 meanwhile says `Retry-After`;
 release and refresh check the token in one Lua script, so nobody frees a lock it lost. A turn
@@ -49,7 +49,7 @@ return 0
 """
 #: Seconds a turn lock lives unless the running turn refreshes it (it does, every third of that):
 #: how long a replica that died mid-turn (SIGKILL, a lost node) keeps its conversations locked.
-DEFAULT_LOCK_TTL = 5.0
+DEFAULT_LOCK_TTL = 3.0
 # Seconds between measurements of the offset between Redis's clock and ours.
 _CLOCK_CHECK_EVERY = 300.0
 # Orphaned lock tokens kept for release at most: the oldest go first (their locks expire anyway).
