@@ -5,11 +5,14 @@ engine failure, by an upstream failing in front mode, and by the server's shutdo
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 from typing import Any
 
 import httpx
 import pytest
+import requests
 import uvicorn
 from starlette.applications import Starlette
 
@@ -50,6 +53,21 @@ def test_a_delta_reply_cut_by_an_engine_failure_raises_in_httpx_and_the_next_tur
         assert outcomes.wait(2) == ["success", "unknown_error_occurred"]
         assert _read(client, "third")
     assert outcomes.wait(3)[-1] == "success"
+
+
+def test_requests_and_curl_raise_on_a_cut_delta_reply_too(make_chat_stream: Any, serve: Any, hooks: ModelHooks) -> None:
+    server, outcomes = _serve_chats(serve, make_chat_stream(max_new_tokens=20))
+    hooks.fail_on_call = hooks.forward_calls + 5
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.post(f"{server.url}/chat_stream", json={"user_input": "doomed"}, timeout=HANG_GUARD)
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed (.ci/run installs it)")
+    hooks.fail_on_call = hooks.forward_calls + 5
+    curl = subprocess.run(
+        ["curl", "-sN", f"{server.url}/chat_stream", "-d", '{"user_input": "doomed"}'], capture_output=True
+    )
+    assert curl.returncode == 18  # CURLE_PARTIAL_FILE: "transfer closed with outstanding read data"
+    assert outcomes.wait(2) == ["unknown_error_occurred"] * 2
 
 
 def test_a_delta_reply_cut_by_an_engine_failure_is_not_history(
