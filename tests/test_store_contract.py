@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 
 from chatstream_asgi import MemoryStore, RedisStore
@@ -117,3 +118,52 @@ async def test_redis_that_does_not_answer_is_reported_as_unavailable(anyio_backe
     assert caught.value.status_code == 503 and caught.value.code == "session_store_unavailable"
     assert "hunter2" not in caught.value.detail
     await store.close()
+
+
+async def test_a_store_answers_ping_while_it_is_up(store: Any) -> None:
+    await store.ping()  # no exception: /ready would say "ready"
+
+
+async def test_a_turn_lock_nobody_refreshes_expires_after_lock_ttl(anyio_backend: str, redis_url: str) -> None:
+    """What frees the conversations of a replica that died mid-turn: its locks' TTL."""
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py's asyncio client runs on asyncio only")
+    store = RedisStore(redis_url, prefix="expiry:", lock_ttl=0.3)
+    try:
+        held = await store.lock_turn("dead-replicas-conversation")
+        assert held is not None and await store.lock_turn("dead-replicas-conversation") is None
+        await anyio.sleep(0.5)
+        assert await store.lock_turn("dead-replicas-conversation") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_refreshed_turn_lock_outlives_its_ttl(anyio_backend: str, redis_url: str) -> None:
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py's asyncio client runs on asyncio only")
+    store = RedisStore(redis_url, prefix="refresh:", lock_ttl=0.3)
+    try:
+        token = await store.lock_turn("running")
+        assert token is not None
+        for _ in range(5):  # 0.5 s in all, refreshed every 0.1 s (a third of the TTL, as a turn does)
+            await anyio.sleep(0.1)
+            await store.refresh_turn("running", token)
+        assert await store.lock_turn("running") is None
+    finally:
+        await store.close()
+
+
+async def test_redis_store_takes_a_client_of_your_own(anyio_backend: str, redis_url: str) -> None:
+    """Sentinel's `master_for(...)` gives such a client; so does any redis.asyncio.Redis."""
+    if anyio_backend != "asyncio":
+        pytest.skip("redis-py's asyncio client runs on asyncio only")
+    import redis.asyncio
+
+    store = RedisStore(prefix="own-client:", client=redis.asyncio.Redis.from_url(redis_url, decode_responses=True))
+    try:
+        await store.save("s", {"note": "kept"})
+        assert await store.load("s") == {"note": "kept"}
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="decode_responses=True"):
+        RedisStore(client=redis.asyncio.Redis.from_url(redis_url))
