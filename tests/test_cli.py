@@ -11,16 +11,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
 
+from chatstream_asgi import ChatStreamMiddleware
 from chatstream_asgi.frontends.demo_model import CHAT_TEMPLATE
 
-from .conftest import open_chat, wait_until
+from .conftest import greedy_reply, open_chat, wait_until
 
 
 def _free_port() -> int:
@@ -449,3 +453,133 @@ def test_the_examples_extra_installs_every_server_the_docs_show() -> None:
     shown = {server for server in ("uvicorn", "hypercorn", "granian") if f"\n{server} " in servers_doc}
     assert shown == {"uvicorn", "hypercorn", "granian"}
     assert shown - {"uvicorn"} <= examples  # uvicorn is a dependency of the package itself
+
+
+@pytest.fixture
+def upstream(make_chat_stream: Any, serve: Any) -> Any:
+    """A chatstream-asgi server with the tiny model, speaking /v1 with a key: what `--upstream` fronts."""
+    chat_stream = make_chat_stream(max_new_tokens=200, name="tiny")
+    return serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, openai=True, api_keys=["up-key"]))
+
+
+def test_serve_upstream_chats_through_the_server_it_fronts_as_the_model_it_lists(
+    run_cli: object, upstream: Any, model: Any, tokenizer: Any
+) -> None:
+    process, url = run_cli("--upstream", upstream.url, env={"CHATSTREAM_UPSTREAM_API_KEY": "up-key"})  # type: ignore[operator]
+    banner = _banner(process)
+    assert f"'tiny' of the upstream server at {upstream.url}/v1" in banner and "front mode" in banner
+    assert "up-key" not in banner
+    assert wait_until(lambda: _ready(url), timeout=60)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        reply = client.post("/chat_stream", json={"user_input": "Hello", "temperature": 0, "max_new_tokens": 8})
+        again = client.post("/chat_stream", json={"user_input": "And more", "max_new_tokens": 4})
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert reply.status_code == 200 and reply.text == greedy_reply(model, tokenizer, "Hello", 8)
+    assert again.status_code == 200  # the front keeps the conversation; the upstream stays stateless
+
+
+def test_serve_upstream_takes_its_key_from_the_flag(run_cli: object, upstream: Any) -> None:
+    _, url = run_cli("--upstream", f"{upstream.url}/v1", "--upstream-api-key", "up-key")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    assert httpx.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 4}, timeout=60).is_success
+
+
+def test_serve_upstream_that_refuses_the_key_says_which_option_sets_it(upstream: Any) -> None:
+    port = str(_free_port())
+    line = _one_line_error(_run("serve", "--upstream", upstream.url, "--upstream-api-key", "wrong", "--port", port))
+    assert "answered 401" in line and "--upstream-api-key" in line and "--upstream-model" in line
+
+
+def test_serve_upstream_that_cannot_be_asked_for_its_model_says_to_name_it() -> None:
+    port = _free_port()  # nobody listens there
+    line = _one_line_error(_run("serve", "--upstream", f"http://127.0.0.1:{port}/v1"))
+    assert f"cannot ask http://127.0.0.1:{port}/v1/models" in line and "pass --upstream-model NAME" in line
+
+
+def test_serve_upstream_with_its_model_named_starts_before_its_upstream(run_cli: object, make_chat_stream: Any) -> None:
+    port = _free_port()
+    _, url = run_cli("--upstream", f"http://127.0.0.1:{port}", "--upstream-model", "tiny")  # type: ignore[operator]
+    assert wait_until(lambda: _answers(f"{url}/health"), timeout=60)
+    down = httpx.get(f"{url}/ready")
+    assert down.status_code == 503 and down.json()["status"] == "upstream_unavailable"
+    app = ChatStreamMiddleware(Starlette(), chat_stream=make_chat_stream(name="tiny"), openai=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: _ready(url), timeout=60)
+        answer = httpx.post(f"{url}/chat_stream", json={"user_input": "Hi", "max_new_tokens": 4}, timeout=60)
+        assert answer.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.parametrize("option", [("--model", "mock"), ("--device", "cpu"), ("--context-len", "4096")])
+def test_serve_upstream_refuses_the_options_of_a_local_model(option: tuple[str, str]) -> None:
+    line = _usage_error(_run("serve", "--upstream", "http://127.0.0.1:1/v1", *option))
+    assert f"--upstream cannot go with {option[0]}" in line
+
+
+@pytest.mark.parametrize(
+    "option", [("--upstream-model", "m"), ("--upstream-api-key", "k"), ("--upstream-timeout", "5")]
+)
+def test_the_upstream_options_need_upstream(option: tuple[str, str]) -> None:
+    assert f"{option[0]} needs --upstream URL" in _usage_error(_run("serve", *option))
+
+
+@pytest.mark.parametrize("url", ["gpu-host:8000", "ftp://gpu-host/v1", "http://gpu-host:8000/v1?x=1"])
+def test_serve_upstream_takes_only_an_http_url(url: str) -> None:
+    assert "argument --upstream: expected an http:// or https:// URL" in _usage_error(_run("serve", "--upstream", url))
+
+
+def test_lock_ttl_store_timeout_and_max_queue_wait_reach_the_store_and_the_queue(redis_url: str) -> None:
+    from chatstream_asgi.frontends.cli import _parser, build_app
+
+    store = ("--session-store", redis_url, "--secret-key", "k", "--lock-ttl", "12.5", "--store-timeout", "0.75")
+    args = _parser().parse_args(["serve", "--model", "mock", *store, "--max-queue-wait", "3"])
+    app, _ = build_app(args)
+    store: Any = app.session_store
+    assert (store.lock_ttl, store.timeout) == (12.5, 0.75)
+    assert app.service.max_queue_wait == 3
+
+
+@pytest.mark.parametrize("option", [("--lock-ttl", "10"), ("--store-timeout", "1")])
+def test_the_store_options_need_a_redis_store(option: tuple[str, str]) -> None:
+    line = _usage_error(_run("serve", "--model", "mock", *option))
+    assert f"{option[0]} applies to a shared store only" in line and "--session-store redis://" in line
+
+
+@pytest.mark.parametrize("option", ["--lock-ttl", "--store-timeout", "--max-queue-wait", "--upstream-timeout"])
+def test_a_time_limit_must_be_more_than_0_seconds(option: str) -> None:
+    assert f"argument {option}: must be more than 0 seconds" in _usage_error(_run("serve", option, "0"))
+
+
+def test_a_redis_store_that_stalls_is_refused_naming_the_store_timeout(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        store = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        result = _run(
+            "serve", "--session-store", store, "--secret-key", "k", "--store-timeout", "0.3",
+            env={"XDG_CACHE_HOME": str(tmp_path / "empty")},
+        )  # fmt: skip
+    assert f"{store} does not answer within 0.3 s (its --store-timeout)" in _one_line_error(result)
+
+
+def test_serve_max_queue_wait_ends_a_wait_with_503_queue_timeout(run_cli: object) -> None:
+    _, url = run_cli("--model", "mock", "--concurrency", "1", "--queue", "1", "--max-queue-wait", "0.5")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    long_chat = open_chat(url, "word " * 400)  # the mock echoes it slowly: it holds the only slot
+    assert long_chat.recv(100).startswith(b"HTTP/1.1 200")
+    waited = httpx.post(f"{url}/chat_stream", json={"user_input": "Hi"}, timeout=60)
+    long_chat.close()
+    assert waited.status_code == 503 and waited.json()["error"] == "queue_timeout"
+    assert int(waited.headers["retry-after"]) >= 1

