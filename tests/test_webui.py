@@ -8,7 +8,8 @@ that playwright can evaluate its checks; the escaping test therefore proves that
 inserted as text on its own, without the CSP's help.
 
 `ScriptedEngine` lets a test write the model's reply piece by piece, so the page can be caught
-before its first token or mid-reply without racing a clock. The markdown tests
+before its first token or mid-reply without racing a clock. A test of how long the page waits
+installs playwright's clock in the page and moves it on itself. The markdown tests
 (test_webui_markdown.py) share this module's browser, page and engine helpers.
 """
 
@@ -18,7 +19,8 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,12 @@ from playwright.sync_api import Browser, Page, Request, Route, sync_playwright
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
-from chatstream_asgi.engine.base import GenerationStats
+from chatstream_asgi.engine.base import GenerationFailed, GenerationStats
 from chatstream_asgi.engine.mock import MockEngine
+from chatstream_asgi.sessions.signing import CookieSigner
 
 from .conftest import HANG_GUARD, LiveServer, ModelHooks, Outcomes, open_chat, read_first_text, wait_until
+from .faultproxy import FaultProxy
 
 CHROMIUM = os.environ.get("CHATSTREAM_CHROMIUM", "/usr/bin/chromium")
 GUARD_MS = HANG_GUARD * 1000
@@ -59,11 +63,15 @@ def open_page(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Call
     pages: list[Page] = []
     errors: list[str] = []
 
-    def open_(url: str, width: int = 1000, height: int = 720, init_script: str | None = None) -> Page:
+    def open_(
+        url: str, width: int = 1000, height: int = 720, init_script: str | None = None, clock: bool = False
+    ) -> Page:
         context = browser.new_context(bypass_csp=True, viewport={"width": width, "height": height})
         if init_script is not None:
             context.add_init_script(init_script)
         page = context.new_page()
+        if clock:  # the page's timers wait for page.clock to move on
+            page.clock.install()
         page.set_default_timeout(GUARD_MS)
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(url + "/")
@@ -753,3 +761,298 @@ def test_a_waiting_page_shows_about_how_long_once_the_server_has_timed_a_reply(
         assert client.post("/chat_stream", json={"user_input": "A reply to time"}).status_code == 200
     page = open_page(server.url)
     assert wait_in_the_queue(server, chat_stream, hooks, page, "1 ahead of you, about ").endswith(" s")
+
+
+# -- a conversation held by another turn, and replies cut off --------------------------------
+
+SECRET_KEY = "the webui tests' cookie key"  # so that a test can read the session id in the page's cookie
+BUSY_NOTE = ".msg.assistant.pending .reply-note.wait:has-text('Waiting for the previous reply to finish')"
+
+
+def hold_turn(app: ChatStreamMiddleware, page: Page) -> Callable[[], None]:
+    """Take the turn lock of the page's conversation in the server's store, as a replica that
+    died mid-turn leaves it until it expires: meanwhile every turn of it gets 409 session_busy
+    with Retry-After. Returns what frees it."""
+    session_id = CookieSigner(SECRET_KEY).unsign(session_cookie(page))
+    assert session_id is not None
+    store = app.session_store
+    token = _run_aside(store.lock_turn, session_id)
+    assert token is not None
+    return lambda: _run_aside(store.unlock_turn, session_id, token)
+
+
+def _run_aside(function: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """Run an async function of the memory store (a dict with a checkpoint) on a loop of its own,
+    in a thread of its own: this one runs playwright's."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, function, *args).result(HANG_GUARD)
+
+
+def chat_answers(page: Page) -> list[int]:
+    """The statuses of the chats the page is answered from now on."""
+    statuses: list[int] = []
+    page.on("response", lambda response: statuses.append(response.status) if is_chat(response.url) else None)
+    return statuses
+
+
+def wait_for_events(page: Page, condition: Callable[[], bool]) -> bool:
+    """`wait_until` for a condition on what playwright's events record: they come in only while
+    a call into playwright runs."""
+    return wait_until(lambda: page.evaluate("true") and condition())
+
+
+def requests_after(page: Page, urls: list[str]) -> list[str]:
+    """`urls` once a request the test makes now has been seen: every request the page made before
+    it is in by then."""
+    server_history(page)
+    assert urls[-1] == "/get_history"
+    return urls[:-1]
+
+
+def send_again(page: Page) -> None:
+    send(page, "Hello again")
+
+
+def regenerate(page: Page) -> None:
+    page.click("#regenerate")
+
+
+def edit(page: Page) -> None:
+    edit_last_message(page, "Hello again")
+
+
+@pytest.mark.parametrize(
+    ("act", "expected"),
+    [
+        (send_again, ["Hello", "Hello", "Hello again", "Hello again"]),
+        (regenerate, ["Hello", "Hello"]),
+        (edit, ["Hello again", "Hello again"]),
+    ],
+    ids=["send", "regenerate", "edit"],
+)
+def test_a_turn_refused_as_busy_waits_quietly_and_goes_through_once_the_conversation_is_free(
+    act: Callable[[Page], None], expected: list[str], serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    app = mock_app(secret_key=SECRET_KEY)
+    page = open_page(serve(app).url)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    bodies = chat_bodies(page)
+    answers = chat_answers(page)
+    release = hold_turn(app, page)
+    act(page)
+    page.wait_for_selector(BUSY_NOTE)
+    assert wait_for_events(page, lambda: len(answers) >= 2)  # refused, waited Retry-After, refused again
+    assert page.is_hidden("#status")  # waiting is no error
+    release()
+    wait_for_replies(page, len(expected) // 2)
+    conversation = [("user" if index % 2 == 0 else "assistant", text) for index, text in enumerate(expected)]
+    assert messages(page) == conversation
+    assert contents(server_history(page)) == conversation
+    assert answers[0] == 409 and answers[-1] == 200
+    assert all(body == bodies[0] for body in bodies)  # the same turn, tried again
+    assert page.is_hidden("#status")
+    assert page.locator(".reply-note").count() == 0
+
+
+def test_clear_waits_for_a_busy_conversation_and_then_clears_it(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    app = mock_app(secret_key=SECRET_KEY)
+    page = open_page(serve(app).url)
+    send(page, "Forget me")
+    wait_for_replies(page, 1)
+    release = hold_turn(app, page)
+    page.click("#clear")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#status.wait:has-text('Waiting for the previous reply to finish')")
+    assert messages(page) == [("user", "Forget me"), ("assistant", "Forget me")]
+    release()
+    page.wait_for_selector(".msg", state="detached")
+    assert page.is_hidden("#status")
+    assert server_history(page) == []
+
+
+def test_stop_while_clear_waits_for_a_busy_conversation_keeps_the_conversation(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    app = mock_app(secret_key=SECRET_KEY)
+    page = open_page(serve(app).url, clock=True)
+    send(page, "Keep me")
+    wait_for_replies(page, 1)
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(urlparse(request.url).path))
+    release = hold_turn(app, page)
+    page.click("#clear")
+    page.click("#confirm-ok")
+    page.wait_for_selector("#status.wait:has-text('Waiting for the previous reply to finish')")
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('Stopped while waiting')")
+    page.clock.run_for(60_000)  # long past any retry it had planned
+    release()
+    assert requests_after(page, urls) == ["/clear_context"]
+    kept = [("user", "Keep me"), ("assistant", "Keep me")]
+    assert messages(page) == kept
+    assert contents(server_history(page)) == kept
+    assert page.is_visible("#send")
+
+
+def test_stop_while_the_page_waits_for_a_busy_conversation_ends_the_wait_and_tries_no_more(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    app = mock_app(secret_key=SECRET_KEY)
+    page = open_page(serve(app).url, clock=True)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(urlparse(request.url).path))
+    release = hold_turn(app, page)
+    send(page, "Are you free?")
+    page.wait_for_selector(BUSY_NOTE)
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('Stopped before the reply began')")
+    page.clock.run_for(60_000)  # long past any retry it had planned
+    release()
+    assert requests_after(page, urls) == ["/chat_stream", "/get_history"]  # one try, then the history
+    assert messages(page) == [("user", "Hello"), ("assistant", "Hello")]
+    assert page.input_value("#input") == "Are you free?"  # given back, to send once free
+
+
+def test_a_conversation_still_busy_after_the_pages_bound_shows_the_servers_error(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    app = mock_app(secret_key=SECRET_KEY)
+    page = open_page(serve(app).url, clock=True)
+    send(page, "Hello")
+    wait_for_replies(page, 1)
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(urlparse(request.url).path))
+    answers = chat_answers(page)
+    release = hold_turn(app, page)
+
+    def gave_up() -> bool:
+        if page.locator("#status.error").count():
+            return True
+        if len(answers) == urls.count("/chat_stream"):  # no chat in flight: the page is waiting
+            page.clock.run_for(1000)
+        return False
+
+    try:
+        send(page, "Are you free?")
+        page.wait_for_selector(BUSY_NOTE)
+        assert wait_until(gave_up)
+        page.clock.run_for(60_000)  # and it tries no more
+        tried = requests_after(page, urls).count("/chat_stream")
+    finally:
+        release()
+    assert "still running" in (page.text_content("#status") or "")  # the server's own words
+    assert 3 < tried <= 31 and set(answers) == {409}  # Retry-After: 1, for 30 s
+    assert messages(page) == [("user", "Hello"), ("assistant", "Hello")]
+    assert page.input_value("#input") == "Are you free?"
+
+
+def test_a_reply_whose_connection_breaks_stays_as_far_as_it_came_marked_cut_off(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    engine = ScriptedEngine()
+    server = serve(engine_app(engine))
+    with FaultProxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        page = open_page(f"http://127.0.0.1:{proxy.port}")
+        send(page, "Tell me everything")
+        engine.say("The first half")
+        page.wait_for_function(
+            "() => document.querySelector('.msg.assistant .bubble').textContent === 'The first half'"
+        )
+    # Leaving the proxy broke every connection through it, mid-reply: what a server that dies does.
+    page.wait_for_selector(".msg.assistant.cut:not(.pending)")
+    assert messages(page) == [("user", "Tell me everything"), ("assistant", "The first half")]
+    assert "cut off" in (page.text_content(".msg.assistant .reply-note.cut") or "")
+    assert page.locator(".msg.assistant button[aria-label='Good reply']").count() == 0  # not a finished reply
+    assert page.is_visible("#send")
+    assert page.input_value("#input") == "Tell me everything"  # to send again
+
+
+def test_a_reply_that_ends_without_done_is_cut_off_and_regenerate_replaces_what_the_server_kept(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(mock_app()).url)
+    bodies = chat_bodies(page)
+
+    def drop_done(route: Route) -> None:  # a proxy that ends the reply early, cleanly
+        response = route.fetch()
+        body = response.text()
+        route.fulfill(response=response, body=body[: body.index("event: done")])
+
+    page.route(is_chat, drop_done, times=1)
+    send(page, "Say it twice")
+    page.wait_for_selector(".msg.assistant.cut .reply-note.cut:has-text('cut off')")
+    assert messages(page) == [("user", "Say it twice"), ("assistant", "Say it twice")]
+    # The server went on to the end and kept the turn: Regenerate replaces its reply.
+    page.click("#regenerate")
+    wait_for_replies(page, 1)
+    assert bodies == [{"user_input": "Say it twice", "regenerate": False}, {"user_input": "", "regenerate": True}]
+    history = server_history(page)
+    assert contents(history) == [("user", "Say it twice"), ("assistant", "Say it twice")]
+    assert history[1]["id"] == page.get_attribute(".msg.assistant", "data-message-id")
+    assert page.locator(".msg.cut, .reply-note").count() == 0
+    assert page.input_value("#input") == ""
+
+
+class _BrokenGeneration:
+    """Says `text`, then fails as an engine that crashes mid-reply does."""
+
+    def __init__(self, text: str) -> None:
+        self.stats = GenerationStats()
+        self._text = text
+
+    async def next_text(self, timeout: float) -> str | None:
+        await anyio.lowlevel.checkpoint()
+        text, self._text = self._text, ""
+        if not text:
+            raise GenerationFailed("the model ran out of memory")
+        self.stats.completion_tokens += 1
+        return text
+
+    def cancel(self) -> None:
+        """It ends by itself."""
+
+
+class BreaksOffEngine(MockEngine):
+    """Echoes as MockEngine does, but its `nth` reply breaks off after `text`."""
+
+    def __init__(self, nth: int, text: str) -> None:
+        super().__init__(tokens_per_second=200)
+        self._left = nth
+        self._text = text
+
+    @asynccontextmanager
+    async def generate(self, prompt: Any, params: Any, *, context_len: int) -> AsyncIterator[Any]:
+        self._left -= 1
+        if self._left == 0:
+            yield _BrokenGeneration(self._text)
+            return
+        async with super().generate(prompt, params, context_len=context_len) as generation:
+            yield generation
+
+
+def test_an_error_mid_reply_is_shown_and_regenerate_sends_the_turn_the_server_dropped_again(
+    serve: Callable[[Any], LiveServer], open_page: Any
+) -> None:
+    page = open_page(serve(engine_app(BreaksOffEngine(2, "Half a"))).url)
+    send(page, "First")
+    wait_for_replies(page, 1)
+    bodies = chat_bodies(page)
+    send(page, "Second")
+    page.wait_for_selector(".msg.assistant.cut:not(.pending)")
+    assert "the model ran out of memory" in (page.text_content("#status.error") or "")
+    assert messages(page)[-1] == ("assistant", "Half a")
+    # The server kept nothing of the failed turn: Regenerate sends its message again (a
+    # regenerate would replace the reply to "First").
+    page.click("#regenerate")
+    wait_for_replies(page, 2)
+    expected = [("user", "First"), ("assistant", "First"), ("user", "Second"), ("assistant", "Second")]
+    assert messages(page) == expected
+    assert contents(server_history(page)) == expected
+    assert bodies == [{"user_input": "Second", "regenerate": False}] * 2
+    assert page.input_value("#input") == ""
+    assert page.is_hidden("#status")

@@ -16,6 +16,13 @@ const options = Object.assign(
   JSON.parse(document.getElementById("chatstream-options").textContent || "{}")
 );
 const PARAM_FIELDS = ["temperature", "top_k", "top_p", "max_new_tokens"];
+// A conversation another turn still holds (409 session_busy: that turn is running, or the
+// replica that ran it stopped mid-turn and its lock frees within seconds) is waited for:
+// Retry-After seconds at a time (1 if it names none, at most BUSY_WAIT_MAX_S), for BUSY_LIMIT_S
+// at most from the first refusal; after that the refusal is shown as any other error.
+const BUSY_WAIT_MAX_S = 10;
+const BUSY_LIMIT_S = 30;
+const BUSY_NOTE = "Waiting for the previous reply to finish\u2026";
 // Per page path: two chat pages mounted on one host keep their own system prompts.
 const SYSTEM_KEY = "chatstream-asgi.system:" + location.pathname;
 const $ = (id) => document.getElementById(id);
@@ -37,7 +44,11 @@ const conversation = createConversation($("log"), $("empty"), {
 
 let busy = false;
 let ready = false; // until the history has loaded, a sent message could be wiped by it
-let controller = null; // aborts the running chat request (Stop)
+let controller = null; // aborts the running chat request (Stop), or a wait to clear
+// The last turn, if its reply was cut off: {mode, text, messageId}. The server kept that turn
+// only if it went on after the connection broke (a proxy cut it: it then keeps the reply as far
+// as it got, as after Stop); a server that stopped or failed kept nothing of it.
+let cutTurn = null;
 
 function showStatus(text, kind) {
   statusLine.textContent = text;
@@ -96,21 +107,68 @@ function storeSystem(text) {
 
 // -- talking to the server ----------------------------------------------------------------------
 
-// A JSON request to one of the conversation APIs: {ok, status, data, message}; never throws.
-async function request(path, body) {
+// Resolves to true after `seconds`, or to false as soon as `signal` aborts (Stop).
+function pause(seconds, signal) {
+  return new Promise((resolve) => {
+    if (signal.aborted) {
+      resolve(false);
+      return;
+    }
+    const stop = () => {
+      clearTimeout(timer);
+      resolve(false);
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", stop);
+      resolve(true);
+    }, seconds * 1000);
+    signal.addEventListener("abort", stop, { once: true });
+  });
+}
+
+// The waits of one request on a busy conversation: the returned function takes each response
+// (and its JSON) and gives the seconds to wait before trying again, or null: any other
+// response, or a 409 session_busy once BUSY_LIMIT_S have passed since the first.
+function busyRetry() {
+  let giveUpAt = null;
+  return (response, data) => {
+    if (response.status !== 409 || data.error !== "session_busy") return null;
+    const now = performance.now();
+    giveUpAt ??= now + BUSY_LIMIT_S * 1000;
+    const left = (giveUpAt - now) / 1000;
+    if (left <= 0) return null;
+    const asked = parseInt(response.headers.get("Retry-After") || data.retry_after, 10);
+    return Math.min(asked > 0 ? asked : 1, BUSY_WAIT_MAX_S, left);
+  };
+}
+
+// A JSON request to one of the conversation APIs: {ok, status, data, message, stopped}; never
+// throws. A busy conversation is waited for (`onWait()` says so each time) unless `signal`
+// aborts, which ends only a wait: a request that may have reached the server is answered.
+async function request(path, body, { signal = new AbortController().signal, onWait = () => {} } = {}) {
   const init = { credentials: "same-origin", headers: { Accept: "application/json" } };
   if (body !== undefined) {
     init.method = "POST";
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  try {
-    const response = await fetch(path, init);
-    const data = await response.json().catch(() => ({}));
+  const retry = busyRetry();
+  for (;;) {
+    let response, data;
+    try {
+      response = await fetch(path, init);
+      data = await response.json().catch(() => ({}));
+    } catch {
+      return { ok: false, status: 0, data: {}, message: "Cannot reach the server. Check that it is running." };
+    }
+    const seconds = retry(response, data);
+    if (seconds !== null) {
+      onWait();
+      if (await pause(seconds, signal)) continue;
+      return { ok: false, stopped: true, status: 0, data: {}, message: "" };
+    }
     const ok = response.ok && data.success !== false;
     return { ok, status: response.status, data, message: ok ? "" : errorText(response.status, data) };
-  } catch {
-    return { ok: false, status: 0, data: {}, message: "Cannot reach the server. Check that it is running." };
   }
 }
 
@@ -195,12 +253,15 @@ function chatBody(text, mode) {
   return body;
 }
 
-// One chat turn: POST, retry while busy, stream into `reply`. Resolves to "success",
-// "stopped" or "failed" (with the reason shown).
+// One chat turn: POST, retry while the server or the conversation is busy, stream into `reply`.
+// Resolves to "success" (`event: done` came), "stopped" (by the user), "failed" (refused or
+// unreachable, the reason shown), "cut" (the stream ended or broke without `event: done`: the
+// server stopped, or a proxy cut it) or "error" (`event: error` ended it, shown).
 async function chat(body, reply) {
   controller = new AbortController();
   const signal = controller.signal;
   const url = options.chat_path + (options.chat_path.includes("?") ? "&" : "?") + "format=sse";
+  const retryBusy = busyRetry();
   for (;;) {
     let response;
     try {
@@ -228,13 +289,21 @@ async function chat(body, reply) {
       continue;
     }
     if (!response.ok) {
-      showStatus((await readError(response)).text, "error");
-      return "failed";
+      const problem = await readError(response);
+      const seconds = retryBusy(response, problem.data);
+      if (seconds === null) {
+        showStatus(problem.text, "error");
+        return "failed";
+      }
+      reply.note(BUSY_NOTE, "wait"); // not an error: the conversation frees within seconds
+      if (!(await pause(seconds, signal))) return "stopped";
+      continue;
     }
     const messageId = response.headers.get("X-ChatStream-Last-Generated-Message-Id");
     if (messageId) reply.message.dataset.messageId = messageId;
+    reply.note("");
     showStatus("");
-    let outcome = "failed";
+    let outcome = "cut"; // until `event: done` says otherwise: a body that just ends is cut off
     try {
       await readEvents(response, (name, data) => {
         if (name === "message" && typeof data.delta === "string") {
@@ -245,15 +314,14 @@ async function chat(body, reply) {
         } else if (name === "done") {
           outcome = "success";
         } else if (name === "error") {
+          outcome = "error";
           showStatus("The reply failed: " + errorText(500, data), "error");
         }
       });
     } catch {
       if (signal.aborted) return "stopped";
-      showStatus("The connection broke before the reply ended.", "error");
-      return "failed";
+      // The connection broke mid-body (a server that died, a proxy): as cut as a body that ends.
     }
-    if (outcome !== "success" && statusLine.hidden) showStatus("The reply ended early.", "error");
     return outcome;
   }
 }
@@ -268,16 +336,54 @@ function giveBack(text, mode) {
   }
 }
 
+const CUT_NOTES = {
+  cut: "Reply cut off \u2014 the server stopped before it ended; send it again or regenerate.",
+  error: "Reply cut off \u2014 the server failed; send it again or regenerate.",
+};
+
+// Before the turn after one whose reply was cut off: shows the conversation the server has and
+// resolves to the turn to send for `mode` and `text` (null when the server cannot say, shown).
+// Where the server did not keep the cut turn, regenerating it is sending it again, and an edit
+// of its message is sent as what that turn was (a new message, or an edit of the one before).
+async function afterCutTurn(mode, text) {
+  const cut = cutTurn;
+  const history = await request("get_history");
+  if (!history.ok) {
+    showStatus(history.message, "error");
+    return null;
+  }
+  const messages = history.data.messages || [];
+  showHistory(messages);
+  if (mode !== "send" && input.value === cut.text) {
+    input.value = ""; // given back after the cut: the user redoes that turn instead
+    fitHeight(input, 200);
+  }
+  if (messages.some((message) => message.id === cut.messageId)) return { mode, text }; // kept: as any turn
+  if (mode === "regenerate") return { mode: cut.mode, text: cut.text };
+  if (mode === "edit" && cut.mode === "send") return { mode: "send", text };
+  return { mode, text };
+}
+
 // One turn: "send" a new message, "regenerate" the last reply ("" as text), or "edit" the last
 // user message to `text` and reply to it again.
 async function converse(text, mode) {
   if (busy) return;
   setBusy(true);
   showStatus("");
+  if (cutTurn) {
+    const turn = await afterCutTurn(mode, text);
+    if (!turn) {
+      setBusy(false);
+      return;
+    }
+    ({ mode, text } = turn);
+  }
   if (mode === "send") {
     conversation.addUser(text);
-    input.value = "";
-    fitHeight(input, 200);
+    if (input.value === text) {
+      input.value = "";
+      fitHeight(input, 200);
+    }
   } else {
     conversation.removeLastReply();
     if (mode === "edit") conversation.replaceLastUserText(text);
@@ -285,40 +391,60 @@ async function converse(text, mode) {
   const reply = conversation.startReply();
   const outcome = await chat(chatBody(text, mode), reply);
   controller = null;
-  const kept = outcome === "success" || (outcome === "stopped" && reply.text());
+  const cut = outcome === "cut" || outcome === "error";
+  const kept = outcome === "success" || ((outcome === "stopped" || cut) && reply.text());
   if (kept) {
-    reply.finish(outcome === "stopped");
+    // A cut reply stays as far as it came, marked so that nobody takes it for a whole one.
+    if (cut) reply.note(CUT_NOTES[outcome], "cut");
+    reply.finish(cut ? "cut" : outcome === "success" ? "done" : "stopped");
     if (outcome === "stopped") showStatus("Stopped.");
+    if (cut) cutTurn = { mode, text, messageId: reply.message.dataset.messageId };
   } else {
     // The server keeps no turn that failed or showed nothing: show what it keeps.
     if (outcome === "stopped") showStatus("Stopped before the reply began.");
+    if (outcome === "cut") showStatus("The server stopped before the reply began.", "error");
+    conversation.removeLastReply(); // its dots, even if the history cannot be loaded now
     await loadHistory();
   }
   setBusy(false);
-  if (!kept && mode !== "regenerate") giveBack(text, mode); // once the conversation is editable again
+  // Once the conversation is editable again: to send again as it is, or changed.
+  if ((!kept || cut) && mode !== "regenerate") giveBack(text, mode);
 }
 
-async function loadHistory() {
-  const result = await request("get_history");
-  if (!result.ok) {
-    showStatus(result.message, "error");
-    return;
-  }
+function showHistory(messages) {
+  cutTurn = null;
   conversation.clear();
-  for (const message of result.data.messages || []) {
+  for (const message of messages) {
     if (message.role === "user") conversation.addUser(message.content);
     else conversation.addReply(message.content, message.id);
   }
   updateButtons();
 }
 
-// Empties the page after the server has started over (`path`): clear_context or new_chat.
+async function loadHistory() {
+  const result = await request("get_history");
+  if (result.ok) showHistory(result.data.messages || []);
+  else showStatus(result.message, "error");
+}
+
+// Empties the page after the server has started over (`path`): clear_context or new_chat. The
+// page is busy meanwhile, so that Stop can end a wait for a busy conversation.
 async function startOver(path) {
-  const result = await request(path, {});
+  setBusy(true);
+  controller = new AbortController();
+  const onWait = () => showStatus(BUSY_NOTE, "wait");
+  const result = await request(path, {}, { signal: controller.signal, onWait });
+  controller = null;
+  setBusy(false);
+  if (result.stopped) {
+    showStatus("Stopped while waiting: nothing changed.");
+    return;
+  }
   if (!result.ok) {
     showStatus(result.message, "error");
     return;
   }
+  cutTurn = null;
   conversation.clear();
   showStatus("");
   updateButtons();
@@ -391,7 +517,10 @@ async function saveSettings(event) {
     // Sent as typed: the server checks every value and says which one is wrong.
     if (raw !== "") update[field] = Number.isNaN(Number(raw)) ? raw : Number(raw);
   }
-  const result = await request("set_generation_params", update);
+  const onWait = () => {
+    $("settings-status").textContent = BUSY_NOTE;
+  };
+  const result = await request("set_generation_params", update, { onWait });
   if (result.ok) {
     $("settings-status").textContent = "Saved";
     return;

@@ -1,7 +1,7 @@
 // The conversation on the page: its messages, a reply rendered as it streams, and the buttons
-// each message carries (copy and like/dislike on a finished reply, edit on the last user
-// message). A user's text is shown as typed (text, white space kept); a reply is rendered as
-// markdown by markdown.js, which builds nodes and never parses HTML.
+// each message carries (copy and like/dislike on a finished reply, copy alone on a reply cut
+// off, edit on the last user message). A user's text is shown as typed (text, white space
+// kept); a reply is rendered as markdown by markdown.js, which builds nodes and never parses HTML.
 import { renderMarkdown } from "./markdown.js";
 
 const COPIED_FOR_MS = 1500;
@@ -107,9 +107,15 @@ export function createConversation(log, empty, handlers) {
     }
   }
 
-  function replyActions(message) {
+  // A cut-off reply gets copy alone: the server may not have kept it, so there is nothing to rate.
+  function replyActions(message, rated = true) {
     const copy = iconButton("copy", "Copy reply");
     copy.addEventListener("click", async () => showCopied(copy, await copyText(sources.get(message))));
+    if (!rated) {
+      const bar = node("div", "actions");
+      bar.append(copy);
+      return bar;
+    }
     const like = iconButton("up", "Good reply");
     const dislike = iconButton("down", "Bad reply");
     like.setAttribute("aria-pressed", "false");
@@ -210,6 +216,7 @@ export function createConversation(log, empty, handlers) {
 
     // A reply about to stream in: dots until its first text, then its markdown rendered at most
     // once a frame (tokens come faster than the screen redraws); its buttons come once it ends.
+    // `note(text, kind)` shows a quiet line under it (why it waits, that it was cut off).
     startReply() {
       const message = addMessage("assistant");
       message.classList.add("pending");
@@ -231,14 +238,30 @@ export function createConversation(log, empty, handlers) {
           sources.set(message, sources.get(message) + text);
           if (!frame) frame = requestAnimationFrame(render);
         },
-        finish(stopped) {
+        note(text, kind) {
+          let line = columnOf(message).querySelector(".reply-note");
+          if (!text) {
+            line?.remove();
+            return;
+          }
+          if (!line) {
+            line = node("p");
+            line.setAttribute("role", "status");
+            bubbleOf(message).after(line);
+          }
+          line.className = "reply-note" + (kind ? " " + kind : "");
+          line.textContent = text;
+        },
+        // Ends the reply as "done", "stopped" (by the user) or "cut" (it broke off: no end came).
+        finish(ending) {
           cancelAnimationFrame(frame);
           const follow = atEnd();
           if (sources.get(message)) render();
           else bubbleOf(message).querySelector(".typing")?.remove();
           message.classList.remove("pending");
-          message.classList.toggle("stopped", stopped === true);
-          columnOf(message).append(replyActions(message));
+          message.classList.toggle("stopped", ending === "stopped");
+          message.classList.toggle("cut", ending === "cut");
+          columnOf(message).append(replyActions(message, ending !== "cut"));
           if (follow) scrollToEnd(); // the buttons too, not just the text
         },
       };
