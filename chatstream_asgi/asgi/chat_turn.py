@@ -28,7 +28,6 @@ from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.core.reply import ReplyShaper
 from chatstream_asgi.errors import (
     ChatStreamError,
-    GenerationError,
     SessionStoreUnavailable,
     SessionValueNotStorable,
     ShuttingDown,
@@ -125,7 +124,7 @@ class ChatTurnResponse(AdmittedResponse):
             usage = {"prompt_tokens": gen.stats.prompt_tokens, "completion_tokens": gen.stats.completion_tokens}
             await send({"type": "http.response.body", "body": self._encoder.done(SUCCESS, usage), "more_body": False})
         elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            await self._end_cut(send, GenerationError(str(failure), failure.status_code))
+            await self._end_cut(send, failure.as_error())
         return outcome
 
     async def end_cut_short(self, send: Send, error: ShuttingDown) -> None:

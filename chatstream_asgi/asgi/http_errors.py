@@ -21,7 +21,7 @@ from typing import Any, Literal
 from starlette.responses import JSONResponse, Response
 from starlette.types import Send
 
-from chatstream_asgi.errors import ChatStreamError, InvalidParameter, RetryLater
+from chatstream_asgi.errors import ChatStreamError, GenerationError, InvalidParameter, RetryLater
 
 ErrorShape = Literal["plain", "chatstream", "openai"]
 
@@ -43,7 +43,7 @@ def error_body(error: ChatStreamError, shape: ErrorShape = "plain") -> dict[str,
     body |= {"error": error.code, "detail": error.detail}
     if isinstance(error, InvalidParameter):
         body["field"] = error.field
-    if isinstance(error, RetryLater):
+    if isinstance(error, (RetryLater, GenerationError)) and error.retry_after is not None:
         body["retry_after"] = error.retry_after
     return body
 

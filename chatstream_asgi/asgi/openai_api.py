@@ -177,6 +177,11 @@ async def chat_completions(
             envelope=envelope,
         )
 
+    def resume(slot: Slot) -> _CompletionResponse:
+        response = start(slot)
+        response.started = True  # the waiting response sent the head: a failure must come in-band
+        return response
+
     if queued:
         return WaitingResponse(
             request=request,
@@ -189,7 +194,7 @@ async def chat_completions(
                 {**envelope, "object": "chat.completion.chunk", "choices": [], "queue": _queue(position, eta_s)}
             ),
             error_frame=lambda error: _event(error_body(error, "openai")),
-            start=start,
+            start=resume,
             release=_nothing_held,
         )
     if slot is None:
@@ -254,9 +259,12 @@ class _CompletionResponse(AdmittedResponse):
             await send({"type": "http.response.body", "body": _event(data), "more_body": True})
 
         parts: list[str] = []
+        opened = False
 
         async def start() -> None:
-            if not self.started:
+            nonlocal opened
+            if not opened:  # the head may be out already (a client that waited): the role chunk is not
+                opened = True
                 await self.start(send)
                 await send_event(self._chunk({"role": "assistant", "content": ""}))
 
@@ -285,7 +293,8 @@ class _CompletionResponse(AdmittedResponse):
                 await send_event({**self._envelope("chat.completion.chunk"), "choices": [], "usage": self._usage()})
             await send_event("[DONE]")
         elif failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            await send_event(error_body(GenerationError(str(failure), failure.status_code), "openai"))
+            error = failure.as_error()
+            await send_event(error_body(error, "openai"))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return outcome
 
@@ -303,9 +312,11 @@ class _CompletionResponse(AdmittedResponse):
         outcome = self.outcome_after(failure)
         if outcome == CLIENT_DISCONNECTED_BEFORE_STREAMING:
             return outcome  # nobody is left to answer
+        extra: dict[str, str] = {}
         if failure is not None:
-            body: dict[str, Any] = error_body(GenerationError(str(failure), failure.status_code), "openai")
-            status = failure.status_code
+            error = failure.as_error()
+            body: dict[str, Any] = error_body(error, "openai")
+            status, extra = error.status_code, error.headers()
         else:
             message = {"role": "assistant", "content": "".join(parts)}
             finish = _finish_reason(generation.stats.finish_reason)
@@ -314,6 +325,7 @@ class _CompletionResponse(AdmittedResponse):
             status = 200
         payload = json.dumps(body, ensure_ascii=False).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
         self.delivered = True

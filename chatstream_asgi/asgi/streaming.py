@@ -204,7 +204,7 @@ class AdmittedResponse(Response):
         """End a response whose head never went out: the failure with its own status, or (the
         client left) nothing anyone reads."""
         if failure is not None and outcome == UNKNOWN_ERROR_OCCURRED:
-            await self.send_failure(send, GenerationError(str(failure), failure.status_code))
+            await self.send_failure(send, failure.as_error())
         else:
             await send_client_closed(send)
 

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.core.prompt import AbstractChatPrompt
+from chatstream_asgi.errors import GenerationError
 
 
 class GenerationFailed(Exception):
@@ -28,6 +29,10 @@ class GenerationFailed(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.retry_after = retry_after
+
+    def as_error(self) -> GenerationError:
+        """This failure as the refusal a client gets (`generation_failed`, or a busy upstream's 429)."""
+        return GenerationError(str(self), self.status_code, self.retry_after)
 
 
 @dataclass

@@ -27,6 +27,7 @@ import re
 import signal
 import socket
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -694,12 +695,18 @@ def _check_store_answers(store: Any) -> None:
 
 
 def _planned_stop_is_no_error(record: logging.LogRecord) -> bool:
-    """uvicorn logs reaching its graceful-shutdown timeout as an ERROR; here that timeout is
-    `--shutdown-timeout`, a planned stop cutting chats short (each then logs its own line), so
-    it is a warning."""
-    if record.levelno == logging.ERROR and str(record.msg).startswith("Cancel %s running task(s)"):
+    """uvicorn logs two planned things as ERRORs: reaching its graceful-shutdown timeout (here
+    `--shutdown-timeout`, a planned stop cutting chats short, each then logging its own line),
+    and a response that ends without its end (here only a delta reply cut on purpose, so its
+    client sees it was cut: the line before says why). Both are warnings."""
+    if record.levelno != logging.ERROR:
+        return True
+    if str(record.msg).startswith("Cancel %s running task(s)"):
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg, record.args = "--shutdown-timeout reached: cutting %s running request(s) short", record.args
+    elif str(record.msg) == "ASGI callable returned without completing response.":
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "a cut reply's connection was closed without the response's end"
     return True
 
 
@@ -785,24 +792,48 @@ def _webui_on(args: argparse.Namespace) -> bool:
 
 
 def _run_until_stopped(app: ChatStreamMiddleware, args: argparse.Namespace) -> None:
-    """Serve until SIGTERM or Ctrl-C; then take no new chats, give running and queued ones up to
-    `--shutdown-timeout` seconds, cancel the rest (each still gets its outcome) and stop the engines.
+    """Serve until SIGTERM or Ctrl-C; then drain: take no new chats, give running and queued ones
+    up to `--shutdown-timeout` seconds, cancel the rest (each still gets its outcome) and stop.
 
-    uvicorn stops accepting and waits for open requests, then cancels them at its graceful-shutdown
-    timeout; the middleware answers the cancelled ones and holds the lifespan shutdown until they
-    have finished. A second Ctrl-C skips that wait: it cancels the requests at once, rather than
+    While it drains the server still listens, so a balancer's `/ready` (503 `shutting_down`) and
+    a last `/metrics` scrape are answered, and a new chat gets 503 `shutting_down` (which a
+    balancer may retry on another replica) rather than a refused connection. Once no chat is
+    left, or the time is up, uvicorn stops listening and cancels what still runs; the
+    middleware answers the cancelled ones and holds the lifespan shutdown until they have
+    finished. A second Ctrl-C skips the wait: it cancels the requests at once, rather than
     uvicorn's force-quit, which would skip the lifespan shutdown (and so the engines' stop).
     """
+    import asyncio
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        draining = False
+        drainer: asyncio.Task[None] | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             app.begin_shutdown()  # new chats get 503 from the first signal on
-            if self.should_exit and sig == signal.SIGINT:
+            if not self.draining:  # the first signal: drain while still listening (see on_tick)
+                self.draining = True
+                return
+            if sig == signal.SIGINT:  # a second Ctrl-C: cut everything short now
                 for task in list(self.server_state.tasks):  # signal-safe: the loop runs the cancel
                     task.get_loop().call_soon_threadsafe(task.cancel)
+                self.should_exit = True
                 return
             super().handle_exit(sig, frame)
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.draining and self.drainer is None:
+                self.drainer = asyncio.ensure_future(self.drain())
+            return await super().on_tick(counter)
+
+        async def drain(self) -> None:
+            started = time.monotonic()
+            await app.drain(args.shutdown_timeout)
+            # What is left of the timeout, for uvicorn's own wait on the requests still open.
+            self.config.timeout_graceful_shutdown = max(0.0, args.shutdown_timeout - (time.monotonic() - started))
+            self.should_exit = True
 
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=args.shutdown_timeout
