@@ -278,6 +278,10 @@ class RawChat:
         while not self.complete():
             self._receive()
 
+    def read_until_closed(self) -> None:
+        while chunk := self.sock.recv(65536):
+            self.data += chunk
+
     def read_more(self) -> None:
         self._receive()
 
@@ -449,11 +453,14 @@ def run_chat(soak: Soak, plan: Plan, chat_id: str, http: httpx.Client, cookie: s
             chat.poll(0.02)  # watching two things: the socket and the model hook
     elif plan.part == "prefill_leave":
         assert soak.hooks.prefill_started(chat_id).wait(HANG_GUARD)
-    else:  # the whole reply (a failure ends it early), then the connection is cut at once
+    elif expected == "success" or plan.sse:  # the whole reply (SSE: a failure ends it early, in-band)
         chat.read_to_end()
         if plan.sse:
             ending = b"event: done" if expected == "success" else b"event: error"
             assert ending in chat.data, chat.data[-300:]
+    else:  # a failed delta reply is cut: the server closes the connection without the body's end
+        chat.read_until_closed()
+        assert not chat.complete(), chat.data[-300:]
     chat.leave(plan.abrupt or plan.part == "after_end")
     return Seen(status, expected, window, chat.sent_at, latency, chat.set_cookie or cookie)
 
