@@ -124,10 +124,9 @@ async def test_a_store_answers_ping_while_it_is_up(store: Any) -> None:
     await store.ping()  # no exception: /ready would say "ready"
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's asyncio client
 async def test_a_turn_lock_nobody_refreshes_expires_after_lock_ttl(anyio_backend: str, redis_url: str) -> None:
     """What frees the conversations of a replica that died mid-turn: its locks' TTL."""
-    if anyio_backend != "asyncio":
-        pytest.skip("redis-py's asyncio client runs on asyncio only")
     store = RedisStore(redis_url, prefix="expiry:", lock_ttl=0.3)
     try:
         held = await store.lock_turn("dead-replicas-conversation")
@@ -138,9 +137,8 @@ async def test_a_turn_lock_nobody_refreshes_expires_after_lock_ttl(anyio_backend
         await store.close()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's asyncio client
 async def test_a_refreshed_turn_lock_outlives_its_ttl(anyio_backend: str, redis_url: str) -> None:
-    if anyio_backend != "asyncio":
-        pytest.skip("redis-py's asyncio client runs on asyncio only")
     store = RedisStore(redis_url, prefix="refresh:", lock_ttl=0.3)
     try:
         token = await store.lock_turn("running")
@@ -153,10 +151,9 @@ async def test_a_refreshed_turn_lock_outlives_its_ttl(anyio_backend: str, redis_
         await store.close()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py's asyncio client
 async def test_redis_store_takes_a_client_of_your_own(anyio_backend: str, redis_url: str) -> None:
     """Sentinel's `master_for(...)` gives such a client; so does any redis.asyncio.Redis."""
-    if anyio_backend != "asyncio":
-        pytest.skip("redis-py's asyncio client runs on asyncio only")
     import redis.asyncio
 
     store = RedisStore(prefix="own-client:", client=redis.asyncio.Redis.from_url(redis_url, decode_responses=True))
