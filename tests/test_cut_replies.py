@@ -14,7 +14,12 @@ import httpx
 import pytest
 import requests
 import uvicorn
+from fastapi import FastAPI, Request
+from fastsession import FastSessionMiddleware
+from fastsession import MemoryStore as FastSessionStore
 from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.routing import Route
 
 from chatstream_asgi import ChatStream, ChatStreamMiddleware
 from chatstream_asgi.engine import OpenAIEngine
@@ -88,6 +93,51 @@ def test_a_delta_reply_cut_by_an_engine_failure_is_not_history(
         hooks.fail_on_call = None
         outcomes.wait(2)
         assert _history(client) == ["kept"]
+
+
+def _failing_after_a_few_steps(hooks: ModelHooks) -> None:
+    hooks.fail_on_call = hooks.forward_calls + 5
+
+
+def test_a_delta_reply_cut_without_our_middleware_raises_in_httpx(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks
+) -> None:
+    chat_stream = make_chat_stream(max_new_tokens=20)
+    outcomes = Outcomes()
+
+    async def stream_api(request: StarletteRequest) -> Any:
+        return await chat_stream.handle_chat_stream_request(request, callback=outcomes)
+
+    server = serve(Starlette(routes=[Route("/chat_stream", stream_api, methods=["POST"])]))
+    with server.client() as client:
+        _failing_after_a_few_steps(hooks)
+        with pytest.raises(httpx.RemoteProtocolError):
+            _read(client, "doomed")
+        hooks.fail_on_call = None
+        assert _read(client, "next")  # the server goes on
+    assert outcomes.wait(2) == ["unknown_error_occurred", "success"]
+
+
+def test_behind_a_base_http_middleware_a_cut_reply_is_told_by_sse(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks
+) -> None:
+    """fastsession's middleware (Starlette's BaseHTTPMiddleware) ends every body it passes on
+    cleanly, a cut one too, so there only SSE can say a reply was cut (the documented advice)."""
+    chat_stream = make_chat_stream(max_new_tokens=20)
+    outcomes = Outcomes()
+    app = FastAPI()
+    app.add_middleware(FastSessionMiddleware, secret_key="k", store=FastSessionStore(), secure=False)
+
+    @app.post("/chat_stream")
+    async def stream_api(request: Request) -> Any:
+        return await chat_stream.handle_chat_stream_request(request, callback=outcomes)
+
+    server = serve(app)
+    with server.client() as client:
+        _failing_after_a_few_steps(hooks)
+        body = _read(client, "doomed", "?format=sse")
+    assert "event: error" in body and "event: done" not in body
+    assert outcomes.wait(1) == ["unknown_error_occurred"]
 
 
 @pytest.mark.parametrize(("query", "ending"), [("?format=sse", "event: error"), ("?format=chatstream", "<::EOS::>")])

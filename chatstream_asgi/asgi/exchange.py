@@ -62,9 +62,18 @@ class ChatExchange:
         return self._session
 
     async def watch(self, receive: Receive) -> None:
-        """Read `receive` until `http.disconnect`; mark the client gone if the response was not complete."""
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        """Read `receive` until `http.disconnect`; mark the client gone if the response was not complete.
+
+        While it watches, it also keeps the session's turn lock alive (a store whose locks
+        expire, so that a replica that dies frees them): whoever watches the client, the
+        middleware or the response itself, holds the turn for as long as the client is there.
+        """
+        async with anyio.create_task_group() as task_group:
+            if isinstance(self._session, Session):
+                task_group.start_soon(self._session.keep_turn_locked)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            task_group.cancel_scope.cancel()
         # After the final body, servers report a disconnect too: that one is not a client leaving.
         if not self.response_complete:
             self.client_left.set()
@@ -104,12 +113,11 @@ async def converse(
     shape: ErrorShape,
     *,
     ping_interval: float,
-    lock_ttl: float | None,
 ) -> None:
     """Run `answer` with a new exchange in the scope, the body replayed and the client watched.
 
-    While the turn runs, a session's turn lock is kept alive (stores whose locks expire), and a
-    client that leaves marks its turn as ending, so the session's next turn waits for it instead
+    While the turn runs, the watch keeps a session's turn lock alive, and a client that leaves
+    marks its turn as ending, so the session's next turn waits for it instead
     of being refused. If the server cancels the request before a response started (it is
     stopping), the client is answered 503 `shutting_down`.
     """
@@ -128,8 +136,6 @@ async def converse(
 
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(watch_and_mark_ending)
-        if session is not None and lock_ttl is not None:
-            task_group.start_soon(session.keep_turn_locked, lock_ttl / 3)
         try:
             await answer(exchange, replay_body(exchange.body, until_the_end), send_and_track)
         except anyio.get_cancelled_exc_class():

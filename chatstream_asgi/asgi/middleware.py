@@ -97,6 +97,8 @@ class _Route(NamedTuple):
 
 #: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
 FINISH_GRACE = 10.0
+#: Seconds between looks at admission while a drain waits for chats to end.
+_DRAIN_POLL = 0.1
 
 
 class ChatStreamMiddleware:
@@ -244,10 +246,17 @@ class ChatStreamMiddleware:
         stops listening; under another server, call it from your own signal handling."""
         self.begin_shutdown()
         with anyio.move_on_after(timeout):
-            while self._chats:
+            while self._chats_left():
                 self._no_chats = anyio.Event()
-                await self._no_chats.wait()
-        return not self._chats
+                with anyio.move_on_after(_DRAIN_POLL):  # admission has no event to wait on
+                    await self._no_chats.wait()
+        return not self._chats_left()
+
+    def _chats_left(self) -> bool:
+        """Whether a chat is still in the server: on our routes (counted), or holding or awaiting a
+        slot (a chat endpoint on a path of the app's own)."""
+        load = self.service.admission.load()
+        return bool(self._chats or load.processing or load.waiting)
 
     def _hold_lifespan_shutdown(self, receive: Receive) -> Receive:
         """`receive` for the lifespan, holding `lifespan.shutdown` back until requests have ended."""
@@ -399,7 +408,7 @@ class ChatStreamMiddleware:
                 else:
                     await self.app(scope, receive, send)
 
-            await converse(scope, receive, send, body, session, answer, "plain", **self._watch_options())
+            await converse(scope, receive, send, body, session, answer, "plain", ping_interval=self.ping_interval)
 
         await self.sessions.around(scope, send, in_session, "plain")
 
@@ -413,11 +422,7 @@ class ChatStreamMiddleware:
             response = await chat_completions(self.endpoint, request, exchange, self.callback)
             await response(scope, receive, send)
 
-        await converse(scope, receive, send, body, None, answer, "openai", **self._watch_options())
-
-    def _watch_options(self) -> dict[str, Any]:
-        """How `converse` keeps a chat going: SSE pings, and the turn lock's refresh."""
-        return {"ping_interval": self.ping_interval, "lock_ttl": self.sessions.store.lock_ttl}
+        await converse(scope, receive, send, body, None, answer, "openai", ping_interval=self.ping_interval)
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body_or_refuse(scope, receive, send, "chatstream")

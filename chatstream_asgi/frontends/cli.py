@@ -826,6 +826,8 @@ def _run_until_stopped(app: ChatStreamMiddleware, args: argparse.Namespace) -> N
         async def on_tick(self, counter: int) -> bool:
             if self.draining and self.drainer is None:
                 self.drainer = asyncio.ensure_future(self.drain())
+            if self.should_exit and self.drainer is not None:  # a second signal ended the drain early
+                self.drainer.cancel()
             return await super().on_tick(counter)
 
         async def drain(self) -> None:

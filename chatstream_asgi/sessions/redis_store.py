@@ -30,12 +30,15 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.sessions.store import DEFAULT_MAX_SESSION_BYTES, stored_text
+
+if TYPE_CHECKING:
+    import redis.asyncio
 
 # Take the lock only while the request that asks is still waiting for the answer: a `SET NX`
 # queued behind a stalled Redis would otherwise run after the caller gave up (503) and hold the
@@ -95,7 +98,7 @@ class RedisStore:
         max_turns: int | None = 100,
         lock_ttl: float = DEFAULT_LOCK_TTL,
         max_session_bytes: int | None = DEFAULT_MAX_SESSION_BYTES,
-        client: Any = None,
+        client: redis.asyncio.Redis | None = None,
     ) -> None:
         try:
             import redis.asyncio as redis_asyncio
@@ -119,7 +122,7 @@ class RedisStore:
             client = redis_asyncio.Redis.from_url(
                 url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout
             )
-        elif not client.get_connection_kwargs().get("decode_responses"):
+        elif not client.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("RedisStore's client= must be made with decode_responses=True")
         self._redis = client
         #: Called after every call to Redis with its seconds and whether it failed (the metrics).
@@ -183,7 +186,10 @@ class RedisStore:
         return self._clock_offset_ms
 
     async def refresh_turn(self, session_id: str, token: str) -> None:
-        await self._call(self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms]))
+        # Refreshes come every third of the TTL; one that waits longer than that for Redis gives
+        # up, so that the next still comes while the lock lives (a lapse needs two in a row).
+        refresh = self._extend(keys=[self._lock_key(session_id)], args=[token, self._lock_ttl_ms])
+        await self._call(refresh, timeout=min(self.timeout, self._lock_ttl_ms / 3000))
 
     async def unlock_turn(self, session_id: str, token: str) -> None:
         try:
@@ -227,19 +233,18 @@ class RedisStore:
         """Check that Redis answers now (`/ready`): `SessionStoreUnavailable` if it does not."""
         await self._call(self._redis.ping())
 
-    async def _call(self, operation: Any) -> Any:
+    async def _call(self, operation: Any, timeout: float | None = None) -> Any:
         started = time.monotonic()
-        failed = True
+        failed = False
         try:
-            with anyio.fail_after(self.timeout):
-                answer = await operation
-            failed = False
-            return answer
+            with anyio.fail_after(self.timeout if timeout is None else timeout):
+                return await operation
         except self._errors as error:
+            failed = True
             raise SessionStoreUnavailable(
                 f"the session store at {self.safe_url()} did not answer: {type(error).__name__}"
             ) from error
-        finally:
+        finally:  # a call its request abandoned (the client left) is timed, not counted as failed
             if self.observer is not None:
                 self.observer(time.monotonic() - started, failed)
 

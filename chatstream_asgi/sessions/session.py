@@ -185,14 +185,17 @@ class Session:
         self._data.clear()
         self._data.update(fresh.get_session())
 
-    async def keep_turn_locked(self, every: float) -> None:
-        """Refresh the held turn lock every `every` seconds, for as long as it is held.
+    async def keep_turn_locked(self) -> None:
+        """Refresh the held turn lock every third of its store's `lock_ttl`, for as long as it is
+        held (a store whose locks never expire needs nothing).
 
         A store that stops answering does not stop the turn: the reply goes on, and the lock
         may expire meanwhile (the log says so).
         """
+        if self._store.lock_ttl is None:
+            return
         while True:
-            await anyio.sleep(every)
+            await anyio.sleep(self._store.lock_ttl / 3)
             if self._turn_token is None:
                 continue
             try:
