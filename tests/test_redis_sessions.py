@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.routing import Route
 
 from chatstream_asgi import ChatStreamMiddleware, RedisStore
 from chatstream_asgi.errors import SessionStoreUnavailable
@@ -363,3 +365,40 @@ def test_ready_says_the_session_store_is_unavailable_while_redis_is_down(
             assert wait_until(lambda: client.get("/ready").status_code == 200)
     finally:
         redis_server.stop()
+
+
+def test_a_chat_endpoint_of_the_apps_own_keeps_its_turn_locked_past_the_lock_ttl(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks, redis_url: str, redis_prefix: str
+) -> None:
+    """Without the middleware watching (the app's own path), the response keeps the lock alive."""
+    chat_stream = make_chat_stream(max_new_tokens=60)
+
+    async def my_chat(request: StarletteRequest) -> Any:
+        return await chat_stream.handle_chat_stream_request(request)
+
+    store = RedisStore(redis_url, prefix=redis_prefix, lock_ttl=0.3, timeout=0.5)
+    app = Starlette(routes=[Route("/my_chat", my_chat, methods=["POST"])])
+    server = serve(ChatStreamMiddleware(app, chat_stream=chat_stream, session_store=store, secret_key=SECRET))
+    with server.client() as client:
+        first = client.post("/my_chat", json={"user_input": "hello", "max_new_tokens": 2})
+        cookie = f"chatstream_session={first.cookies['chatstream_session']}"
+    hooks.step_delay = 0.05  # the turn lasts about 3 s: ten lock lifetimes
+    running = _open_path(server.url, "/my_chat", "a long one", cookie)
+    read_first_text(running)
+    time.sleep(1.0)  # three lifetimes of a lock nobody refreshed
+    with server.client(headers={"Cookie": cookie}) as client:
+        busy = client.post("/my_chat", json={"user_input": "meanwhile"})
+    running.close()
+    assert busy.status_code == 409 and busy.json()["error"] == "session_busy"
+
+
+def _open_path(url: str, path: str, user_input: str, cookie: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=HANG_GUARD)
+    body = json.dumps({"user_input": user_input}).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
