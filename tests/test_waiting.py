@@ -304,6 +304,53 @@ def test_fair_admission_puts_a_one_request_client_ahead_of_anothers_burst(
     assert chat_stream.load()["waiting"] == 4
 
 
+def test_under_fair_admission_a_client_keeping_the_queue_full_never_keeps_another_client_out(
+    busy_server: Any,
+) -> None:
+    # Client A holds the one slot and all ten places in the queue (11 chats in flight) and takes
+    # back every place it loses at once; client B's chat must get in on every try.
+    server, chat_stream, _ = busy_server(admission="fair", max_queue_size=10, api_keys=["key-a", "key-b"])
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    flood = [_queue_position(server, a) for _ in range(10)]
+    assert chat_stream.load()["waiting"] == 10
+    with server.client() as client:
+        assert client.post("/chat_stream", json={"user_input": "w"}, headers=a).status_code == 429
+        for _ in range(20):
+            single = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, b))
+            single.until(b"\r\n\r\n")
+            assert single.data.startswith(b"HTTP/1.1 200"), single.data  # not a 429
+            assert single.until(QUEUE_EVENT)[0]["position"] == 2  # served after at most one of A's chats
+            # A's newest waiter gave its place up: a 429 in-band, since its 200 had gone out.
+            newest = flood.pop()
+            newest.until(b"event: error")
+            error = json.loads(newest.data.split(b"event: error\r\ndata: ")[1].split(b"\r\n")[0])
+            assert error["error"] == "too_many_requests"
+            newest.sock.close()
+            # A cannot take it back while B waits, not even by crowding B out.
+            assert client.post("/chat_stream", json={"user_input": "w"}, headers=a).status_code == 429
+            single.sock.close()
+            assert wait_until(lambda: chat_stream.load()["waiting"] == 9)
+            flood.append(_queue_position(server, a))
+    assert chat_stream.load()["waiting"] == 10
+
+
+def test_a_silent_waiter_that_gives_its_place_to_another_client_gets_a_real_429(busy_server: Any) -> None:
+    server, chat_stream, outcomes = busy_server(admission="fair", max_queue_size=2, api_keys=["key-a", "key-b"])
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    first = open_stream(server.url, "/chat_stream", {"user_input": "w"}, a)
+    assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
+    newest = open_stream(server.url, "/v1/chat/completions", {"messages": HI}, a)
+    assert wait_until(lambda: chat_stream.load()["waiting"] == 2)
+    single = _queue_position(server, b)
+    refusal = read_until(newest, b"}}")
+    assert refusal.startswith(b"HTTP/1.1 429") and b"retry-after" in refusal.lower()
+    assert b'"code":"too_many_requests"' in refusal.replace(b" ", b"")
+    assert chat_stream.load()["waiting"] == 2
+    assert outcomes.calls == []  # a refusal: no callback
+    for sock in (first, newest, single.sock):
+        sock.close()
+
+
 def test_fifo_admission_keeps_arrival_order_whoever_the_clients_are(busy_server: Any) -> None:
     server, _, _ = busy_server()
     burst = [_queue_position(server, {"X-Forwarded-For": "10.0.0.1"}) for _ in range(3)]
