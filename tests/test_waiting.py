@@ -26,12 +26,17 @@ QUEUE_EVENT = re.compile(rb"event: queue\r\ndata: (\{.*?\})\r\n\r\n")
 V1_QUEUE_CHUNK = re.compile(rb'data: (\{[^\n]*"queue": \{[^\n]*\})\n\n')
 
 
-def open_stream(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> socket.socket:
-    """A raw HTTP/1.1 POST, so the test reads frames as they come and decides when to leave."""
+RequestHeaders = dict[str, str] | list[tuple[str, str]]
+
+
+def open_stream(url: str, path: str, body: dict[str, Any], headers: RequestHeaders | None = None) -> socket.socket:
+    """A raw HTTP/1.1 POST, so the test reads frames as they come and decides when to leave
+    (`headers` as pairs when a name repeats)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     payload = json.dumps(body).encode()
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    pairs = headers.items() if isinstance(headers, dict) else headers or []
+    extra = "".join(f"{name}: {value}\r\n" for name, value in pairs)
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
     sock.sendall(head.encode() + payload)
     return sock
@@ -275,7 +280,7 @@ def test_v1_stream_gets_queue_chunks_only_when_it_asks(busy_server: Any, hooks: 
     assert "success" in outcomes.wait(2)
 
 
-def _queue_position(server: Any, headers: dict[str, str]) -> Frames:
+def _queue_position(server: Any, headers: RequestHeaders) -> Frames:
     waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, headers))
     waiter.until(QUEUE_EVENT)
     return waiter
@@ -351,6 +356,19 @@ def test_a_silent_waiter_that_gives_its_place_to_another_client_gets_a_real_429(
         sock.close()
 
 
+def test_a_forged_first_forwarded_line_does_not_make_a_client_someone_else(busy_server: Any) -> None:
+    # One client behind a proxy that appends its own X-Forwarded-For line (as HAProxy does) forges
+    # a new address in its own first line each time: it is still the one client the proxy saw.
+    server, _, _ = busy_server(admission="fair", trust_forwarded=True)
+    burst = [
+        _queue_position(server, [("X-Forwarded-For", f"10.0.0.{50 + n}"), ("X-Forwarded-For", "10.0.0.1")])
+        for n in range(3)
+    ]
+    assert [w.until(QUEUE_EVENT)[0]["position"] for w in burst] == [1, 2, 3]
+    single = _queue_position(server, [("X-Forwarded-For", "10.0.0.2")])
+    assert single.until(QUEUE_EVENT)[0]["position"] == 2  # ahead of the burst's tail: another client
+
+
 def test_fifo_admission_keeps_arrival_order_whoever_the_clients_are(busy_server: Any) -> None:
     server, _, _ = busy_server()
     burst = [_queue_position(server, {"X-Forwarded-For": "10.0.0.1"}) for _ in range(3)]
@@ -367,6 +385,8 @@ def test_client_for_fair_turns_is_its_api_key_else_its_address_and_forwarded_onl
     }
     assert client_identity(scope, trust_forwarded=False) == ("address", "192.0.2.7")
     assert client_identity(scope, trust_forwarded=True) == ("address", "203.0.113.5")  # what the proxy saw
+    appended = {**scope, "headers": [*scope["headers"], (b"x-forwarded-for", b"192.0.2.44")]}
+    assert client_identity(appended, trust_forwarded=True) == ("address", "192.0.2.44")  # the proxy's own line
     assert client_identity({**scope, API_KEY_SCOPE_KEY: "k"}, trust_forwarded=True) == ("key", "k")
 
 
