@@ -7,6 +7,7 @@ every other request must wait; nothing here depends on timing but the deadlines 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -138,6 +139,20 @@ def test_malformed_deadline_header_is_400_naming_it_and_leaves_nothing_behind(bu
             == "queue_timeout"
         )
     assert chat_stream.load() == {"processing": 1, "waiting": 0, "num_of_concurrent_executions": 1, "max_queue_size": 5}
+
+
+def test_a_huge_malformed_deadline_header_is_not_echoed_whole_in_the_400_or_the_log(
+    busy_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _, _ = busy_server()
+    value = "9" * 10 + "x" * 60_000
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi"), server.client() as client:
+        response = client.post("/chat_stream", json={"user_input": "w"}, headers={"X-ChatStream-Deadline": value})
+    assert response.status_code == 400
+    assert "X-ChatStream-Deadline" in response.json()["detail"] and "'9999999999xx" in response.json()["detail"]
+    assert len(response.content) < 500
+    [refusal] = [r.getMessage() for r in caplog.records if "invalid_request" in r.getMessage()]
+    assert "X-ChatStream-Deadline" in refusal and len(refusal) < 500
 
 
 def test_the_smaller_of_the_servers_and_the_clients_deadline_wins() -> None:

@@ -32,7 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 from chatstream_asgi.asgi.exchange import ChatExchange
 from chatstream_asgi.asgi.streaming import AdmittedResponse, init_streaming_head, report_outcome
 from chatstream_asgi.asgi.telemetry import telemetry_of
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown, quoted
 from chatstream_asgi.outcomes import CLIENT_DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR_OCCURRED, OutcomeCallback
 from chatstream_asgi.runtime.admission import PositionReport, Slot, Ticket
 
@@ -64,7 +64,7 @@ def queue_deadline(scope: Scope, max_queue_wait: float | None) -> float | None:
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds (0 or more), not {raw!r}")
+        raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds (0 or more), not {quoted(raw)}")
     return seconds if max_queue_wait is None else min(seconds, max_queue_wait)
 
 
