@@ -245,6 +245,8 @@ class Admission:
         self._slots = num_of_concurrent_executions * replicas
         self._per_replica = num_of_concurrent_executions
         self._max_queue_size = max_queue_size
+        #: How waiters take turns.
+        self.policy = policy
         self._fair = policy == "fair"
         self._limiter = anyio.CapacityLimiter(self._slots)
         self._queue = _WaitQueue()
