@@ -214,3 +214,26 @@ def test_one_replica_needs_no_affinity() -> None:
     affinity = ReplicaAffinity(1)
     affinity.ran("a", 0)
     assert affinity.last("a") is None
+
+
+async def test_under_fair_admission_a_full_queue_makes_room_for_a_client_holding_two_fewer_places() -> None:
+    admission = Admission(1, 3, policy="fair")
+    held = admission.enter("a").slot
+    burst = [admission.enter("a") for _ in range(2)] + [admission.enter("b")]
+    newcomer = admission.enter("c")  # "a" holds two places, "c" none: a's newest gives way
+    assert burst[1].refused is not None and burst[1].position() == 0
+    assert [t.position() for t in (burst[0], burst[2], newcomer)] == [1, 2, 3]
+    with pytest.raises(TooManyRequests):
+        admission.enter("a")  # everyone holds one place, "a" too: nobody gives way to it
+    with pytest.raises(TooManyRequests):
+        await burst[1].wait(anyio.Event())
+    assert admission.load().waiting == 3 and held is not None
+
+
+async def test_under_fifo_admission_a_full_queue_refuses_whoever_arrives() -> None:
+    admission = Admission(1, 2)
+    admission.enter("a")
+    burst = [admission.enter("a") for _ in range(2)]
+    with pytest.raises(TooManyRequests):
+        admission.enter("b")
+    assert all(ticket.refused is None and ticket.position() for ticket in burst)

@@ -9,13 +9,14 @@ from typing import Any
 
 import anyio
 import pytest
+from starlette.applications import Starlette
 
-from chatstream_asgi import ChatPrompt
+from chatstream_asgi import ChatPrompt, ChatStreamMiddleware
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats
 from chatstream_asgi.engine.prefill import PrefillChunks
 
-from .conftest import HANG_GUARD, ModelHooks, greedy_reply, wait_until
+from .conftest import HANG_GUARD, ModelHooks, greedy_reply, open_chat, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -206,3 +207,24 @@ def test_a_fixed_chunk_size_is_kept_whatever_the_timings() -> None:
 def test_a_chunk_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="prefill_chunk_tokens must be at least 1"):
         PrefillChunks(0)
+
+
+def test_a_client_leaving_while_its_prompt_waits_behind_a_long_prefill_frees_its_slot_before_that_ends(
+    make_chat_stream: Any, serve: Any, hooks: ModelHooks
+) -> None:
+    chat_stream = make_chat_stream(num_of_concurrent_executions=2, prefill_chunk_tokens=CHUNK, max_new_tokens=4)
+    server = serve(ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, serve=True))
+    hooks.prefill_delay = 0.05  # a slow model: the long prompt takes many slow chunks
+    hooks.forward_calls = hooks.prefills = 0
+    long_prompt = " ".join(f"word{i}" for i in range(120))
+    long = open_chat(server.url, long_prompt)
+    assert wait_until(lambda: hooks.prefills >= 2)
+    waiting = open_chat(server.url, "a short question")
+    assert wait_until(lambda: chat_stream.load()["processing"] == 2)
+    queued_by = hooks.prefills
+    assert wait_until(lambda: hooks.prefills >= queued_by + 3)  # the engine took it in behind the long prompt
+    waiting.close()
+    assert wait_until(lambda: chat_stream.load()["processing"] <= 1)
+    assert hooks.forward_calls == hooks.prefills  # freed while the long prompt is still in prefill
+    hooks.prefill_delay = 0
+    long.close()

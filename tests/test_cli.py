@@ -551,6 +551,33 @@ def test_lock_ttl_store_timeout_and_max_queue_wait_reach_the_store_and_the_queue
     assert app.service.max_queue_wait == 3
 
 
+def test_admission_trust_forwarded_and_the_body_limits_reach_the_app() -> None:
+    from chatstream_asgi.frontends.cli import _parser, build_app
+
+    defaults, _ = build_app(_parser().parse_args(["serve", "--model", "mock"]))
+    assert (defaults.service.admission.policy, defaults.service.trust_forwarded) == ("fifo", False)
+    assert (defaults.max_body_size, defaults.body_timeout) == (1 << 20, 30.0)
+    given = ["--admission", "fair", "--trust-forwarded", "--max-body-size", "64K", "--body-timeout", "2.5"]
+    app, _ = build_app(_parser().parse_args(["serve", "--model", "mock", *given]))
+    assert (app.service.admission.policy, app.service.trust_forwarded) == ("fair", True)
+    assert (app.max_body_size, app.body_timeout) == (64 << 10, 2.5)
+
+
+def test_serve_refuses_a_body_over_max_body_size_with_413(run_cli: object) -> None:
+    _, url = run_cli("--model", "mock", "--max-body-size", "1K")  # type: ignore[operator]
+    assert wait_until(lambda: _ready(url), timeout=60)
+    assert httpx.post(f"{url}/chat_stream", json={"user_input": "x" * 900}).status_code == 200
+    too_large = httpx.post(f"{url}/chat_stream", json={"user_input": "x" * 1100})
+    assert too_large.status_code == 413 and too_large.json()["error"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--admission", "lifo"), ("--max-body-size", "0"), ("--body-timeout", "0")]
+)
+def test_serve_refuses_an_admission_policy_or_body_limit_it_cannot_use(option: str, value: str) -> None:
+    assert f"argument {option}:" in _usage_error(_run("serve", option, value))
+
+
 @pytest.mark.parametrize("option", [("--lock-ttl", "10"), ("--store-timeout", "1")])
 def test_the_store_options_need_a_redis_store(option: tuple[str, str]) -> None:
     line = _usage_error(_run("serve", "--model", "mock", *option))

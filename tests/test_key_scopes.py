@@ -85,3 +85,19 @@ def test_unknown_scopes_and_malformed_keys_are_refused_at_start(make_chat_stream
     for keys in ({"k": ["chat", "root"]}, {"k": "chat"}, "k", {"": ["chat"]}, [""]):
         with pytest.raises(ValueError):
             ChatStreamMiddleware(Starlette(), chat_stream=chat_stream, api_keys=keys)
+
+
+def test_keys_guard_the_chat_and_the_apis_the_app_mounted_with_append_apis(make_chat_stream: Any, serve: Any) -> None:
+    chat_stream = make_chat_stream()
+    app = Starlette()
+    chat_stream.append_apis(app, {"all": True})
+    server = serve(ChatStreamMiddleware(app, chat_stream=chat_stream, api_keys=KEYS))
+    mounted = {route: needed for route, needed in ROUTES.items() if not route.startswith(("/v1", "/metrics"))}
+    with server.client() as client:
+        for route, needed in mounted.items():
+            assert _call(client, route, None).status_code == 401, route
+            for key, scopes in KEYS.items():
+                status = _call(client, route, key).status_code
+                assert status == (200 if needed in scopes else 403), (route, key, status)
+        cleared = client.post("/clear_context", headers={"Authorization": "Bearer chatter"})
+        assert cleared.status_code == 403 and cleared.json()["success"] is False

@@ -55,12 +55,16 @@ def test_a_clients_own_sane_request_id_is_kept(make_chat_stream: Any, serve: Any
     server = serve(_app(make_chat_stream()))
     with server.client() as client:
         response = client.post(
-            "/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2}, headers={"X-Request-Id": "lb-7f3a/2 x"}
+            "/chat_stream", json={"user_input": "Hi", "max_new_tokens": 2}, headers={"X-Request-Id": "lb-7f3a/2:x.y+z="}
         )
-    assert response.headers["x-request-id"] == "lb-7f3a/2 x"
+    assert response.headers["x-request-id"] == "lb-7f3a/2:x.y+z="
 
 
-@pytest.mark.parametrize("sent", ["x" * 129, "caf\u00e9", ""], ids=["too-long", "not-ascii", "empty"])
+@pytest.mark.parametrize(
+    "sent",
+    ["x" * 129, "caf\u00e9", "", "a] chat ended: success [request b", "a b"],
+    ids=["too-long", "not-ascii", "empty", "posing-as-a-log-line", "with-a-space"],
+)
 def test_an_unfit_client_request_id_is_replaced(make_chat_stream: Any, serve: Any, sent: str) -> None:
     server = serve(_app(make_chat_stream()))
     with server.client() as client:

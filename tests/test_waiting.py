@@ -7,6 +7,7 @@ every other request must wait; nothing here depends on timing but the deadlines 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -26,12 +27,17 @@ QUEUE_EVENT = re.compile(rb"event: queue\r\ndata: (\{.*?\})\r\n\r\n")
 V1_QUEUE_CHUNK = re.compile(rb'data: (\{[^\n]*"queue": \{[^\n]*\})\n\n')
 
 
-def open_stream(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> socket.socket:
-    """A raw HTTP/1.1 POST, so the test reads frames as they come and decides when to leave."""
+RequestHeaders = dict[str, str] | list[tuple[str, str]]
+
+
+def open_stream(url: str, path: str, body: dict[str, Any], headers: RequestHeaders | None = None) -> socket.socket:
+    """A raw HTTP/1.1 POST, so the test reads frames as they come and decides when to leave
+    (`headers` as pairs when a name repeats)."""
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     payload = json.dumps(body).encode()
-    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    pairs = headers.items() if isinstance(headers, dict) else headers or []
+    extra = "".join(f"{name}: {value}\r\n" for name, value in pairs)
     head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
     sock.sendall(head.encode() + payload)
     return sock
@@ -133,6 +139,20 @@ def test_malformed_deadline_header_is_400_naming_it_and_leaves_nothing_behind(bu
             == "queue_timeout"
         )
     assert chat_stream.load() == {"processing": 1, "waiting": 0, "num_of_concurrent_executions": 1, "max_queue_size": 5}
+
+
+def test_a_huge_malformed_deadline_header_is_not_echoed_whole_in_the_400_or_the_log(
+    busy_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _, _ = busy_server()
+    value = "9" * 10 + "x" * 60_000
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi"), server.client() as client:
+        response = client.post("/chat_stream", json={"user_input": "w"}, headers={"X-ChatStream-Deadline": value})
+    assert response.status_code == 400
+    assert "X-ChatStream-Deadline" in response.json()["detail"] and "'9999999999xx" in response.json()["detail"]
+    assert len(response.content) < 500
+    [refusal] = [r.getMessage() for r in caplog.records if "invalid_request" in r.getMessage()]
+    assert "X-ChatStream-Deadline" in refusal and len(refusal) < 500
 
 
 def test_the_smaller_of_the_servers_and_the_clients_deadline_wins() -> None:
@@ -275,7 +295,7 @@ def test_v1_stream_gets_queue_chunks_only_when_it_asks(busy_server: Any, hooks: 
     assert "success" in outcomes.wait(2)
 
 
-def _queue_position(server: Any, headers: dict[str, str]) -> Frames:
+def _queue_position(server: Any, headers: RequestHeaders) -> Frames:
     waiter = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, headers))
     waiter.until(QUEUE_EVENT)
     return waiter
@@ -304,6 +324,66 @@ def test_fair_admission_puts_a_one_request_client_ahead_of_anothers_burst(
     assert chat_stream.load()["waiting"] == 4
 
 
+def test_under_fair_admission_a_client_keeping_the_queue_full_never_keeps_another_client_out(
+    busy_server: Any,
+) -> None:
+    # Client A holds the one slot and all ten places in the queue (11 chats in flight) and takes
+    # back every place it loses at once; client B's chat must get in on every try.
+    server, chat_stream, _ = busy_server(admission="fair", max_queue_size=10, api_keys=["key-a", "key-b"])
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    flood = [_queue_position(server, a) for _ in range(10)]
+    assert chat_stream.load()["waiting"] == 10
+    with server.client() as client:
+        assert client.post("/chat_stream", json={"user_input": "w"}, headers=a).status_code == 429
+        for _ in range(20):
+            single = Frames(open_stream(server.url, "/chat_stream?format=sse", {"user_input": "w"}, b))
+            single.until(b"\r\n\r\n")
+            assert single.data.startswith(b"HTTP/1.1 200"), single.data  # not a 429
+            assert single.until(QUEUE_EVENT)[0]["position"] == 2  # served after at most one of A's chats
+            # A's newest waiter gave its place up: a 429 in-band, since its 200 had gone out.
+            newest = flood.pop()
+            newest.until(b"event: error")
+            error = json.loads(newest.data.split(b"event: error\r\ndata: ")[1].split(b"\r\n")[0])
+            assert error["error"] == "too_many_requests"
+            newest.sock.close()
+            # A cannot take it back while B waits, not even by crowding B out.
+            assert client.post("/chat_stream", json={"user_input": "w"}, headers=a).status_code == 429
+            single.sock.close()
+            assert wait_until(lambda: chat_stream.load()["waiting"] == 9)
+            flood.append(_queue_position(server, a))
+    assert chat_stream.load()["waiting"] == 10
+
+
+def test_a_silent_waiter_that_gives_its_place_to_another_client_gets_a_real_429(busy_server: Any) -> None:
+    server, chat_stream, outcomes = busy_server(admission="fair", max_queue_size=2, api_keys=["key-a", "key-b"])
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    first = open_stream(server.url, "/chat_stream", {"user_input": "w"}, a)
+    assert wait_until(lambda: chat_stream.load()["waiting"] == 1)
+    newest = open_stream(server.url, "/v1/chat/completions", {"messages": HI}, a)
+    assert wait_until(lambda: chat_stream.load()["waiting"] == 2)
+    single = _queue_position(server, b)
+    refusal = read_until(newest, b"}}")
+    assert refusal.startswith(b"HTTP/1.1 429") and b"retry-after" in refusal.lower()
+    assert b'"code":"too_many_requests"' in refusal.replace(b" ", b"")
+    assert chat_stream.load()["waiting"] == 2
+    assert outcomes.calls == []  # a refusal: no callback
+    for sock in (first, newest, single.sock):
+        sock.close()
+
+
+def test_a_forged_first_forwarded_line_does_not_make_a_client_someone_else(busy_server: Any) -> None:
+    # One client behind a proxy that appends its own X-Forwarded-For line (as HAProxy does) forges
+    # a new address in its own first line each time: it is still the one client the proxy saw.
+    server, _, _ = busy_server(admission="fair", trust_forwarded=True)
+    burst = [
+        _queue_position(server, [("X-Forwarded-For", f"10.0.0.{50 + n}"), ("X-Forwarded-For", "10.0.0.1")])
+        for n in range(3)
+    ]
+    assert [w.until(QUEUE_EVENT)[0]["position"] for w in burst] == [1, 2, 3]
+    single = _queue_position(server, [("X-Forwarded-For", "10.0.0.2")])
+    assert single.until(QUEUE_EVENT)[0]["position"] == 2  # ahead of the burst's tail: another client
+
+
 def test_fifo_admission_keeps_arrival_order_whoever_the_clients_are(busy_server: Any) -> None:
     server, _, _ = busy_server()
     burst = [_queue_position(server, {"X-Forwarded-For": "10.0.0.1"}) for _ in range(3)]
@@ -320,6 +400,8 @@ def test_client_for_fair_turns_is_its_api_key_else_its_address_and_forwarded_onl
     }
     assert client_identity(scope, trust_forwarded=False) == ("address", "192.0.2.7")
     assert client_identity(scope, trust_forwarded=True) == ("address", "203.0.113.5")  # what the proxy saw
+    appended = {**scope, "headers": [*scope["headers"], (b"x-forwarded-for", b"192.0.2.44")]}
+    assert client_identity(appended, trust_forwarded=True) == ("address", "192.0.2.44")  # the proxy's own line
     assert client_identity({**scope, API_KEY_SCOPE_KEY: "k"}, trust_forwarded=True) == ("key", "k")
 
 

@@ -167,7 +167,8 @@ class ChatEndpoint:
         max_wait = queue_deadline(request.scope, service.max_queue_wait)
         limit = service.params.max_new_tokens
         service.params.with_overrides(turn.overrides, max_new_tokens_limit=limit)  # refuse bad input before locking
-        service.admission.check_room()  # and overload: a 429 costs no round trip to a shared store
+        client = client_identity(request.scope, service.trust_forwarded)
+        service.admission.check_room(client)  # and overload: a 429 costs no round trip to a shared store
         if not await session.lock_turn():
             raise SessionBusy(
                 "a turn of this conversation is still running: wait for it or stop it first (if the "
@@ -184,7 +185,7 @@ class ChatEndpoint:
             if turn.regenerate and not prompt.has_reply_to_regenerate():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")
             conversation = None if session.is_new else session.session_id
-            ticket = service.enter(client_identity(request.scope, service.trust_forwarded), max_wait, conversation)
+            ticket = service.enter(client, max_wait, conversation)
             # A waiting SSE client gets its 200 now and queue frames; other formats wait silently.
             if ticket.slot is None and streams_its_wait:
                 return _Admitted(prompt, params, ticket, None)

@@ -13,7 +13,8 @@ ChatStream's conversation APIs get the session too, whether the middleware serve
 `openai=True`) gets the same body replay and disconnect watch, without a session. `webui=True`
 serves the chat page (`/` and its script and style files), the session APIs it calls and its
 `POST /new_chat` (a fresh session). With
-`api_keys`, every route the middleware itself serves but `/health` and `/ready` needs a bearer key
+`api_keys`, every route the middleware serves but `/health` and `/ready`, and the chat path and
+ChatStream's APIs when the app serves them (its own endpoint, `append_apis`), need a bearer key
 whose scopes include the route's: `chat` (`/chat_stream`, `/v1`, the page), `apis` (the
 conversation APIs) or `admin` (`get_prompt`, `get_resource_usage`, `/metrics`).
 Every route it serves gets an `X-Request-Id` and a `RequestTelemetry` (`telemetry.py`) that its
@@ -311,14 +312,18 @@ class ChatStreamMiddleware:
         (A path may take two: `path="/"` chats by POST where the page is served by GET.)"""
         api = route[1:]
         found: list[_Route] = []
+        # The chat path and the APIs the app mounted (`append_apis`) need the same key as when
+        # this middleware serves them: keys that guarded only the middleware's own routes would
+        # leave the same conversations open one `append_apis` away.
         if route == self.path:
             chat = functools.partial(self._counted_chat, self._chat)
-            found.append(_Route("POST", chat, "chat" if self.serve else None, "plain", owned=self.serve))
+            found.append(_Route("POST", chat, "chat", "plain", owned=self.serve))
+        needed = "admin" if api in ADMIN_APIS else "apis"
         if api in self.served_apis:
-            needed = "admin" if api in ADMIN_APIS else "apis"
             found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True))
-        elif api in SESSION_APIS:  # the app mounted it (append_apis): it only needs the session
-            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), None, "chatstream", owned=False))
+        elif api in SESSION_APIS or (api in API_METHODS and self._api_keys):
+            # The app mounted it: it gets the session from here, and the key check with keys.
+            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=False))
         if self.openai and route == "/v1/chat/completions":
             completions = functools.partial(self._counted_chat, self._completions)
             found.append(_Route("POST", completions, "chat", "openai", owned=True))

@@ -9,6 +9,7 @@ request through `chatstream_asgi.log`. Prompts and replies are logged only with 
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -27,18 +28,20 @@ TELEMETRY_KEY = "chatstream_asgi.telemetry"
 REQUEST_ID_HEADER = "x-request-id"
 #: The longest client-sent request id we keep; a longer or unprintable one is replaced.
 MAX_REQUEST_ID_LENGTH = 128
+# What a kept client id may hold: UUIDs, hex, base64 and dotted or colon-separated ids pass;
+# spaces and brackets do not, since in a log line (`... [request <id>]`) they could pose as
+# another line's words or another request's id.
+_SAFE_REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 
 logger = request_logger(__name__)
 
 
 def sane_request_id(value: str | None) -> str | None:
-    """A client's `X-Request-Id` if it is worth keeping: printable ASCII, 1 to 128 characters."""
+    """A client's `X-Request-Id` if it is worth keeping: 1 to 128 letters, digits and `._:/+=-`."""
     if value is None:
         return None
     value = value.strip()
-    if not 0 < len(value) <= MAX_REQUEST_ID_LENGTH or not all(" " <= c <= "~" for c in value):
-        return None
-    return value
+    return value if _SAFE_REQUEST_ID.fullmatch(value) else None
 
 
 class RequestTelemetry:

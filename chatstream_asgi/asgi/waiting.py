@@ -2,7 +2,10 @@
 
 Under fair admission, turns go round the clients: a client is its API key when the middleware
 checked one, else its address (the last `X-Forwarded-For` entry, the one the proxy in front
-saw, only with `trust_forwarded=True`, since a client can write any header itself).
+saw, only with `trust_forwarded=True`, since a client can write any header itself). A proxy may
+append its own `X-Forwarded-For` line rather than extend the client's (HAProxy does): the lines
+read as one list in their order (RFC 9110 §5.3), so the client's forged line comes first and the
+proxy's last.
 
 `X-ChatStream-Deadline: <seconds>` is the client's own limit on its wait in the queue; with
 `ChatStream(max_queue_wait=...)` the smaller of the two wins. A request still waiting at its
@@ -29,7 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 from chatstream_asgi.asgi.exchange import ChatExchange
 from chatstream_asgi.asgi.streaming import AdmittedResponse, init_streaming_head, report_outcome
 from chatstream_asgi.asgi.telemetry import telemetry_of
-from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown
+from chatstream_asgi.errors import ChatStreamError, InvalidRequest, ShuttingDown, quoted
 from chatstream_asgi.outcomes import CLIENT_DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR_OCCURRED, OutcomeCallback
 from chatstream_asgi.runtime.admission import PositionReport, Slot, Ticket
 
@@ -44,7 +47,7 @@ def client_identity(scope: Scope, trust_forwarded: bool) -> tuple[str, str]:
     if isinstance(api_key, str):
         return ("key", api_key)
     if trust_forwarded:
-        forwarded = Headers(scope=scope).get("x-forwarded-for", "").rsplit(",", 1)[-1].strip()
+        forwarded = ",".join(Headers(scope=scope).getlist("x-forwarded-for")).rsplit(",", 1)[-1].strip()
         if forwarded:
             return ("address", forwarded)
     client = scope.get("client")
@@ -61,7 +64,7 @@ def queue_deadline(scope: Scope, max_queue_wait: float | None) -> float | None:
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds < 0:
-        raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds (0 or more), not {raw!r}")
+        raise InvalidRequest(f"{DEADLINE_HEADER} must be a number of seconds (0 or more), not {quoted(raw)}")
     return seconds if max_queue_wait is None else min(seconds, max_queue_wait)
 
 

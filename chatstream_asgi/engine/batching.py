@@ -183,6 +183,11 @@ class BatchingEngine(LocalEngine):
         """Run the waiting prompts through the model, oldest first, up to one chunk budget; each
         one that is through sends its first token and joins a group of the batch. Prompts that
         arrived together and fit the budget go through in one forward pass."""
+        # A prompt whose client left ends now wherever it waits in the line: behind a long
+        # prefill it would otherwise hold its slot until that whole prefill is through.
+        for prefill in [prefill for prefill in prefills if prefill.job.should_stop]:
+            prefills.remove(prefill)
+            prefill.job.finish()
         streaming = bool(groups)
         full = budget = self.chunks.budget(streaming)
         while prefills and budget > 0:

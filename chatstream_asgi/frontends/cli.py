@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from chatstream_asgi.asgi.middleware import ChatStreamMiddleware
+    from chatstream_asgi.runtime.admission import AdmissionPolicy
     from chatstream_asgi.runtime.service import ChatService
 
 #: OpenMP spin-wait for a server process (see the module docstring); a user's own setting wins.
@@ -158,6 +159,35 @@ def _add_capacity_options(group: argparse._ArgumentGroup) -> None:
         type=_positive_seconds,
         metavar="SECONDS",
         help="seconds a chat may wait for a slot; past it, 503 queue_timeout (default: no limit)",
+    )
+    from chatstream_asgi.asgi.body import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_SIZE
+    from chatstream_asgi.runtime.admission import ADMISSION_POLICIES
+
+    group.add_argument(
+        "--admission",
+        choices=ADMISSION_POLICIES,
+        default="fifo",
+        help="fifo: waiters in arrival order; fair: waiters take turns between API keys, else client addresses, "
+        "and share a full queue (default: %(default)s)",
+    )
+    group.add_argument(
+        "--trust-forwarded",
+        action="store_true",
+        help="a client's address for fair turns is the last X-Forwarded-For entry: only behind a proxy that sets it",
+    )
+    group.add_argument(
+        "--max-body-size",
+        type=_body_size,
+        default=DEFAULT_MAX_BODY_SIZE,
+        metavar="SIZE",
+        help="largest request body in bytes, or like 64K or 2M; larger: 413 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds a whole request body may take to arrive; slower: 408 (default: %(default)s)",
     )
 
 
@@ -354,7 +384,13 @@ def _model_options() -> _OneLineParser:
 
 
 def load_service(
-    args: argparse.Namespace, *, concurrency: int, queue: int, max_queue_wait: float | None = None
+    args: argparse.Namespace,
+    *,
+    concurrency: int,
+    queue: int,
+    max_queue_wait: float | None = None,
+    admission: AdmissionPolicy = "fifo",
+    trust_forwarded: bool = False,
 ) -> tuple[ChatService, str]:
     """The `ChatService` the model options describe, and a line saying which model it runs.
 
@@ -375,6 +411,8 @@ def load_service(
             concurrency=concurrency,
             max_queue_size=queue,
             max_queue_wait=max_queue_wait,
+            admission=admission,
+            trust_forwarded=trust_forwarded,
             context_len=args.context_len,
             **model,
         )
@@ -427,6 +465,8 @@ def front_service(args: argparse.Namespace) -> tuple[ChatService, str]:
         concurrency=args.concurrency,
         max_queue_size=args.queue,
         max_queue_wait=args.max_queue_wait,
+        admission=args.admission,
+        trust_forwarded=args.trust_forwarded,
         # The upstream keeps its own context limit; this one only has to pass the service's check.
         context_len=args.max_new_tokens + 1,
     )
@@ -640,7 +680,13 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
     if args.upstream is not None:
         service, source = front_service(args)
     else:
-        queueing = {"concurrency": args.concurrency, "queue": args.queue, "max_queue_wait": args.max_queue_wait}
+        queueing = {
+            "concurrency": args.concurrency,
+            "queue": args.queue,
+            "max_queue_wait": args.max_queue_wait,
+            "admission": args.admission,
+            "trust_forwarded": args.trust_forwarded,
+        }
         service, source = load_service(args, **queueing)
     app = ChatStreamMiddleware(
         Starlette(),
@@ -654,6 +700,8 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         api_keys=dict(args.api_keys) if args.api_keys else None,
         webui=_webui_on(args),
         metrics=args.metrics,
+        max_body_size=args.max_body_size,
+        body_timeout=args.body_timeout,
     )
     return app, source
 
@@ -934,6 +982,13 @@ def _byte_size(text: str) -> int:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return int(value)
+
+
+def _body_size(text: str) -> int:
+    value = _byte_size(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, not {text}")
+    return value
 
 
 if __name__ == "__main__":

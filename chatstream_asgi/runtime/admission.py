@@ -7,11 +7,14 @@ shared by the replicas, because a waiting client is told its position and the or
 fair rather than first-come. A freed slot is handed straight to the next ticket (never left
 for a newcomer to grab), so positions, load figures and `Retry-After` describe what really
 happens. `"fifo"` serves tickets in arrival order; `"fair"` takes turns between clients (API
-keys or addresses), FIFO within one client. A request that gets a slot goes to the replica it
-prefers if that one has a free slot (the replica whose conversation cache holds its chat), else
-to the replica running the fewest generations. A slot is borrowed on behalf of the slot object
-rather than the calling task, because the task that admits a request (the endpoint) is not the
-one that streams it (the response).
+keys or addresses), FIFO within one client, and a full queue is shared: a client arriving at a
+full queue takes the place of the newest waiter of the client holding the most places, when that
+client holds at least two more than the newcomer (that waiter gets 429), so one client cannot
+fill the queue and keep everyone else out, as turns alone would let it. A request that gets a
+slot goes to the replica it prefers if that one has a free slot (the replica whose conversation
+cache holds its chat), else to the replica running the fewest generations. A slot is borrowed
+on behalf of the slot object rather than the calling task, because the task that admits a
+request (the endpoint) is not the one that streams it (the response).
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ class Ticket:
         self._deadline = math.inf if max_wait is None else anyio.current_time() + max_wait
         #: The slot, once granted.
         self.slot: Slot | None = None
+        #: Why the ticket lost its place to another client's (fair admission, a full queue).
+        self.refused: TooManyRequests | None = None
         self.done = False
         # Set whenever the queue changes (a grant or a move), so a waiter can look again.
         self._changed = anyio.Event()
@@ -105,7 +110,8 @@ class Ticket:
     async def wait(
         self, client_left: anyio.Event, report: PositionReport | None = None, every: float = math.inf
     ) -> Slot | None:
-        """The slot once granted; None if `client_left` fires first; `QueueTimeout` at the deadline.
+        """The slot once granted; None if `client_left` fires first; `QueueTimeout` at the deadline;
+        `TooManyRequests` if another client's ticket took its place (`Admission.enter`).
 
         `report(position, eta_s)` hears the position at once, whenever it changes and at least
         every `every` seconds. Whatever ends the wait, a ticket that did not get its slot (or
@@ -131,6 +137,8 @@ class Ticket:
         self.leave()
         if client_left.is_set():
             return None
+        if self.refused is not None:
+            raise self.refused
         raise QueueTimeout("waited past its deadline for a generation slot", retry_after=self._admission.retry_after())
 
     def leave(self) -> None:
@@ -146,7 +154,7 @@ class Ticket:
     async def _wait_for_slot(self, report: PositionReport | None, every: float) -> None:
         reported = 0
         next_report = -math.inf
-        while self.slot is None:
+        while self.slot is None and self.refused is None:
             self._changed = anyio.Event()  # renewed before looking, so no change goes unseen
             position = self.position()
             if report is not None and (position != reported or anyio.current_time() >= next_report):
@@ -195,6 +203,15 @@ class _WaitQueue:
             del self._lines[ticket.client]
         self._count -= 1
 
+    def crowded_out_by(self, client: Hashable) -> Ticket | None:
+        """The waiter that gives its place to a newcomer from `client` in a full queue: the newest
+        of the client holding the most places, if it holds at least two more than `client` (one
+        more, and the swap would only change who holds more)."""
+        if not self._lines:
+            return None
+        crowding = max(self._lines.values(), key=len)
+        return crowding[-1] if len(crowding) >= len(self._lines.get(client, ())) + 2 else None
+
     def position(self, ticket: Ticket) -> int:
         """The ticket's turn if nobody else arrives: every client's first `index` waiters go
         before it, and so does the next one of each client ahead of its own in the rotation."""
@@ -228,6 +245,8 @@ class Admission:
         self._slots = num_of_concurrent_executions * replicas
         self._per_replica = num_of_concurrent_executions
         self._max_queue_size = max_queue_size
+        #: How waiters take turns.
+        self.policy = policy
         self._fair = policy == "fair"
         self._limiter = anyio.CapacityLimiter(self._slots)
         self._queue = _WaitQueue()
@@ -240,7 +259,9 @@ class Admission:
         return Load(self._limiter.statistics().borrowed_tokens, len(self._queue), self._slots, self._max_queue_size)
 
     def enter(self, client: Hashable = None, max_wait: float | None = None, prefer: int | None = None) -> Ticket:
-        """A ticket holding a free slot, or a place in the queue; `TooManyRequests` when it is full.
+        """A ticket holding a free slot, or a place in the queue; `TooManyRequests` when it is full
+        (under the fair policy, unless another client's waiter gives up its place: see the module
+        docstring).
 
         `client` is who takes turns under the fair policy; `max_wait` (seconds) is the deadline;
         `prefer` is the replica to run on if it has a free slot when this ticket's turn comes.
@@ -255,20 +276,38 @@ class Admission:
             else:
                 ticket.slot = self._place(slot, prefer)
                 return ticket
-        self.check_room()
+        crowded_out = self._room_for(ticket.client)
+        if crowded_out is not None:
+            self._queue.remove(crowded_out)
+            crowded_out.done = True
+            crowded_out.refused = TooManyRequests(
+                f"the wait queue is full ({self._max_queue_size}) and this client held more of it than any "
+                "other: its newest waiting request gave its place to another client's",
+                retry_after=self.retry_after(),
+            )
+            crowded_out._changed.set()
         self._queue.push(ticket)
         self._wake_waiters()
         return ticket
 
-    def check_room(self) -> None:
-        """Raise `TooManyRequests` now if `enter` would (every slot busy, the queue full), so that
-        a handler refuses before work it would only undo: a turn lock in a shared store costs two
-        round trips, and under overload most requests are refused."""
-        if (self._queue or self._limiter.available_tokens < 1) and len(self._queue) >= self._max_queue_size:
+    def check_room(self, client: Hashable = None) -> None:
+        """Raise `TooManyRequests` now if `enter` would for `client` (every slot busy, the queue
+        full), so that a handler refuses before work it would only undo: a turn lock in a shared
+        store costs two round trips, and under overload most requests are refused."""
+        self._room_for(client if self._fair else None)
+
+    def _room_for(self, client: Hashable) -> Ticket | None:
+        """None if a ticket of `client` fits in the queue; the waiter it would take the place of
+        if the queue is full but fair turns give it one; else `TooManyRequests`."""
+        if not ((self._queue or self._limiter.available_tokens < 1) and len(self._queue) >= self._max_queue_size):
+            return None
+        crowded_out = self._queue.crowded_out_by(client) if self._fair else None
+        if crowded_out is None:
             raise TooManyRequests(
                 f"all {self._slots} generation slots are busy and {self._max_queue_size} requests are waiting",
                 retry_after=self.retry_after(),
             )
+        return crowded_out
 
     async def admit(
         self, client_left: anyio.Event, client: Hashable = None, max_wait: float | None = None
