@@ -69,7 +69,9 @@ class BatchingEngine(LocalEngine):
 
     `max_batch_size` bounds the rows; admission (`num_of_concurrent_executions`) keeps the
     number of running requests within it. `conversation_cache_bytes` bounds the kept caches of
-    finished generations (None: a quarter of the memory free on the device at start; 0: off).
+    finished generations (None: 1 GiB, or a quarter of the memory free on the device at start
+    when that is less; 0: off); they are also bounded in number and dropped after a while unused
+    (`ConversationCache`).
     `prefill_chunk_tokens` fixes the size of prefill chunks (None: sized to cost about one
     decode step while streams run; see `PrefillChunks`).
     """

@@ -340,7 +340,8 @@ def _model_options() -> _OneLineParser:
         type=_byte_size,
         metavar="SIZE",
         help="memory for the key/value caches of finished turns, so a chat's next turn prefills only what "
-        "is new: bytes, or with K, M or G (e.g. 2G); 0 turns it off (default: a quarter of free memory)",
+        "is new: bytes, or with K, M or G (e.g. 2G); 0 turns it off (default: 1 GiB, or a quarter of free "
+        "memory when that is less)",
     )
     options.add_argument(
         "--prefill-chunk-tokens",
