@@ -21,6 +21,7 @@ from chatstream_asgi.engine.conversation_cache import (
     BLOCK_TOKENS,
     DEFAULT_CACHE_BYTES,
     DEFAULT_MAX_ENTRIES,
+    CacheScope,
     ConversationCache,
 )
 
@@ -168,6 +169,23 @@ def test_an_entry_covered_by_the_one_built_from_it_is_dropped() -> None:
     hit = cache.match(_ids(TEXT[:21]))
     cache.put(_ids(TEXT[:30]), _layers(30), extends=hit)
     assert len(cache) == 1
+
+
+def test_a_prompt_borrows_only_its_own_tenants_entries_and_anyones_public_beginning() -> None:
+    cache = ConversationCache(1 << 20)
+    cache.put(_ids(TEXT[:40]), _layers(40), scope=CacheScope("a", public=20))
+    prompt = _ids(TEXT[:40], [1])
+    assert cache.match(prompt, CacheScope("b")) is None
+    public = cache.match(prompt, CacheScope("b", public=20))
+    assert public is not None and public.length == 20  # the public beginning, and not a token more
+    own = cache.match(prompt, CacheScope("a", public=20))
+    assert own is not None and own.length == 40
+
+    cache.put(_ids(TEXT[:24]), _layers(24), scope=CacheScope("a", public=24))
+    public = cache.match(_ids(TEXT[:24], [1]), CacheScope("b", public=24))
+    assert public is not None and public.length == 24  # all of a's public entry
+    cache.put(_ids(TEXT[:24], [3] * 30), _layers(54), scope=CacheScope("b", public=24), extends=public)
+    assert len(cache) == 3  # b's entry covers a's, but a's is not b's to drop
 
 
 def _distinct(first: int, tokens: int = 20) -> torch.Tensor:

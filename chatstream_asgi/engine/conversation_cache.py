@@ -15,6 +15,15 @@ prompt hashes its own prefixes (work in proportion to its length), finds the lon
 filed, and compares tokens with the few most recently used entries filed there, which also finds
 how far into the next, partial block they agree. A prompt shares nothing below one whole block.
 
+The cache is partitioned: a prompt borrows only from entries of its own `CacheScope.tenant` (the
+engine's caller names the tenant: a session, an API key, a client address, with the client's
+`cache_salt`), so no tenant can time another's prompts by how much of them is already cached.
+Each tenant's hashes start from a seed of its own, so another tenant's entries are not even
+found. The one exception is what the operator declared public (`CacheScope.public`: the first
+tokens of a prompt that are a shared system prompt as rendered alone): an entry's public
+beginning is filed a second time, under hashes every tenant computes alike, and any prompt with
+the same public beginning may borrow that far, and no farther.
+
 An entry is never modified: a row that borrows one builds its own tensors as it grows (the cache
 concatenates), so one entry may serve many rows (a shared system prompt, two tabs of one chat).
 When a new entry extends an entry it was built from, the old one is dropped (the new one covers
@@ -51,12 +60,22 @@ DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_TTL = 1800.0
 
 
+@dataclass(frozen=True)
+class CacheScope:
+    """Which kept prefixes a prompt may borrow: its `tenant`'s own, and up to its first `public`
+    tokens (a beginning the operator declared shared) anyone's. The default scope is one tenant."""
+
+    tenant: str = ""
+    public: int = 0
+
+
 @dataclass
 class _Entry:
     ids: torch.Tensor  # (tokens,) on the CPU: what matching compares
     layers: Layers
     nbytes: int
-    hashes: list[bytes]  # the index keys it is filed under, one per whole block
+    tenant: str
+    hashes: list[bytes]  # the index keys it is filed under: its tenant's, then the public ones
     used: float = field(default=0.0)  # clock time of its last put or match
 
 
@@ -82,10 +101,16 @@ def default_cache_bytes(device: torch.device) -> int:
     return min(DEFAULT_CACHE_BYTES, free // 4)
 
 
-def _prefix_hashes(ids: torch.Tensor, blocks: int) -> Iterator[bytes]:
+def _seed(tenant: str | None) -> bytes:
+    """Where a chain of prefix hashes starts: one seed per tenant, one (None) for public prefixes."""
+    name = b"public" if tenant is None else b"tenant:" + tenant.encode()
+    return hashlib.blake2b(name, digest_size=16).digest()
+
+
+def _prefix_hashes(ids: torch.Tensor, blocks: int, seed: bytes) -> Iterator[bytes]:
     """The hash of each whole-block prefix of `ids` (tokens,), shortest first, `blocks` of them."""
     data = ids[: blocks * BLOCK_TOKENS].to(torch.int64).numpy().tobytes()
-    running = hashlib.blake2b(digest_size=16)
+    running = hashlib.blake2b(seed, digest_size=16)
     width = BLOCK_TOKENS * 8
     for block in range(blocks):
         running.update(data[block * width : (block + 1) * width])
@@ -122,40 +147,38 @@ class ConversationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def match(self, prompt_ids: torch.Tensor) -> Hit | None:
-        """The entry sharing the longest prefix with `prompt_ids` (n,), cut to at most n - 1 tokens
-        (the last prompt token must go through the model to give the first reply token)."""
+    def match(self, prompt_ids: torch.Tensor, scope: CacheScope = CacheScope()) -> Hit | None:
+        """The entry of `scope` sharing the longest prefix with `prompt_ids` (n,), cut to at most
+        n - 1 tokens (the last prompt token must go through the model to give the first reply token)."""
         self._expire()
         ids = prompt_ids.cpu()
         usable = len(ids) - 1
-        filed: dict[int, None] | None = None
-        for digest in _prefix_hashes(ids, usable // BLOCK_TOKENS):
-            deeper = self._index.get(digest)
-            if deeper is None:
-                break  # the index is prefix-closed: nothing longer is filed either
-            filed = deeper
-        if filed is None:
-            return None
+        public = min(scope.public, usable)
+        candidates = [(key, usable) for key in self._candidates(ids, usable // BLOCK_TOKENS, _seed(scope.tenant))]
+        candidates += [(key, public) for key in self._candidates(ids, public // BLOCK_TOKENS, _seed(None))]
         best: tuple[int, int] | None = None
-        for key in islice(reversed(filed), _CANDIDATES):
+        for key, most in candidates:
             entry = self._entries[key]
-            length = min(len(entry.ids), usable)
+            length = min(len(entry.ids), most)
             shared = int((entry.ids[:length] == ids[:length]).cumprod(0).sum())
             if best is None or shared > best[1]:
                 best = (key, shared)
-        assert best is not None
-        key, length = best
-        if length < BLOCK_TOKENS:  # a hash collision (or a crafted prompt): it shares nothing
+        if best is None or best[1] < BLOCK_TOKENS:  # (below a block: a hash collision, or a crafted prompt)
             return None
+        key, length = best
         entry = self._touch(key)
         return Hit(key, length, [(k[:, :, :length], v[:, :, :length]) for k, v in entry.layers])
 
-    def put(self, ids: torch.Tensor, layers: Layers, *, extends: Hit | None = None) -> None:
-        """Keep the cache of `ids` (tokens,); `layers` must be tensors of their own, not views of a
-        larger batch. `extends` is the hit the generation started from: dropped when covered."""
+    def put(
+        self, ids: torch.Tensor, layers: Layers, *, scope: CacheScope = CacheScope(), extends: Hit | None = None
+    ) -> None:
+        """Keep the cache of `ids` (tokens,) for `scope`; `layers` must be tensors of their own, not
+        views of a larger batch. `extends` is the hit the generation started from: dropped when
+        covered, if it is the same tenant's (another's entry is theirs to keep)."""
         self._expire()
         if extends is not None and extends.key in self._entries:
-            if len(self._entries[extends.key].ids) <= extends.length:
+            covered = self._entries[extends.key]
+            if covered.tenant == scope.tenant and len(covered.ids) <= extends.length:
                 self._drop(extends.key)
         nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
         if nbytes > self.capacity_bytes:
@@ -165,8 +188,9 @@ class ConversationCache:
         ids = ids.cpu()
         key = self._next_key
         self._next_key += 1
-        hashes = list(_prefix_hashes(ids, len(ids) // BLOCK_TOKENS))
-        self._entries[key] = _Entry(ids, layers, nbytes, hashes, self._clock())
+        hashes = list(_prefix_hashes(ids, len(ids) // BLOCK_TOKENS, _seed(scope.tenant)))
+        hashes += _prefix_hashes(ids, min(scope.public, len(ids)) // BLOCK_TOKENS, _seed(None))
+        self._entries[key] = _Entry(ids, layers, nbytes, scope.tenant, hashes, self._clock())
         for digest in hashes:
             self._index.setdefault(digest, {})[key] = None
         self.nbytes += nbytes
@@ -176,6 +200,17 @@ class ConversationCache:
         self._entries.clear()
         self._index.clear()
         self.nbytes = 0
+
+    def _candidates(self, ids: torch.Tensor, blocks: int, seed: bytes) -> list[int]:
+        """The few most recently used entries filed under the longest of the first `blocks`
+        whole-block prefixes of `ids` (hashed from `seed`) that is filed at all."""
+        filed: dict[int, None] | None = None
+        for digest in _prefix_hashes(ids, blocks, seed):
+            deeper = self._index.get(digest)
+            if deeper is None:
+                break  # the index is prefix-closed: nothing longer is filed either
+            filed = deeper
+        return [] if filed is None else list(islice(reversed(filed), _CANDIDATES))
 
     def _touch(self, key: int) -> _Entry:
         """Mark an entry used now: last out of the byte and count bounds, and first among its
