@@ -592,7 +592,7 @@ def test_chaos_soak_gives_each_admitted_chat_the_outcome_its_client_caused_and_l
     redis_server = RedisServer()
     redis_server.start()
     hooks = ChaosHooks(model, tokenizer)
-    # A bounded conversation cache (the default is a quarter of free memory), so that what the
+    # A bounded conversation cache (the default is up to 1 GiB), so that what the
     # process keeps on purpose is known and RSS can be compared.
     # Prefill chunks of a fixed size, past every healthy prompt: a chat's tag is never split
     # between two chunks, and poisoned prompts still join a chunk at a time.

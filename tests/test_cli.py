@@ -332,16 +332,16 @@ def test_serve_refuses_an_unknown_key_scope() -> None:
     assert result.returncode == 2 and "chat, apis, admin" in result.stderr
 
 
-def test_the_batching_engine_takes_its_cache_size_and_prefill_chunk_from_the_command_line(model_dir: Path) -> None:
+def test_the_batching_engine_takes_its_cache_options_and_prefill_chunk_from_the_command_line(model_dir: Path) -> None:
     from chatstream_asgi.frontends.cli import _parser, load_service
 
-    args = _parser().parse_args(
-        ["serve", "--model", str(model_dir), "--conversation-cache-bytes", "64M", "--prefill-chunk-tokens", "32"]
-    )
+    cache = ["--conversation-cache-bytes", "64M", "--cache-shared-system-prompt", "Be brief."]
+    args = _parser().parse_args(["serve", "--model", str(model_dir), *cache, "--prefill-chunk-tokens", "32"])
     chat_stream, _ = load_service(args, concurrency=1, queue=0)
     try:
         engine: Any = chat_stream.engine
         assert engine.conversations.capacity_bytes == 64 << 20
+        assert engine.cache_shared_system_prompt == "Be brief."
         assert engine.chunks.budget(streaming=True) == 32
     finally:
         chat_stream.close()

@@ -11,7 +11,7 @@ one over a `ChatService`.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import anyio
@@ -34,7 +34,7 @@ from chatstream_asgi.asgi.wire import (
     choose_format,
     encoder_for,
 )
-from chatstream_asgi.core.params import ChatTurnRequest, GenerationParams, parse_chat_request
+from chatstream_asgi.core.params import ChatTurnRequest, GenerationParams, cache_scope, parse_chat_request
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.errors import ChatStreamError, InvalidRequest, NothingToRegenerate, SessionBusy
 from chatstream_asgi.outcomes import CLIENT_DISCONNECTED_BEFORE_STREAMING, OutcomeCallback
@@ -181,6 +181,8 @@ class ChatEndpoint:
             if "max_new_tokens" in stored:  # the server's limit may have dropped since it was set
                 stored["max_new_tokens"] = min(stored["max_new_tokens"], limit)
             params = service.params.with_overrides({**stored, **turn.overrides}, max_new_tokens_limit=limit)
+            # The conversation cache lends this turn only what its own session (and salt) left there.
+            params = replace(params, cache_scope=cache_scope(("session", session.session_id), turn.cache_salt))
             prompt = self._session_prompt(session)
             if turn.regenerate and not prompt.has_reply_to_regenerate():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation yet")

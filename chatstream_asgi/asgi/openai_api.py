@@ -32,7 +32,7 @@ from chatstream_asgi.asgi.streaming import (
 from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.asgi.waiting import WaitingResponse, client_identity, queue_deadline
 from chatstream_asgi.asgi.wire import sse_event, sse_ping
-from chatstream_asgi.core.params import GenerationParams, parse_json_object
+from chatstream_asgi.core.params import GenerationParams, cache_scope, parse_cache_salt, parse_json_object
 from chatstream_asgi.core.prompt import ChatPrompt
 from chatstream_asgi.engine.base import Generation
 from chatstream_asgi.errors import (
@@ -75,6 +75,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     include_queue_status: bool
+    cache_salt: str | None = None
 
 
 def parse_completion_request(body: bytes, service: ChatService) -> CompletionRequest:
@@ -125,6 +126,7 @@ def parse_completion_request(body: bytes, service: ChatService) -> CompletionReq
         stream,
         include_usage=bool(options.get("include_usage", False)),
         include_queue_status=bool(options.get("include_queue_status", False)),
+        cache_salt=parse_cache_salt(data),
     )
 
 
@@ -154,7 +156,13 @@ async def chat_completions(
     try:
         completion = parse_completion_request(exchange.body, service)
         max_wait = queue_deadline(request.scope, service.max_queue_wait)
-        ticket = service.enter(client_identity(request.scope, service.trust_forwarded), max_wait)
+        client = client_identity(request.scope, service.trust_forwarded)
+        # The conversation cache lends this request only what its own key (or address, without
+        # keys) and salt left there.
+        completion = replace(
+            completion, params=replace(completion.params, cache_scope=cache_scope(client, completion.cache_salt))
+        )
+        ticket = service.enter(client, max_wait)
         # Queue chunks only for a client that asked: strict OpenAI clients see a silent wait.
         queued = ticket.slot is None and completion.stream and completion.include_queue_status
         slot = None if queued else await wait_for_slot(ticket, request, exchange, callback)

@@ -7,6 +7,7 @@ well formed, so nothing after admission has to undo a half-started turn because 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 #: The largest seed: what a torch generator takes (OpenAI's `seed` is a 64-bit integer too).
 MAX_SEED = 2**64 - 1
+#: The longest `cache_salt` a request may carry (vLLM's name for the field).
+MAX_CACHE_SALT = 256
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,15 @@ class GenerationParams:
     #: Seeds sampling: the batching engine draws a seeded row's numbers from its seed alone; the per-slot
     #: engine seeds the process's one generator, so there it holds only while nothing overlaps.
     seed: int | None = None
+    #: Whose kept prompt prefixes this generation may borrow (`cache_scope`): only those of
+    #: generations with the same scope, so one tenant cannot time another's prompts.
+    cache_scope: str = ""
 
     def __post_init__(self) -> None:
         if self.seed is not None:
             _check_number("seed", self.seed, 0, MAX_SEED, integer=True)
+        if not isinstance(self.cache_scope, str):
+            raise TypeError(f"cache_scope must be a string, not {type(self.cache_scope).__name__}")
         for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop"):
             _check_field(field, field, getattr(self, field))
         # transformers refuses int temperatures, and 5.0 tokens is 5 tokens to a user.
@@ -174,6 +182,27 @@ class ChatTurnRequest:
     system: str | None = None
     #: `user_input` replaces the last user message, whose reply is generated anew (`regenerate`).
     edit: bool = False
+    #: Partitions the conversation cache further: only turns with the same salt share prefixes.
+    cache_salt: str | None = None
+
+
+def cache_scope(tenant: tuple[str, str], cache_salt: str | None) -> str:
+    """The conversation-cache partition of a request: a digest of who it is for (`("session",
+    id)`, `("key", api_key)`, `("address", ip)`) and its `cache_salt`, so that the engine holds
+    neither and no two tenants or salts meet."""
+    return hashlib.blake2b(json.dumps([*tenant, cache_salt]).encode(), digest_size=16).hexdigest()
+
+
+def parse_cache_salt(data: dict[str, Any]) -> str | None:
+    """A request's optional `cache_salt`: a non-empty string of at most `MAX_CACHE_SALT` characters."""
+    salt = data.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise InvalidParameter("cache_salt", f"must be a non-empty string, not {quoted(salt)}")
+    if len(salt) > MAX_CACHE_SALT:
+        raise InvalidParameter("cache_salt", f"may be at most {MAX_CACHE_SALT} characters, not {len(salt)}")
+    return salt
 
 
 def parse_json_object(body: bytes | str) -> dict[str, Any]:
@@ -223,7 +252,11 @@ def parse_chat_request(body: bytes | str) -> ChatTurnRequest:
             raise InvalidRequest("'user_input' is required")
         raise InvalidRequest(f"'user_input' must be a string, not {_json_type(user_input)}")
     return ChatTurnRequest(
-        user_input=user_input, regenerate=regenerate, overrides=_overrides(data), system=_system(data)
+        user_input=user_input,
+        regenerate=regenerate,
+        overrides=_overrides(data),
+        system=_system(data),
+        cache_salt=parse_cache_salt(data),
     )
 
 
@@ -237,7 +270,12 @@ def _parse_edit(data: dict[str, Any]) -> ChatTurnRequest:
     if "user_input" in data or "regenerate" in data:
         raise InvalidRequest("'edit' takes the place of 'user_input' and 'regenerate': send it alone")
     return ChatTurnRequest(
-        user_input=edit, regenerate=True, overrides=_overrides(data), system=_system(data), edit=True
+        user_input=edit,
+        regenerate=True,
+        overrides=_overrides(data),
+        system=_system(data),
+        edit=True,
+        cache_salt=parse_cache_salt(data),
     )
 
 

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from chatstream_asgi.engine.conversation_cache import Hit, Layers
+from chatstream_asgi.engine.conversation_cache import CacheScope, Hit, Layers
 from chatstream_asgi.engine.local import LocalJob
 from chatstream_asgi.engine.sampling import BatchSampling
 
@@ -39,10 +39,11 @@ def supports_batching(model: Any) -> bool:
 class Row:
     """One generation in the batch."""
 
-    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None) -> None:
+    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None, scope: CacheScope) -> None:
         self.job = job
         self.ids = prompt_ids  # every token so far: what its cache holds keys and values of
         self.hit = hit  # the kept cache its prompt started from
+        self.scope = scope  # the conversation cache's partition its cache is kept in
 
 
 class Batch:

@@ -20,8 +20,10 @@ others; columns no row needs any more are trimmed. Each row samples with its own
 all rows of a step at once (`BatchSampling`).
 
 When a generation ends, its row's cache is kept in the replica's `ConversationCache`: the next
-prompt that starts with the same tokens (the conversation's next turn, a regenerate) borrows the
-keys and values of that prefix and prefills only the rest.
+prompt of the same tenant (`GenerationParams.cache_scope`) that starts with the same tokens (the
+conversation's next turn, a regenerate) borrows the keys and values of that prefix and prefills
+only the rest. `cache_shared_system_prompt` declares a system text public: a prompt's beginning,
+as far as it is that text rendered alone by the prompt's own class, is shared across tenants.
 
 A batch of one does exactly what `model.generate` does, step for step (the tests check the
 tokens are identical under greedy decoding), and eight rows cost little more than one on a
@@ -36,6 +38,7 @@ the batch itself (`batch`), the grouping of rows (`grouping`) and the prefill's 
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import time
@@ -46,6 +49,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.engine.batch import (
     Batch,
     Row,
@@ -55,7 +59,7 @@ from chatstream_asgi.engine.batch import (
     supports_batching,
 )
 from chatstream_asgi.engine.channel import Wakeups
-from chatstream_asgi.engine.conversation_cache import ConversationCache, Layers, default_cache_bytes
+from chatstream_asgi.engine.conversation_cache import CacheScope, ConversationCache, Layers, default_cache_bytes
 from chatstream_asgi.engine.grouping import group_for
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
 from chatstream_asgi.engine.prefill import Prefill, PrefillChunks, first_cohort
@@ -63,15 +67,22 @@ from chatstream_asgi.engine.sampling import BatchSampling
 
 logger = logging.getLogger(__name__)
 
+#: Renderings of the shared system prompt kept tokenized (one per prompt class and setting in use).
+_PUBLIC_RENDERINGS = 16
+
 
 class BatchingEngine(LocalEngine):
     """Generates with a Hugging Face causal LM, the running requests batched in each step.
 
     `max_batch_size` bounds the rows; admission (`num_of_concurrent_executions`) keeps the
     number of running requests within it. `conversation_cache_bytes` bounds the kept caches of
-    finished generations (None: a quarter of the memory free on the device at start; 0: off).
+    finished generations (None: 1 GiB, or a quarter of the memory free on the device at start
+    when that is less; 0: off); they are also bounded in number and dropped after a while unused
+    (`ConversationCache`).
     `prefill_chunk_tokens` fixes the size of prefill chunks (None: sized to cost about one
-    decode step while streams run; see `PrefillChunks`).
+    decode step while streams run; see `PrefillChunks`). `cache_shared_system_prompt` (None: every
+    tenant's cache is its own) is a system text whose rendered beginning every tenant may share
+    ("" for a template's own default system text).
     """
 
     def __init__(
@@ -83,6 +94,7 @@ class BatchingEngine(LocalEngine):
         max_batch_size: int = 16,
         conversation_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        cache_shared_system_prompt: str | None = None,
     ) -> None:
         self.chunks = PrefillChunks(prefill_chunk_tokens)
         if max_batch_size < 1:
@@ -97,6 +109,8 @@ class BatchingEngine(LocalEngine):
         if conversation_cache_bytes is None:
             conversation_cache_bytes = default_cache_bytes(self.device)
         self.conversations = ConversationCache(conversation_cache_bytes)  # the engine thread's alone
+        self.cache_shared_system_prompt = cache_shared_system_prompt
+        self._public_ids: dict[tuple[str, bool], torch.Tensor] = {}  # rendered public text -> its ids
         self._start_threads(1, self._work)
 
     # -- the engine thread ------------------------------------------------------------------------
@@ -168,7 +182,8 @@ class BatchingEngine(LocalEngine):
         try:
             prompt_ids = self.encode_prompt(job)
             job.start_text(self.tokenizer)
-            hit = self.conversations.match(prompt_ids[0])
+            scope = CacheScope(job.params.cache_scope, self._public_tokens(job.prompt, prompt_ids[0]))
+            hit = self.conversations.match(prompt_ids[0], scope)
             cache = DynamicCache(config=self.model.config)
             for index, (keys, values) in enumerate(hit.layers if hit is not None else []):
                 cache.update(keys, values, index)
@@ -177,7 +192,27 @@ class BatchingEngine(LocalEngine):
             job.fail(error)
             return None
         job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
-        return Prefill(job, prompt_ids, hit, cache)
+        return Prefill(job, prompt_ids, hit, cache, scope)
+
+    def _public_tokens(self, prompt: AbstractChatPrompt, prompt_ids: torch.Tensor) -> int:
+        """How many of `prompt_ids`' first tokens are the shared system prompt as `prompt`'s class
+        renders it alone (followed by an empty user turn: a chat template needs one message). They
+        equal tokens anyone can render, so lending them across tenants tells nobody anything."""
+        if self.cache_shared_system_prompt is None or not self.conversations.capacity_bytes:
+            return 0
+        alone = copy.copy(prompt)  # the same class and settings, with history lists of its own
+        alone.chat_contents, alone.requester_messages, alone.responder_messages = [], [], []
+        alone.set_system(self.cache_shared_system_prompt)
+        alone.add_requester_msg("")
+        text = alone.create_prompt()
+        key = (text, alone.add_special_tokens)
+        public = self._public_ids.get(key)
+        if public is None:
+            if len(self._public_ids) >= _PUBLIC_RENDERINGS:
+                self._public_ids.clear()
+            public = self._public_ids[key] = torch.tensor(self._tokenize(text, alone.add_special_tokens))
+        length = min(len(public), len(prompt_ids))
+        return int((public[:length] == prompt_ids[:length].cpu()).cumprod(0).sum())
 
     def _prefill(self, groups: list[Batch], prefills: deque[Prefill]) -> None:
         """Run the waiting prompts through the model, oldest first, up to one chunk budget; each
@@ -268,7 +303,7 @@ class BatchingEngine(LocalEngine):
         try:
             sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
             token = sampling.sample(logits)
-            row = Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit)
+            row = Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit, prefill.scope)
             running = self._emit(row, int(token[0]))
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
             logger.exception("sampling a first token failed")
@@ -350,7 +385,7 @@ class BatchingEngine(LocalEngine):
 
     def _keep_conversation(self, row: Row, length: int, layers: Layers) -> None:
         """Keep the keys and values of a finished row's first `length` tokens."""
-        self.conversations.put(torch.tensor(row.ids[:length]), layers, extends=row.hit)
+        self.conversations.put(torch.tensor(row.ids[:length]), layers, scope=row.scope, extends=row.hit)
 
     def _forward_apart(self, batch: Batch, lengths: list[int]) -> tuple[torch.Tensor, DynamicCache] | None:
         """After a batched decode step failed, run each row's step alone: a row whose own step

@@ -8,7 +8,7 @@ from collections import deque
 import torch
 from transformers import DynamicCache
 
-from chatstream_asgi.engine.conversation_cache import Hit
+from chatstream_asgi.engine.conversation_cache import CacheScope, Hit
 from chatstream_asgi.engine.grouping import MAX_PADDING_SHARE, padding_share
 from chatstream_asgi.engine.local import LocalJob
 
@@ -62,10 +62,13 @@ class PrefillChunks:
 class Prefill:
     """A prompt on its way into the batch: its ids, the cache built so far, how far it got."""
 
-    def __init__(self, job: LocalJob, prompt_ids: torch.Tensor, hit: Hit | None, cache: DynamicCache) -> None:
+    def __init__(
+        self, job: LocalJob, prompt_ids: torch.Tensor, hit: Hit | None, cache: DynamicCache, scope: CacheScope
+    ) -> None:
         self.job = job
         self.prompt_ids = prompt_ids  # (1, n)
         self.hit = hit
+        self.scope = scope  # whose kept prefixes it may borrow, and whose its own cache becomes
         self.cache = cache
         self.done = hit.length if hit is not None else 0  # tokens the cache holds keys and values of
         self.alone = False  # a pass it shared with others failed: it goes through on its own

@@ -280,6 +280,7 @@ _LOCAL_MODEL_OPTIONS = (
     "--chat-template",
     "--context-len",
     "--conversation-cache-bytes",
+    "--cache-shared-system-prompt",
     "--prefill-chunk-tokens",
 )
 #: Options that mean something only in front mode, or only with a shared store.
@@ -370,7 +371,15 @@ def _model_options() -> _OneLineParser:
         type=_byte_size,
         metavar="SIZE",
         help="memory for the key/value caches of finished turns, so a chat's next turn prefills only what "
-        "is new: bytes, or with K, M or G (e.g. 2G); 0 turns it off (default: a quarter of free memory)",
+        "is new: bytes, or with K, M or G (e.g. 2G); 0 turns it off (default: 1 GiB, or a quarter of free "
+        "memory when that is less)",
+    )
+    options.add_argument(
+        "--cache-shared-system-prompt",
+        action=_Given,
+        metavar="TEXT",
+        help="a system prompt whose cached keys and values every client may share (the cache is "
+        "otherwise per session, API key or address); '' shares the chat template's own default",
     )
     options.add_argument(
         "--prefill-chunk-tokens",
@@ -439,6 +448,7 @@ def load_service(
             device=args.device,
             prompt_class=prompt_class,
             conversation_cache_bytes=args.conversation_cache_bytes,
+            cache_shared_system_prompt=args.cache_shared_system_prompt,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
         )
     except ValueError as error:

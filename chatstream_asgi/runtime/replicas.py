@@ -52,6 +52,7 @@ def local_replicas(
     batching: bool,
     conversation_cache_bytes: int | None,
     prefill_chunk_tokens: int | None,
+    cache_shared_system_prompt: str | None,
 ) -> list[Engine]:
     """One engine per device (`BatchingEngine`, or `TransformersEngine` without batching), each
     with a model object of its own.
@@ -70,6 +71,7 @@ def local_replicas(
                 max_batch_size=concurrency,
                 conversation_cache_bytes=conversation_cache_bytes,
                 prefill_chunk_tokens=prefill_chunk_tokens,
+                cache_shared_system_prompt=cache_shared_system_prompt,
             )
             for replica, device in zip(models, devices, strict=True)
         ]

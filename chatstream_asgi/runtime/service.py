@@ -30,7 +30,9 @@ class ChatService:
     "cuda:1"]` runs one replica of the model per device; `concurrency` then counts per replica.
     A local model runs on the `BatchingEngine` when it can; `batching=False` picks
     `TransformersEngine` (one `model.generate` per slot). `max_queue_wait` (seconds) bounds a
-    wait for a slot; `admission="fair"` takes turns between clients.
+    wait for a slot; `admission="fair"` takes turns between clients. The batching engine's
+    conversation cache is partitioned by tenant (`generate`'s params carry the partition);
+    `cache_shared_system_prompt` declares a system text whose rendered beginning all may share.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class ChatService:
         batching: bool | None = None,
         conversation_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        cache_shared_system_prompt: str | None = None,
         max_queue_wait: float | None = None,
         admission: AdmissionPolicy = "fifo",
         trust_forwarded: bool = False,
@@ -71,6 +74,7 @@ class ChatService:
             batching=batching,
             conversation_cache_bytes=conversation_cache_bytes,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            cache_shared_system_prompt=cache_shared_system_prompt,
         )
         self.params = params
         self.tokenizer = tokenizer if tokenizer is not None else getattr(self.engine, "tokenizer", None)
@@ -201,6 +205,7 @@ def _engines(
     batching: bool | None,
     conversation_cache_bytes: int | None,
     prefill_chunk_tokens: int | None,
+    cache_shared_system_prompt: str | None,
 ) -> list[Engine]:
     """The engines a service runs: the one given, or a local replica of `model` per device."""
     check_model_arguments(model, tokenizer, engine, devices, prompt_class)
@@ -219,4 +224,5 @@ def _engines(
         batching=batching,
         conversation_cache_bytes=conversation_cache_bytes,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        cache_shared_system_prompt=cache_shared_system_prompt,
     )
