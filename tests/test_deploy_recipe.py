@@ -28,8 +28,6 @@ import httpx
 import pytest
 import yaml
 
-from chatstream_asgi.sessions.redis_store import DEFAULT_LOCK_TTL
-
 from .conftest import HANG_GUARD, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,28 +122,38 @@ class _Redis:
 
 
 class _Replica:
-    """One `chatstream-asgi serve` process on a port of its own, restartable on that port."""
+    """One server process on a port of its own, restartable on that port: `chatstream-asgi serve`
+    with `options`, or plain uvicorn serving the test app module `app` (configured by `env`)."""
 
-    def __init__(self, model_dir: Path, folder: Path, redis_url: str) -> None:
+    def __init__(
+        self, folder: Path, options: list[str], *, app: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
-        self._model_dir, self._folder, self._redis_url = model_dir, folder, redis_url
+        self._folder, self._options, self._app, self._env = folder, options, app, env or {}
         self.log = folder / f"replica-{self.port}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        options = f"--no-webui --metrics --max-new-tokens {LONG} --context-len 4096 --concurrency 4 --queue 16"
-        command = [
-            *(sys.executable, "-m", "chatstream_asgi", "serve", "--model", str(self._model_dir)),
-            *("--port", str(self.port), "--session-store", self._redis_url, "--secret-key", SECRET_KEY),
-            *options.split(),
-            *("--shutdown-timeout", "30"),
-        ]
+        if self._app is None:
+            command = [sys.executable, "-m", "chatstream_asgi", "serve", "--port", str(self.port), *self._options]
+        else:
+            command = [sys.executable, "-m", "uvicorn", self._app, "--port", str(self.port), "--log-level", "warning"]
         with self.log.open("ab") as log:  # a file, not a pipe: a full pipe would stall the server
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HOME": str(self._folder)}
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "HOME": str(self._folder), **self._env},
             )
+
+    def kill(self) -> None:
+        if self.process is not None and self.alive():
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(HANG_GUARD)
 
     def wait_ready(self) -> None:
         assert wait_until(lambda: self.ready()[0] == 200 or not self.alive(), timeout=90)
@@ -301,13 +309,22 @@ class _Cluster:
         return httpx.Client(base_url=self.url, timeout=HANG_GUARD)
 
 
+def _replica_options(model_dir: Path, redis_url: str) -> list[str]:
+    """`serve` as the recipe runs it: the shared Redis, one secret key, a drain of 30 s."""
+    return [
+        *("--model", str(model_dir), "--session-store", redis_url, "--secret-key", SECRET_KEY),
+        *f"--no-webui --metrics --max-new-tokens {LONG} --context-len 4096 --concurrency 4 --queue 16".split(),
+        *("--shutdown-timeout", "30"),
+    ]
+
+
 @pytest.fixture(scope="module")
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Cluster]:
     _nginx_binary()
     folder = tmp_path_factory.mktemp("deploy")
     redis = _Redis(folder)
     redis.start()
-    replicas = [_Replica(model_dir, folder, redis.url) for _ in range(2)]
+    replicas = [_Replica(folder, _replica_options(model_dir, redis.url)) for _ in range(2)]
     nginx = _Nginx(folder / "nginx", [replica.address for replica in replicas])
     running = _Cluster(redis, replicas, nginx)
     try:
@@ -317,9 +334,7 @@ def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         nginx.stop()
         for replica in replicas:
-            if replica.process is not None:
-                replica.process.kill()
-                replica.process.wait(HANG_GUARD)
+            replica.kill()
         redis.stop()
 
 
@@ -334,22 +349,26 @@ class _Attempt:
     text: str = ""
     complete: bool = False  # the reply ended cleanly: delta's chunked end, SSE's `event: done`
     cut: bool = False  # it started and then broke off: RemoteProtocolError / no `event: done`
-    error: str | None = None
+    error: str | None = None  # the error JSON's code, or an SSE stream's `event: error` code
     content_type: str = ""
     retry_after: float | None = None
+    broken: bool = False  # httpx raised RemoteProtocolError: the body ended without its chunked end
 
 
-def _sse_reply(raw: str) -> tuple[str, bool]:
-    """The reply an SSE stream carried, and whether it ended with `event: done`."""
-    text, done = "", False
+def _sse_reply(raw: str) -> tuple[str, bool, str | None]:
+    """The reply an SSE stream carried, whether it ended with `event: done`, and the code of its
+    `event: error` if it had one."""
+    text, done, error = "", False, None
     for frame in raw.replace("\r\n", "\n").split("\n\n"):
         lines = frame.split("\n")
         event = next((line[len("event: ") :] for line in lines if line.startswith("event: ")), "message")
         data = "\n".join(line[len("data: ") :] for line in lines if line.startswith("data: "))
         if event == "message" and data:
             text += json.loads(data)["delta"]
+        if event == "error":
+            error = json.loads(data)["error"]
         done = done or event == "done"
-    return text, done
+    return text, done, error
 
 
 def _chat(
@@ -375,20 +394,25 @@ def _chat(
                     content_type=content_type,
                     retry_after=float(retry_after) if retry_after else None,
                 )
-            raw, cut = "", False
+            raw, cut, started = "", False, False
             try:
                 for piece in response.iter_text():
-                    if piece and not raw and on_first_text is not None:
-                        on_first_text()
                     raw += piece
+                    # Reply text, not only the stream's first frames (SSE's `retry:`, queue events).
+                    if not started and (piece if not sse else '"delta"' in raw) and on_first_text is not None:
+                        started = True
+                        on_first_text()
             except httpx.RemoteProtocolError:  # the body broke off without its chunked end
                 cut = True
     except httpx.TransportError:
         return _Attempt(0)
     if sse:
-        text, done = _sse_reply(raw)
-        return _Attempt(200, text, complete=done and not cut, cut=cut or not done, content_type=content_type)
-    return _Attempt(200, raw, complete=not cut, cut=cut, content_type=content_type)
+        text, done, error = _sse_reply(raw)
+        complete = done and not cut
+        return _Attempt(
+            200, text, complete=complete, cut=not complete, error=error, content_type=content_type, broken=cut
+        )
+    return _Attempt(200, raw, complete=not cut, cut=cut, content_type=content_type, broken=cut)
 
 
 @dataclass
@@ -551,9 +575,9 @@ def test_a_replica_killed_mid_turn_loses_only_the_turns_it_was_streaming(cluster
         assert history == conversation.kept  # every completed turn, no cut one
         if on_victim:
             recovery.append(results[index]["recovered_at"] - killed_at[0])
-    # Freed by the lock's TTL, not by a restart: the TTL, one Retry-After and one short turn (with
-    # room for a loaded machine); a lock that outlived its replica for long would fail this.
-    assert max(recovery) < DEFAULT_LOCK_TTL + 5.0, recovery
+    # The issue's promise: every conversation continues within 5 s of the kill. Freed by the lock's
+    # TTL (3 s), not by a restart: the TTL, at most one Retry-After (1 s) and one short turn.
+    assert max(recovery) < 5.0, recovery
     _record_figures(
         "crash",
         {
@@ -572,6 +596,9 @@ def test_a_replica_killed_mid_turn_loses_only_the_turns_it_was_streaming(cluster
     )
 
 
+REDIS_OUTAGE = 5.0  # seconds Redis stays down: the outage the issue measured
+
+
 def test_a_redis_restart_keeps_every_conversation_and_chats_resume(cluster: _Cluster) -> None:
     cluster.ensure_up()
     conversations = [_Conversation(cluster.client()) for _ in range(4)]
@@ -579,24 +606,33 @@ def test_a_redis_restart_keeps_every_conversation_and_chats_resume(cluster: _Clu
         assert conversation.turn(f"before the restart {index}").complete
     cluster.redis.stop()
     stopped_at = time.monotonic()
+    chats: list[_Attempt] = []  # every turn the clients sent during the outage
+    ready: list[tuple[int, str | None]] = []  # every /ready answer of each replica, asked directly
     try:
-        for replica in cluster.replicas:  # taken out of rotation by any balancer reading /ready
-            assert wait_until(lambda r=replica: r.ready()[1].get("status") == "session_store_unavailable")
-            assert replica.ready()[0] == 503
-        during = conversations[0].turn("during the outage")
+        # Clients keep sending and a balancer keeps asking /ready, for the whole outage; a turn
+        # through nginx is refused at once, so each round is paced as a client retrying would.
+        while time.monotonic() - stopped_at < REDIS_OUTAGE:
+            chats += [conversation.turn("during the outage") for conversation in conversations]
+            ready += [(status, body.get("status")) for status, body in (r.ready() for r in cluster.replicas)]
+            time.sleep(0.25)
         direct = httpx.post(f"{cluster.replicas[0].url}/chat_stream", json={"user_input": "direct"}, timeout=HANG_GUARD)
     finally:
         cluster.redis.start()
     back_at = time.monotonic()
-    assert during.status in (502, 503) and during.content_type.startswith("application/json"), during
-    assert during.error in ("session_store_unavailable", "generation_failed"), during
     assert direct.status_code == 503 and direct.json()["error"] == "session_store_unavailable"
+    from_replica = [c for c in chats if (c.status, c.error) == (503, "session_store_unavailable")]
+    from_nginx = [c for c in chats if (c.status, c.error) == (502, "generation_failed")]  # every replica out
+    assert len(from_replica) + len(from_nginx) == len(chats), chats  # nothing else: no HTML, no 200
+    assert all(c.content_type.startswith("application/json") for c in chats)
+    assert (503, "session_store_unavailable") in ready and (200, "ready") not in ready[len(cluster.replicas) :], ready
 
     resumed: list[float] = []
+    refused_after: list[int] = []  # statuses of the turns refused once Redis was back
     for index, conversation in enumerate(conversations):
         attempts = conversation.careful_turn(f"after the restart {index}")
         assert attempts[-1].complete, attempts
         resumed.append(time.monotonic() - back_at)
+        refused_after += [attempt.status for attempt in attempts[:-1]]
         assert conversation.history() == conversation.kept  # nothing lost: the append-only file
     _record_figures(
         "redis_restart",
@@ -604,8 +640,15 @@ def test_a_redis_restart_keeps_every_conversation_and_chats_resume(cluster: _Clu
             "conversations": len(conversations),
             "conversations_intact": len(conversations),
             "outage_seconds": round(back_at - stopped_at, 2),
-            "client_saw_during_outage": [during.status, during.error],
+            "turns_sent_during_outage": len(chats),
+            "of_them_503_session_store_unavailable_from_a_replica": len(from_replica),
+            "of_them_502_generation_failed_from_nginx": len(from_nginx),
+            "ready_answers_during_outage": {
+                f"{code} {status}": ready.count((code, status)) for code, status in set(ready)
+            },
             "seconds_to_first_successful_turn": round(resumed[0], 2),
+            "seconds_until_every_conversation_had_a_turn": round(resumed[-1], 2),
+            "turns_refused_after_redis_was_back": refused_after,
         },
     )
 
@@ -659,6 +702,141 @@ def test_a_deploy_drains_one_replica_while_nginx_moves_new_chats_to_the_other(cl
             "seconds_from_sigterm_to_exit": round(drained_in, 2),
         },
     )
+
+
+# --- replies the server cuts, through the real nginx ---------------------------------------------
+
+
+FAIL_AFTER = 6  # decode steps cut_app's model takes before it fails mid-reply
+
+
+@dataclass
+class _CutServers:
+    """Replicas made to cut their replies, each alone behind an nginx of its own running the recipe
+    (both its replica lines name the one replica)."""
+
+    stopping: _Replica  # `serve --shutdown-timeout 0`: SIGTERM cuts what it streams
+    failing: _Replica  # tests/cut_app.py: its model fails mid-reply
+    front: _Replica  # `serve --upstream` in front of a replica of the cluster
+    upstream: _Replica  # that replica of the cluster
+    nginx: dict[str, _Nginx]  # "stopping", "failing", "front"
+
+
+@pytest.fixture(scope="module")
+def cut_servers(cluster: _Cluster, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_CutServers]:
+    folder = tmp_path_factory.mktemp("cut")
+    # The front's upstream is a running replica of the cluster (a scenario before may have
+    # stopped the other), so nothing restarts for it; the front's scenario kills it last.
+    if not any(replica.alive() for replica in cluster.replicas):
+        cluster.ensure_up()
+    upstream = next(replica for replica in cluster.replicas if replica.alive())
+    upstream.wait_ready()
+    model_name = httpx.get(f"{upstream.url}/v1/models", timeout=HANG_GUARD).json()["data"][0]["id"]
+    small = ["--no-webui", "--max-new-tokens", str(LONG), "--concurrency", "4"]
+    stopping = _Replica(folder, ["--model", str(model_dir), *small, "--shutdown-timeout", "0"])
+    failing = _Replica(
+        folder,
+        [],
+        app="tests.cut_app:app",
+        env={"CHATSTREAM_TEST_MODEL": str(model_dir), "CHATSTREAM_TEST_FAIL_AFTER": str(FAIL_AFTER)},
+    )
+    front = _Replica(folder, ["--upstream", upstream.url, "--upstream-model", model_name, *small])
+    servers = _CutServers(stopping, failing, front, upstream, {})
+    try:
+        for replica in (stopping, failing, front):  # they load at the same time
+            replica.start()
+        for name, replica in (("stopping", stopping), ("failing", failing), ("front", front)):
+            replica.wait_ready()
+            servers.nginx[name] = _Nginx(folder / f"nginx-{name}", [replica.address, replica.address])
+            servers.nginx[name].start()
+        yield servers
+    finally:
+        for nginx in servers.nginx.values():
+            nginx.stop()
+        for replica in (stopping, failing, front):
+            replica.kill()
+
+
+def _a_delta_and_an_sse_reply(url: str, cut: Callable[[], None] | None = None) -> dict[str, _Attempt]:
+    """A delta and an SSE reply through the nginx at `url`, each from a browser of its own; with
+    `cut`, it runs once both are streaming text."""
+    streaming = {"delta": threading.Event(), "sse": threading.Event()}
+
+    def reply(name: str) -> _Attempt:
+        with httpx.Client(base_url=url, timeout=HANG_GUARD) as client:
+            attempt = _chat(
+                client, f"cut {name}", max_new_tokens=LONG, sse=name == "sse", on_first_text=streaming[name].set
+            )
+        streaming[name].set()  # also when it never streamed: the test then fails on the attempt
+        return attempt
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = {name: pool.submit(reply, name) for name in streaming}
+        if cut is not None:
+            assert all(event.wait(HANG_GUARD) for event in streaming.values())
+            cut()
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _assert_recognisably_cut(replies: dict[str, _Attempt]) -> None:
+    """httpx raises on the delta reply (no chunked end); the SSE reply has no `event: done` and
+    says `event: error`."""
+    delta, sse = replies["delta"], replies["sse"]
+    assert delta.status == 200 and delta.text and delta.broken and not delta.complete, delta
+    assert sse.status == 200 and sse.text and sse.cut and sse.error is not None, sse
+
+
+def _record_cut(scenario: str, replies: dict[str, _Attempt]) -> None:
+    delta, sse = replies["delta"], replies["sse"]
+    _record_figures(
+        f"cut_by_{scenario}",
+        {
+            "delta": "httpx.RemoteProtocolError" if delta.broken else "ended cleanly",
+            "sse": ("no event: done" if sse.cut else "event: done")
+            + (f", event: error {sse.error}" if sse.error else "")
+            + (", then httpx.RemoteProtocolError" if sse.broken else ", chunked body ended"),
+            "characters_streamed_before_the_cut": {"delta": len(delta.text), "sse": len(sse.text)},
+        },
+    )
+
+
+def test_through_nginx_a_reply_cut_by_sigterm_past_the_shutdown_timeout_is_recognisably_cut(
+    cut_servers: _CutServers,
+) -> None:
+    stopping = cut_servers.stopping
+    assert stopping.process is not None
+
+    def sigterm() -> None:
+        assert wait_until(lambda: stopping.processing() == 2)
+        assert stopping.process is not None
+        stopping.process.send_signal(signal.SIGTERM)
+
+    replies = _a_delta_and_an_sse_reply(cut_servers.nginx["stopping"].url, sigterm)
+    assert stopping.process.wait(HANG_GUARD) == 0, stopping.log.read_text()
+    _assert_recognisably_cut(replies)
+    assert replies["sse"].error == "shutting_down"
+    _record_cut("shutdown_timeout", replies)
+
+
+def test_through_nginx_a_reply_cut_by_an_engine_failure_is_recognisably_cut(cut_servers: _CutServers) -> None:
+    replies = _a_delta_and_an_sse_reply(cut_servers.nginx["failing"].url)  # the model fails by itself
+    _assert_recognisably_cut(replies)
+    _record_cut("engine_failure", replies)
+
+
+def test_through_nginx_a_reply_cut_by_its_upstream_dying_in_front_mode_is_recognisably_cut(
+    cut_servers: _CutServers,
+) -> None:
+    upstream = cut_servers.upstream
+    assert upstream.alive()
+
+    def sigkill() -> None:
+        assert wait_until(lambda: upstream.processing() == 2)
+        upstream.kill()
+
+    replies = _a_delta_and_an_sse_reply(cut_servers.nginx["front"].url, sigkill)
+    _assert_recognisably_cut(replies)
+    _record_cut("upstream_failure", replies)
 
 
 # --- the container and the Kubernetes manifests -------------------------------------------------
