@@ -583,3 +583,13 @@ def test_serve_max_queue_wait_ends_a_wait_with_503_queue_timeout(run_cli: object
     long_chat.close()
     assert waited.status_code == 503 and waited.json()["error"] == "queue_timeout"
     assert int(waited.headers["retry-after"]) >= 1
+
+
+def test_serve_https_only_names_the_session_cookie_host_prefixed_and_secure(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock", "--https-only")  # type: ignore[operator]
+    _banner(process)
+    assert wait_until(lambda: _ready(url))
+    response = httpx.post(f"{url}/chat_stream", json={"user_input": "Hello"})
+    set_cookie = response.headers["set-cookie"]
+    assert set_cookie.startswith("__Host-chatstream_session=") and "; Secure" in set_cookie
+    assert "__Host-chatstream_session" in " ".join(_run("serve", "--help").stdout.split())

@@ -171,6 +171,12 @@ def _add_access_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
     group.add_argument(
+        "--https-only",
+        action="store_true",
+        help="the site is reached over HTTPS only (TLS here or at a proxy in front): the session cookie is "
+        "Secure and named __Host-chatstream_session, a name browsers let no sibling subdomain set",
+    )
+    group.add_argument(
         "--api-key",
         action="append",
         dest="api_keys",
@@ -649,6 +655,7 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         health=True,
         session_store=store,
         secret_key=args.secret_key,
+        https_only=args.https_only,
         apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
         openai=not args.no_openai,
         api_keys=dict(args.api_keys) if args.api_keys else None,
