@@ -32,7 +32,10 @@ def open_stream(url: str, path: str, body: dict[str, Any], headers: dict[str, st
     sock = socket.create_connection((host, int(port)), timeout=30)
     payload = json.dumps(body).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + payload)
     return sock
 
