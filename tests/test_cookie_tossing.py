@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from playwright.sync_api import Browser, sync_playwright
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
 
-from .conftest import HANG_GUARD, LiveServer
+from .conftest import HANG_GUARD, LiveServer, wait_until
 
 CHROMIUM = os.environ.get("CHATSTREAM_CHROMIUM", "/usr/bin/chromium")
 COOKIE = "chatstream_session"
@@ -52,7 +55,8 @@ def _chat_server(make_chat_stream: Any, serve: Any, **options: Any) -> LiveServe
 
 def _history(url: str, cookie: str, name: str = COOKIE) -> str:
     """The text of the conversation `cookie` names (its user messages and replies)."""
-    response = httpx.get(f"{url}/get_history", headers={"Cookie": f"{name}={cookie}"}, timeout=HANG_GUARD)
+    # (verify=False: the https_only server's certificate is one the test made)
+    response = httpx.get(f"{url}/get_history", headers={"Cookie": f"{name}={cookie}"}, verify=False, timeout=HANG_GUARD)
     assert response.status_code == 200
     return " ".join(message["content"] for message in response.json()["messages"])
 
@@ -175,3 +179,65 @@ def test_the_session_cookie_option_is_prefixed_with_https_only_unless_it_has_a_p
     assert name(session_cookie="__Host-mine", https_only=True) == "__Host-mine"
     with pytest.raises(ValueError, match="needs https_only=True"):
         name(session_cookie="__Host-mine")
+
+
+@pytest.fixture
+def https_server(tmp_path: Path, make_chat_stream: Any) -> Iterator[str]:
+    """The chat with `https_only=True` over TLS (a certificate made here for *.example.test)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=chat.example.test",
+         "-addext", "subjectAltName=DNS:chat.example.test,DNS:*.example.test,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    app = ChatStreamMiddleware(
+        Starlette(), chat_stream=make_chat_stream(max_new_tokens=4), serve=True, webui=True, https_only=True
+    )
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", ssl_keyfile=str(key), ssl_certfile=str(cert)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: server.started)
+    yield f"https://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(HANG_GUARD)
+
+
+def test_with_https_only_a_sibling_subdomain_cannot_toss_the_host_prefixed_cookie(
+    browser: Browser, https_server: str
+) -> None:
+    name = f"__Host-{COOKIE}"
+    with httpx.Client(base_url=https_server, verify=False, timeout=HANG_GUARD) as attacker:
+        assert attacker.post("/chat_stream", json={"user_input": "attacker was here"}).status_code == 200
+        tossed = attacker.cookies[name]
+    chat_url = "https://chat.example.test:" + https_server.rsplit(":", 1)[1]
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(HANG_GUARD * 1000)
+        page.goto(chat_url + "/")
+        send = """async (text) => {const response = await fetch("/chat_stream", {method: "POST",
+            headers: {"Content-Type": "application/json"}, body: JSON.stringify({user_input: text})});
+            await response.text(); return response.status}"""
+        assert page.evaluate(send, "hello, my first message") == 200
+        visitors = next(cookie["value"] for cookie in context.cookies() if cookie["name"] == name)
+
+        evil = "https://evil.example.test/"
+        toss = (
+            f'<script>document.cookie = "{name}={tossed}; domain=example.test; path=/; secure";'
+            f'document.cookie = "{COOKIE}={tossed}; domain=example.test; path=/; secure"</script>'
+        )
+        context.route(evil, lambda route: route.fulfill(content_type="text/html", body=toss))
+        context.new_page().goto(evil)
+        named = sorted((cookie["name"], cookie["domain"]) for cookie in context.cookies())
+        # The browser refused the __Host- cookie with a Domain; the plain name it took means nothing here.
+        assert named == [(name, "chat.example.test"), (COOKIE, ".example.test")]
+        assert page.evaluate(send, SECRET) == 200
+    finally:
+        context.close()
+    assert SECRET not in _history(https_server, tossed, name)
+    assert SECRET in _history(https_server, visitors, name)  # the visitor's own conversation went on
