@@ -175,6 +175,8 @@ def test_the_servers_own_origin_and_allowed_origins_may_post_with_the_cookie(mak
         assert client.post("/clear_context", headers={"Origin": "http://127.0.0.1:1"}).status_code == 403
     with pytest.raises(ValueError, match="not an origin"):
         _server(make_chat_stream, serve, allowed_origins=["https://app.example.com/path"])
+    with pytest.raises(ValueError, match="a list of origins"):
+        _server(make_chat_stream, serve, allowed_origins="https://app.example.com")
 
 
 def test_a_post_without_the_cookie_or_with_a_bearer_key_is_not_checked(make_chat_stream: Any, serve: Any) -> None:

@@ -67,6 +67,8 @@ class CookieGuard:
     """Refuses a cookie-carrying POST from another origin, or without a JSON body (module docstring)."""
 
     def __init__(self, cookie: str, allowed_origins: Iterable[str] = ()) -> None:
+        if isinstance(allowed_origins, str):  # one origin given bare would be taken letter by letter
+            raise ValueError(f"allowed_origins takes a list of origins, not the string {quoted(allowed_origins)}")
         self._cookie = cookie
         self._allowed = frozenset(normalized_origin(origin) for origin in allowed_origins)
 
