@@ -3,7 +3,7 @@
 Run: python examples/fastapi_plain.py   (CHATSTREAM_MODEL=path/or/hub-id picks the model;
 unset, the default SmolLM2-135M-Instruct, as `chatstream-asgi serve` runs it; PORT picks the
 port, 8000 unless set), then
-curl -N http://127.0.0.1:8000/chat_stream -d '{"user_input": "Hello"}'
+curl -N http://127.0.0.1:8000/chat_stream -H 'Content-Type: application/json' -d '{"user_input": "Hello"}'
 """
 
 import os

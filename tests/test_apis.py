@@ -116,7 +116,7 @@ def test_unknown_parameter_or_bad_json_is_400(api_server: Any) -> None:
     server, _, _ = api_server()
     with server.client() as client:
         unknown = client.post("/set_generation_params", json={"temprature": 0.1})
-        bad_json = client.post("/set_generation_params", content=b"{oops")
+        bad_json = client.post("/set_generation_params", content=b"{oops", headers={"Content-Type": "application/json"})
     assert unknown.status_code == 400 and "temprature" in unknown.json()["detail"]
     assert bad_json.status_code == 400 and bad_json.json()["error"] == "invalid_json"
 

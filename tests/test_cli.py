@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -610,3 +611,42 @@ def test_serve_max_queue_wait_ends_a_wait_with_503_queue_timeout(run_cli: object
     long_chat.close()
     assert waited.status_code == 503 and waited.json()["error"] == "queue_timeout"
     assert int(waited.headers["retry-after"]) >= 1
+
+
+def test_serve_https_only_names_the_session_cookie_host_prefixed_and_secure(run_cli: object) -> None:
+    process, url = run_cli("--model", "mock", "--https-only")  # type: ignore[operator]
+    _banner(process)
+    assert wait_until(lambda: _ready(url))
+    response = httpx.post(f"{url}/chat_stream", json={"user_input": "Hello"})
+    set_cookie = response.headers["set-cookie"]
+    assert set_cookie.startswith("__Host-chatstream_session=") and "; Secure" in set_cookie
+    assert "__Host-chatstream_session" in " ".join(_run("serve", "--help").stdout.split())
+
+
+def test_the_banners_curl_line_chats_and_goes_on_chatting_with_a_cookie_jar(run_cli: object, tmp_path: Path) -> None:
+    process, url = run_cli("--model", "mock")  # type: ignore[operator]
+    _banner(process)
+    assert process.stdout is not None
+    curl = shlex.split(next(line for line in process.stdout if "curl" in line).split("chat:", 1)[1])
+    assert wait_until(lambda: _ready(url))
+    jar = str(tmp_path / "cookies")
+    # As printed; then twice keeping the cookie, so the second turn is one of a conversation (and
+    # is checked as a cookie-carrying POST: JSON, from no other origin).
+    for command in (curl, [*curl, "-f", "-c", jar], [*curl, "-f", "-b", jar, "-c", jar]):
+        turn = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert turn.returncode == 0 and "Hello" in turn.stdout, (command, turn.stdout, turn.stderr)
+
+
+def test_serve_allowed_origin_lets_that_page_post_with_the_cookie_and_no_other(run_cli: object) -> None:
+    trusted = "https://app.example.com"
+    process, url = run_cli("--model", "mock", "--allowed-origin", trusted, "--allowed-origin", "http://b.example:81")  # type: ignore[operator]
+    _banner(process)
+    assert wait_until(lambda: _ready(url))
+    with httpx.Client(base_url=url) as client:
+        assert client.post("/chat_stream", json={"user_input": "Hello"}).status_code == 200
+        change = {"max_new_tokens": 3}
+        assert client.post("/set_generation_params", json=change, headers={"Origin": trusted}).status_code == 200
+        refused = client.post("/set_generation_params", json=change, headers={"Origin": "https://evil.example.com"})
+    assert refused.status_code == 403 and "--allowed-origin" in refused.json()["detail"]
+    result = _run("serve", "--allowed-origin", "https://app.example.com/path")
+    assert result.returncode == 2 and "not an origin" in result.stderr

@@ -174,7 +174,9 @@ def test_full_queue_is_429_rate_limit(v1_server: Any, hooks: ModelHooks) -> None
     running = socket.create_connection((host, int(port)), timeout=30)
     body = json.dumps({"messages": HI, "stream": True}).encode()
     running.sendall(
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     _read_events(running, 2)  # the role chunk, then text
     with pytest.raises(openai.RateLimitError):
@@ -202,7 +204,10 @@ def test_client_leaving_a_v1_stream_stops_generation(v1_server: Any, hooks: Mode
     host, port = server.url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
     body = json.dumps({"messages": HI, "stream": True}).encode()
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + body)
     _read_events(sock, 2)  # the role chunk, then text
     sock.close()

@@ -38,7 +38,10 @@ def open_stream(url: str, path: str, body: dict[str, Any], headers: RequestHeade
     payload = json.dumps(body).encode()
     pairs = headers.items() if isinstance(headers, dict) else headers or []
     extra = "".join(f"{name}: {value}\r\n" for name, value in pairs)
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {len(payload)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + payload)
     return sock
 

@@ -14,8 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
 from starlette.types import Message, Scope, Send
 
 from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
@@ -23,6 +21,7 @@ from chatstream_asgi.asgi.telemetry import telemetry_of
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.errors import SessionStoreUnavailable, SessionValueNotStorable
 from chatstream_asgi.log import request_logger
+from chatstream_asgi.sessions.cookie import session_cookie_name, session_cookie_value
 from chatstream_asgi.sessions.lazy import LazySession
 from chatstream_asgi.sessions.session import Session
 from chatstream_asgi.sessions.signing import SECRET_KEY_ENV, CookieSigner
@@ -55,7 +54,8 @@ class CookieSessions:
     ) -> None:
         check_shared_key(store, secret_key)
         self.store = store
-        self.cookie = cookie
+        #: The cookie's name: `cookie`, as `__Host-<cookie>` with `https_only` (see `sessions.cookie`).
+        self.cookie = session_cookie_name(cookie, https_only=https_only)
         self._signer = CookieSigner(secret_key)
         self._cookie_attributes = "; Path=/; HttpOnly; SameSite=Lax" + ("; Secure" if https_only else "")
         self._prompt_from_dict = prompt_from_dict
@@ -99,7 +99,7 @@ class CookieSessions:
                 await self._persist(lazy.opened)
 
     async def _open(self, scope: Scope, *, fresh: bool = False) -> Session:
-        signed = None if fresh else cookie_parser(Headers(scope=scope).get("cookie", "")).get(self.cookie)
+        signed = None if fresh else session_cookie_value(scope, self.cookie)
         session_id = self._signer.unsign(signed) if signed else None
         return await Session.open(session_id, self.store, self._prompt_from_dict)
 

@@ -17,6 +17,9 @@ serves the chat page (`/` and its script and style files), the session APIs it c
 ChatStream's APIs when the app serves them (its own endpoint, `append_apis`), need a bearer key
 whose scopes include the route's: `chat` (`/chat_stream`, `/v1`, the page), `apis` (the
 conversation APIs) or `admin` (`get_prompt`, `get_resource_usage`, `/metrics`).
+A POST that changes the cookie's conversation (the chat, `clear_context`,
+`set_generation_params`, `set_feedback`) and carries the cookie must be JSON from this server's
+own origin or one of `allowed_origins` (`csrf.CookieGuard`: same-site CSRF); `/v1` takes JSON only.
 Every route it serves gets an `X-Request-Id` and a `RequestTelemetry` (`telemetry.py`) that its
 log lines and metrics (`metrics=True`: `/metrics`) go through.
 A route the middleware answers itself, asked with another method, is 405 JSON naming the method
@@ -28,7 +31,7 @@ so an app's own CORS preflights and its own routes are never shadowed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
@@ -57,6 +60,7 @@ from chatstream_asgi.asgi.conversation_apis import (
     handle_api,
 )
 from chatstream_asgi.asgi.cookie_sessions import CookieSessions
+from chatstream_asgi.asgi.csrf import CookieGuard
 from chatstream_asgi.asgi.exchange import ChatExchange, converse
 from chatstream_asgi.asgi.http_errors import ErrorShape, send_error
 from chatstream_asgi.asgi.openai_api import chat_completions, models_response
@@ -87,14 +91,20 @@ _Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 class _Route(NamedTuple):
     """A route of the middleware: its method, handler, key scope (None: no key) and error shape;
-    `owned` when the middleware answers it itself, so another method is 405 rather than the app's."""
+    `owned` when the middleware answers it itself, so another method is 405 rather than the app's;
+    `guarded` when it changes the cookie's conversation, so a request with the cookie must be
+    JSON from this server's own origin (`csrf.CookieGuard`)."""
 
     method: str
     handler: _Handler
     needed: str | None
     shape: ErrorShape
     owned: bool
+    guarded: bool = False
 
+
+#: Why a `/v1/chat/completions` without a JSON `Content-Type` is refused.
+_V1_NEEDS_JSON = "POST /v1/chat/completions takes Content-Type: application/json, as OpenAI's API does"
 
 #: Seconds the lifespan shutdown waits for cancelled requests to finish (history, slot, callback).
 FINISH_GRACE = 10.0
@@ -119,6 +129,7 @@ class ChatStreamMiddleware:
         secret_key: str | bytes | None = None,
         session_cookie: str = "chatstream_session",
         https_only: bool = False,
+        allowed_origins: Iterable[str] = (),
         apis: ApiOptions | None = None,
         openai: bool = False,
         api_keys: ApiKeys | None = None,
@@ -153,6 +164,7 @@ class ChatStreamMiddleware:
             https_only=https_only,
             prompt_from_dict=self.service.prompt_from_dict,
         )
+        self._guard = CookieGuard(self.sessions.cookie, allowed_origins)
         self.health = health
         self.openai = openai
         self.ping_interval = ping_interval
@@ -194,13 +206,16 @@ class ChatStreamMiddleware:
         if match is None:
             await self._passthrough(scope, receive, send)
             return
-        handler, needed, shape = match
+        handler, needed, shape, guarded = match
         telemetry = start_request(scope, self._metrics, log_content=self.log_content)
         send = send_with_request_id(send, telemetry.request_id)
         bound = bind_request_id(telemetry.request_id)
         self._in_flight += 1
         try:
             if needed is not None and not await self._authorized(scope, send, needed, shape):
+                return
+            if guarded and (refusal := self._guard.refusal(scope)) is not None:
+                await self._refuse(scope, send, refusal, shape)
                 return
             await handler(scope, receive, send)
         except anyio.get_cancelled_exc_class():
@@ -286,9 +301,10 @@ class ChatStreamMiddleware:
             logger.warning("stopping with %d requests still finishing after %s s", self._in_flight, FINISH_GRACE)
         await anyio.to_thread.run_sync(self.chat_stream.close)  # it waits for the engine threads
 
-    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, ErrorShape] | None:
+    def _match(self, route: str, method: str) -> tuple[_Handler, str | None, ErrorShape, bool] | None:
         """The handler of a request this middleware answers, the key scope it needs (None: no
-        key), and the shape of its errors; None for everything that passes through.
+        key), the shape of its errors, and whether `CookieGuard` checks it; None for everything
+        that passes through.
 
         A route the middleware answers itself, asked with another method, is 405 (after the key
         check, as any of its requests). `HEAD` is answered as `GET`. `OPTIONS` passes through,
@@ -299,12 +315,12 @@ class ChatStreamMiddleware:
         asked = "GET" if method == "HEAD" else method
         for candidate in found:
             if candidate.method == asked:
-                return candidate.handler, candidate.needed, candidate.shape
+                return candidate.handler, candidate.needed, candidate.shape, candidate.guarded
         owned = [candidate for candidate in found if candidate.owned]
         if owned and method != "OPTIONS":
             allowed = ", ".join(candidate.method for candidate in owned)
             first = owned[0]
-            return functools.partial(self._wrong_method, allowed, first.shape), first.needed, first.shape
+            return functools.partial(self._wrong_method, allowed, first.shape), first.needed, first.shape, False
         return None
 
     def _routes(self, route: str) -> list[_Route]:
@@ -317,13 +333,17 @@ class ChatStreamMiddleware:
         # leave the same conversations open one `append_apis` away.
         if route == self.path:
             chat = functools.partial(self._counted_chat, self._chat)
-            found.append(_Route("POST", chat, "chat", "plain", owned=self.serve))
+            found.append(_Route("POST", chat, "chat", "plain", owned=self.serve, guarded=True))
         needed = "admin" if api in ADMIN_APIS else "apis"
+        # A POST of a session API changes the conversation: guarded like the chat.
+        changes = api in SESSION_APIS and API_METHODS.get(api) == "POST"
         if api in self.served_apis:
-            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=True))
+            handler = functools.partial(self._api, api)
+            found.append(_Route(API_METHODS[api], handler, needed, "chatstream", owned=True, guarded=changes))
         elif api in SESSION_APIS or (api in API_METHODS and self._api_keys):
             # The app mounted it: it gets the session from here, and the key check with keys.
-            found.append(_Route(API_METHODS[api], functools.partial(self._api, api), needed, "chatstream", owned=False))
+            handler = functools.partial(self._api, api)
+            found.append(_Route(API_METHODS[api], handler, needed, "chatstream", owned=False, guarded=changes))
         if self.openai and route == "/v1/chat/completions":
             completions = functools.partial(self._counted_chat, self._completions)
             found.append(_Route("POST", completions, "chat", "openai", owned=True))
@@ -418,6 +438,11 @@ class ChatStreamMiddleware:
         await self.sessions.around(scope, send, in_session, "plain")
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # OpenAI's API is JSON, and a page elsewhere cannot send JSON unasked: so no other site can
+        # make its visitors' browsers run generations here (with no cookie, CookieGuard has nothing to check).
+        if not says_json(scope):
+            await self._refuse(scope, send, UnsupportedMediaType(_V1_NEEDS_JSON), "openai")
+            return
         body = await self._chat_body(scope, receive, send, "openai")
         if body is None:
             return

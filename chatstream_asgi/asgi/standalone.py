@@ -23,8 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-from starlette.datastructures import Headers
-from starlette.requests import ClientDisconnect, Request, cookie_parser
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from chatstream_asgi.asgi.exchange import EXCHANGE_KEY, ChatExchange
@@ -35,6 +34,7 @@ from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.errors import SessionStoreUnavailable
 from chatstream_asgi.outcomes import OutcomeCallback
 from chatstream_asgi.sessions.attached import FallbackSessions, attached_session
+from chatstream_asgi.sessions.cookie import session_cookie_value
 from chatstream_asgi.sessions.lazy import LazySession
 from chatstream_asgi.sessions.session import Session
 
@@ -71,7 +71,7 @@ async def handle_without_middleware(
     session = attached_session(request, sessions)
     cookie: str | None = None
     if session is None:
-        signed = cookie_parser(Headers(scope=request.scope).get("cookie", "")).get(FALLBACK_COOKIE)
+        signed = session_cookie_value(request.scope, FALLBACK_COOKIE)
         session_id = sessions.signer.unsign(signed) if signed else None
         own = await Session.open(session_id, sessions.store, prompt_from_dict)
         if own.is_new:

@@ -39,12 +39,20 @@ EXPOSED_HEADERS = ["X-ChatStream-API-DevTool-Enabled", MESSAGE_ID_HEADER]
 def append_middlewares(
     server: ChatServer, app: Any, opts: dict[str, Any] | None, middleware_options: dict[str, Any]
 ) -> None:
-    """Add `ChatStreamMiddleware` (with `middleware_options`) and, with `opts["cors"]`, CORS outside it."""
+    """Add `ChatStreamMiddleware` (with `middleware_options`) and, with `opts["cors"]`, CORS outside it.
+
+    An origin CORS lets in by name may also post with the session cookie (the middleware's
+    `allowed_origins`); `"*"` lets in every origin's requests, but not their use of the cookie.
+    """
     opts = opts or {}
     if "fast_session" in opts:
         logger.warning("append_middlewares: 'fast_session' options are ignored; sessions are ChatStreamMiddleware's")
-    app.add_middleware(ChatStreamMiddleware, chat_stream=server, **middleware_options)
     cors = opts.get("cors")
+    if cors is not None:
+        named = [origin for origin in cors.get("allow_origins", []) if origin != "*"]
+        allowed = [*middleware_options.get("allowed_origins", ()), *named]
+        middleware_options = {**middleware_options, "allowed_origins": allowed}
+    app.add_middleware(ChatStreamMiddleware, chat_stream=server, **middleware_options)
     if cors is not None:
         app.add_middleware(
             CORSMiddleware,

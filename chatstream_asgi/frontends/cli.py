@@ -201,6 +201,21 @@ def _add_access_options(group: argparse._ArgumentGroup) -> None:
     )
     group.add_argument("--secret-key", help="signs session cookies (default: $CHATSTREAM_SECRET_KEY, else random)")
     group.add_argument(
+        "--https-only",
+        action="store_true",
+        help="the site is reached over HTTPS only (TLS here or at a proxy in front): the session cookie is "
+        "Secure and named __Host-chatstream_session, a name browsers let no sibling subdomain set",
+    )
+    group.add_argument(
+        "--allowed-origin",
+        action="append",
+        dest="allowed_origins",
+        type=_origin_option,
+        metavar="ORIGIN",
+        help="a page on another origin (e.g. https://app.example.com) that may send chats and conversation "
+        "changes with a visitor's session cookie; others get 403 (repeatable; default: this server's own origin only)",
+    )
+    group.add_argument(
         "--api-key",
         action="append",
         dest="api_keys",
@@ -705,6 +720,8 @@ def build_app(args: argparse.Namespace) -> tuple[ChatStreamMiddleware, str]:
         health=True,
         session_store=store,
         secret_key=args.secret_key,
+        https_only=args.https_only,
+        allowed_origins=args.allowed_origins or (),
         apis={"exclude": ["get_prompt"]},  # get_prompt exposes conversations: opt in from code
         openai=not args.no_openai,
         api_keys=dict(args.api_keys) if args.api_keys else None,
@@ -791,7 +808,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"  chat page: {base}/   (open it in a browser)", flush=True)
     elif not args.no_webui:
         print("  chat page: off (with --api-key, a browser cannot send the key)", flush=True)
-    print(f'  chat:   curl -N {base}/chat_stream{_curl_auth(args)} -d \'{{"user_input": "Hello"}}\'', flush=True)
+    headers = f" -H 'Content-Type: application/json'{_curl_auth(args)}"
+    print(f'  chat:   curl -N {base}/chat_stream{headers} -d \'{{"user_input": "Hello"}}\'', flush=True)
     print(f"  health: {base}/health   ready: {base}/ready", flush=True)
     print(f"  conversation APIs: {base}/clear_context, /get_generation_params, /get_load, ...", flush=True)
     if not args.no_openai:
@@ -913,6 +931,15 @@ def _api_key_option(text: str) -> tuple[str, tuple[str, ...]]:
     if not key or not set(scopes) <= set(KEY_SCOPES):
         raise argparse.ArgumentTypeError(f"expected KEY or KEY:SCOPE,... with scopes {', '.join(KEY_SCOPES)}")
     return key, scopes
+
+
+def _origin_option(text: str) -> str:
+    from chatstream_asgi.asgi.csrf import normalized_origin
+
+    try:
+        return normalized_origin(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _session_store_option(text: str) -> str:

@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
 from starlette.types import Scope
 
 from chatstream_asgi.core.prompt import AbstractChatPrompt
+from chatstream_asgi.sessions.cookie import session_cookie_value
 from chatstream_asgi.sessions.session import Session
 from chatstream_asgi.sessions.signing import CookieSigner
 from chatstream_asgi.sessions.store import SessionStore
@@ -97,5 +96,5 @@ class LazySession:
         return self._session
 
     def _session_id(self) -> str | None:
-        signed = cookie_parser(Headers(scope=self._scope).get("cookie", "")).get(self._cookie)
+        signed = session_cookie_value(self._scope, self._cookie)
         return self._signer.unsign(signed) if signed else None

@@ -149,8 +149,11 @@ def test_cors_is_installed_only_when_asked_and_exposes_chatstreams_headers(serve
     origin = {"Origin": "http://front.example"}
     with serve(plain).client() as client:
         closed = client.post("/chat_stream", json={"user_input": "x"}, headers=origin)
+        # With the cookie, another origin is refused unless CORS named it (same-site CSRF).
+        assert client.post("/chat_stream", json={"user_input": "y"}, headers=origin).status_code == 403
     with serve(open_app).client() as client:
         opened = client.post("/chat_stream", json={"user_input": "x"}, headers=origin)
+        assert client.post("/chat_stream", json={"user_input": "y"}, headers=origin).status_code == 200
     assert "access-control-allow-origin" not in closed.headers
     assert opened.headers["access-control-allow-origin"] == "http://front.example"
     exposed = opened.headers["access-control-expose-headers"].lower()
