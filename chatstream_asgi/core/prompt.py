@@ -569,3 +569,47 @@ def _keep_from(prompt: AbstractChatPrompt, history: list[ChatContent], start: in
     prompt.chat_contents = history[start:]
     prompt.requester_messages = [c for c in prompt.chat_contents if c.role_type is RoleType.REQUESTER]
     prompt.responder_messages = [c for c in prompt.chat_contents if c.role_type is RoleType.RESPONDER]
+
+
+def keep_newest_chars(prompt: AbstractChatPrompt, allowance: int) -> None:
+    """Cut `prompt` (a copy the caller owns) to its newest `allowance` characters of text.
+
+    Walking back from the newest message, messages are kept whole while they fit; the one that
+    crosses the allowance keeps its end (a new `ChatContent`: the caller's history is not
+    touched) and older ones go. The system text, rendered with whichever turns stay, keeps its
+    newest `allowance` characters. This bounds what rendering and tokenizing cost before either
+    runs: a token covers at most as many characters as the tokenizer's longest token string, so
+    `allowance` characters are at least `allowance / longest` tokens. With `allowance` the
+    context's tokens times that length, what is cut could never have reached the model:
+    `fit_prompt` then drops the same turns and keeps the same newest tokens.
+    """
+    left = allowance
+    kept: list[ChatContent] = []
+    cut = False
+    for content in reversed(prompt.chat_contents):
+        if cut:
+            break
+        parts = [content.message or "", *(content.child_messages or [])]
+        size = sum(len(part) for part in parts)
+        if size <= left:
+            kept.append(content)
+            left -= size
+            continue
+        cut = True
+        tails = []
+        for part in reversed(parts):  # the child messages render after the message
+            tails.append(part[len(part) - min(len(part), left) :])
+            left -= len(tails[-1])
+        tails.reverse()
+        message = tails[0] if content.message is not None else None
+        children = tails[1:] if content.child_messages is not None else None
+        kept.append(ChatContent(content.role, message, content.message_id, content.role_type, children))
+    if len(prompt.system) > allowance:  # rendered with whichever turns are kept: its own allowance
+        prompt.system = prompt.system[len(prompt.system) - allowance :]
+        cut = True
+    if cut:
+        kept.reverse()
+        starts = [i for i, c in enumerate(kept) if c.role_type is RoleType.REQUESTER]
+        # A turn cut after its request would render as a stray reply `fit_prompt` cannot drop:
+        # it goes whole (it was too long to fit anyway).
+        _keep_from(prompt, kept, starts[0] if starts else 0)

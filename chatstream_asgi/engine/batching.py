@@ -175,12 +175,13 @@ class BatchingEngine(LocalEngine):
         )
 
     def _start(self, job: LocalJob) -> Prefill | None:
-        """Tokenize `job`'s prompt and borrow what the conversation cache holds of it; None: it ended."""
+        """Borrow what the conversation cache holds of `job`'s prepared prompt; None: it ended."""
         if job.should_stop:  # cancelled while queued for the engine: never start
             job.skip()
             return None
+        prompt_ids = job.prompt_ids
+        assert prompt_ids is not None  # (prepared before the job reached this thread)
         try:
-            prompt_ids = self.encode_prompt(job)
             job.start_text(self.tokenizer)
             scope = CacheScope(job.params.cache_scope, self._public_tokens(job.prompt, prompt_ids[0]))
             hit = self.conversations.match(prompt_ids[0], scope)

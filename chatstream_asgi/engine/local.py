@@ -3,8 +3,14 @@
 A `LocalJob` carries one request from the event loop to an engine thread and its text back:
 the prompt and parameters in, tokens turned into safe text (UTF-8 whole, stop strings cut) on
 the thread, a `TextChannel` to the loop. `LocalEngine` owns the model, places it on its device,
-renders and tokenizes prompts on the engine's thread, and gives every engine the same
-`generate()` context: queue the job, and on exit cancel it and wait until the thread let go.
+and gives every engine the same `generate()` context: prepare the prompt, queue the job, and on
+exit cancel it and wait until the thread let go.
+
+The prompt is rendered and tokenized on a preparing thread of the engine's own before the job
+reaches an engine thread, never on one: an engine thread runs every decode step of every chat,
+and a long tokenization there stalled them all. What is tokenized is bounded first
+(`keep_newest_chars`): only the newest characters that can reach the model, however long the
+request.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 
 from chatstream_asgi.core.detokenize import IncrementalDetokenizer, StopStringFilter
 from chatstream_asgi.core.params import GenerationParams
-from chatstream_asgi.core.prompt import AbstractChatPrompt, fit_prompt
+from chatstream_asgi.core.prompt import AbstractChatPrompt, fit_prompt, keep_newest_chars
 from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.engine.channel import TextChannel
 from chatstream_asgi.log import request_logger
@@ -54,6 +60,7 @@ class LocalJob:
         self.prompt = prompt
         self.params = params
         self.context_len = context_len
+        self.prompt_ids: torch.Tensor | None = None  # (1, n), prepared before the job is queued
         self.channel = TextChannel()
         self.stats = GenerationStats()
         self.cancel_requested = threading.Event()
@@ -143,16 +150,60 @@ class LocalEngine:
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
-        self._jobs: queue.SimpleQueue[LocalJob | None] = queue.SimpleQueue()
+        self._incoming: queue.SimpleQueue[LocalJob | None] = queue.SimpleQueue()  # to be prepared
+        self._jobs: queue.SimpleQueue[LocalJob | None] = queue.SimpleQueue()  # prepared, for the engine
         self._ready = threading.Event()
         self._threads: list[threading.Thread] = []
+        # No token covers more characters than the longest token string spells (a byte-level
+        # token spells one character per byte): what bounds the characters a context can hold.
+        self.longest_token = max((len(token) for token in tokenizer.get_vocab()), default=1)
 
     def _start_threads(self, count: int, target: Any) -> None:
+        """Start `count` engine threads running `target`, and the thread preparing their prompts."""
         self._threads = [
             threading.Thread(target=target, name=f"chatstream-engine-{i}", daemon=True) for i in range(count)
         ]
+        self._threads.append(threading.Thread(target=self._prepare_arrivals, name="chatstream-prepare", daemon=True))
         for thread in self._threads:
             thread.start()
+
+    def _prepare_arrivals(self) -> None:
+        """The preparing thread: render and tokenize the prompts that arrive, then hand them on.
+
+        Prompts that arrived together are handed on together (the batching engine prefills them
+        in one pass). On None (close), it tells each engine thread to leave, and leaves."""
+        while True:
+            arrivals: list[LocalJob] = []
+            closing = False
+            try:
+                job = self._incoming.get()
+                while True:
+                    if job is None:
+                        closing = True
+                        break
+                    arrivals.append(job)
+                    job = self._incoming.get_nowait()
+            except queue.Empty:
+                pass
+            for job in [job for job in arrivals if self._prepare(job)]:
+                self._jobs.put(job)
+            if closing:
+                for _ in range(len(self._threads) - 1):
+                    self._jobs.put(None)
+                return
+
+    def _prepare(self, job: LocalJob) -> bool:
+        """Give `job` its prompt's ids; False when it ended instead (cancelled, or it failed)."""
+        if job.should_stop:  # cancelled while waiting: never prepared, never started
+            job.skip()
+            return False
+        try:
+            job.prompt_ids = self.encode_prompt(job)
+        except Exception as error:  # reported to the one request it belongs to; the others go on
+            logger.exception("preparing a prompt failed")
+            job.fail(error)
+            return False
+        return True
 
     @property
     def ready(self) -> bool:
@@ -168,10 +219,10 @@ class LocalEngine:
     async def generate(
         self, prompt: AbstractChatPrompt, params: GenerationParams, *, context_len: int
     ) -> AsyncIterator[Generation]:
-        """Queue the reply to `prompt` for the engine's thread; on exit, stop it and wait until
-        the thread has (one decode step at most)."""
+        """Queue the reply to `prompt` (its preparation, then the engine's thread); on exit, stop
+        it and wait until the thread has (one decode step at most)."""
         job = LocalJob(prompt, params, context_len)
-        self._jobs.put(job)
+        self._incoming.put(job)
         try:
             yield job
         finally:
@@ -192,8 +243,7 @@ class LocalEngine:
         torch kernel when the interpreter exits aborts the process ("terminate called without an
         active exception") instead of letting it exit 0.
         """
-        for _ in self._threads:
-            self._jobs.put(None)
+        self._incoming.put(None)  # (the preparing thread passes it on to each engine thread)
         deadline = time.monotonic() + _CLOSE_WAIT
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -211,10 +261,15 @@ class LocalEngine:
         self._ready.set()
 
     def encode_prompt(self, job: LocalJob) -> torch.Tensor:
-        """The job's prompt as input ids (1, n): rendered, oldest turns cut to fit the context."""
+        """The job's prompt as input ids (1, n): rendered, oldest turns cut to fit the context.
+
+        Blocking (the preparing thread's). Before rendering, the text is cut to the newest
+        `budget * longest_token` characters, at least `budget` tokens: the ids kept are the
+        ones the whole text would have ended with, and a megabyte costs what a context does."""
         prompt = job.prompt
         prompt.set_tokenizer(self.tokenizer)
         budget = job.context_len - job.params.max_new_tokens
+        keep_newest_chars(prompt, budget * self.longest_token)
 
         def count_tokens(text: str) -> int:
             return len(self._tokenize(text, prompt.add_special_tokens))

@@ -4,8 +4,9 @@ The fallback for models the batching engine cannot drive (encoder-decoder models
 or recurrent caches; see `batching.py`), and the reference the batching engine is checked
 against. Threads are made once, not per request: CUDA graphs and compiled models keep
 thread-local state. Each thread runs `model.generate` for one request at a time under
-`torch.inference_mode()`; the prompt is rendered, fitted to the context and tokenized on that
-thread too, so a long history never costs the event loop anything.
+`torch.inference_mode()`; the prompt was rendered, fitted to the context and tokenized before, on
+the engine's preparing thread (`LocalEngine`), so a long history costs neither the event loop nor
+a running generation anything.
 
 Cancellation is a `threading.Event` read by a `StoppingCriteria` after every decode step,
 which is as soon as `generate` can stop: the step in flight finishes, no further one starts.
@@ -88,8 +89,9 @@ class TransformersEngine(LocalEngine):
         if job.should_stop:  # cancelled while waiting for a thread: never start
             job.skip()
             return
+        input_ids = job.prompt_ids
+        assert input_ids is not None  # (prepared before the job reached this thread)
         try:
-            input_ids = self.encode_prompt(job)
             job.start_text(self.tokenizer)
             if job.params.seed is not None:
                 torch.manual_seed(job.params.seed)
