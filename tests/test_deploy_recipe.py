@@ -553,6 +553,17 @@ def test_conversations_through_nginx_stick_to_one_replica_and_keep_every_turn(cl
     )
 
 
+def test_a_browsers_chat_through_nginx_passes_the_replicas_origin_check(cluster: _Cluster) -> None:
+    """A page's POSTs carry the cookie and their Origin (nginx's address, port included): the
+    recipe passes the Host with its port, so a replica takes them as its own origin's."""
+    cluster.ensure_up()
+    with httpx.Client(base_url=cluster.url, timeout=HANG_GUARD, headers={"Origin": cluster.url}) as page:
+        first = page.post("/chat_stream", json={"user_input": "hello", "max_new_tokens": SHORT})
+        second = page.post("/chat_stream", json={"user_input": "again", "max_new_tokens": SHORT})  # with the cookie
+        cleared = page.post("/clear_context", json={})
+    assert first.status_code == second.status_code == cleared.status_code == 200, (second.text, cleared.text)
+
+
 def test_a_replica_killed_mid_turn_loses_only_the_turns_it_was_streaming(cluster: _Cluster) -> None:
     cluster.ensure_up()
     conversations = _conversations_on(cluster, 4, per_replica=2)
