@@ -241,10 +241,20 @@ def read_first_text(sock: socket.socket) -> bytes:
     return data
 
 
-class RedisServer:
-    """A real redis-server process on 127.0.0.1 that a test may stop and start again."""
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
-    def __init__(self) -> None:
+
+class RedisServer:
+    """A real redis-server process on 127.0.0.1 that a test may stop and start again; with
+    `aof_dir`, durable as a deployment runs it (an append-only file there, synced every second),
+    so that a restart keeps what was written."""
+
+    def __init__(self, aof_dir: Path | None = None) -> None:
         import shutil
 
         binary = shutil.which("redis-server")
@@ -253,21 +263,24 @@ class RedisServer:
                 pytest.fail("redis-server is not installed: .ci/run installs it (Debian package redis-server)")
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self._binary = binary
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
+        self._aof_dir = aof_dir
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        durability = ["--appendonly", "no"]
+        if self._aof_dir is not None:
+            durability = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self._aof_dir)]
         self._process = subprocess.Popen(
-            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         assert wait_until(self._answers), "redis-server did not start"
 
     def stop(self) -> None:
+        """SIGTERM: Redis syncs its append-only file, if it keeps one, and exits."""
         if self._process is not None:
             self._process.terminate()
             self._process.wait(HANG_GUARD)
@@ -291,6 +304,15 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, started, that it may stop and start (stopped after)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ fresh session, and with `https_only` the cookie is named `__Host-...`, which no 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ from starlette.applications import Starlette
 from chatstream_asgi import ChatStreamMiddleware
 
 from .conftest import HANG_GUARD, LiveServer, wait_until
+from .test_webui import CHROMIUM
 
-CHROMIUM = os.environ.get("CHATSTREAM_CHROMIUM", "/usr/bin/chromium")
 COOKIE = "chatstream_session"
 SECRET = "my locker code is 4417"
 

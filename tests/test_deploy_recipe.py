@@ -28,20 +28,13 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import HANG_GUARD, wait_until
+from .conftest import HANG_GUARD, RedisServer, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "deploy" / "nginx" / "chatstream.conf"
 SECRET_KEY = "deploy-recipe-test-key"
 SHORT = 16  # tokens of a normal turn (the test model never ends a reply by itself)
 LONG = 800  # tokens of a turn that must still be running when something happens to its replica
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _nginx_binary() -> str:
@@ -69,58 +62,6 @@ def _record_figures(scenario: str, figures: dict[str, Any]) -> None:
 # --- the processes: Redis, replicas, nginx ---------------------------------------------------
 
 
-class _Redis:
-    """A redis-server of the test's own, with the recipe's append-only file, that can restart."""
-
-    def __init__(self, folder: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            if os.environ.get("CI"):
-                pytest.fail("redis-server is not installed: .ci/run installs it (Debian package redis-server)")
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self._binary, self._folder = binary, folder
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                self._binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "everysec",
-                "--dir",
-                str(self._folder),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert wait_until(self._answers), "redis-server did not start"
-
-    def stop(self) -> None:
-        """SIGTERM: Redis syncs its append-only file and exits (a restart, as an orchestrator does it)."""
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(HANG_GUARD)
-            self._process = None
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-
 class _Replica:
     """One server process on a port of its own, restartable on that port: `chatstream-asgi serve`
     with `options`, or plain uvicorn serving the test app module `app` (configured by `env`)."""
@@ -128,7 +69,7 @@ class _Replica:
     def __init__(
         self, folder: Path, options: list[str], *, app: str | None = None, env: dict[str, str] | None = None
     ) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
         self._folder, self._options, self._app, self._env = folder, options, app, env or {}
@@ -182,7 +123,7 @@ class _Nginx:
         self._binary = _nginx_binary()
         self._folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.access_log = folder / "access.log"
         (folder / "chatstream.conf").write_text(render_recipe(replicas, self.port))
@@ -276,7 +217,7 @@ def render_recipe(replicas: list[str], port: int) -> str:
 
 @dataclass
 class _Cluster:
-    redis: _Redis
+    redis: RedisServer
     replicas: list[_Replica]
     nginx: _Nginx
 
@@ -322,7 +263,7 @@ def _replica_options(model_dir: Path, redis_url: str) -> list[str]:
 def cluster(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Cluster]:
     _nginx_binary()
     folder = tmp_path_factory.mktemp("deploy")
-    redis = _Redis(folder)
+    redis = RedisServer(aof_dir=folder)
     redis.start()
     replicas = [_Replica(folder, _replica_options(model_dir, redis.url)) for _ in range(2)]
     nginx = _Nginx(folder / "nginx", [replica.address for replica in replicas])
@@ -505,7 +446,7 @@ def test_the_recipe_changes_only_its_placeholder_lines_and_passes_nginx_t(tmp_pa
 
 
 def test_nginx_answers_its_own_errors_in_the_servers_json_shape(tmp_path: Path) -> None:
-    nginx = _Nginx(tmp_path, [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"])  # nobody listens
+    nginx = _Nginx(tmp_path, [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])  # nobody listens
     nginx.start()
     try:
         with httpx.Client(base_url=nginx.url, timeout=HANG_GUARD) as client:

@@ -163,21 +163,16 @@ def test_a_turn_that_starts_from_its_cached_conversation_counts_as_a_cache_hit(
 
 
 def test_session_store_calls_are_timed_and_failures_counted(
-    make_chat_stream: Any, serve: Any, redis_prefix: str
+    make_chat_stream: Any, serve: Any, redis_prefix: str, own_redis: RedisServer
 ) -> None:
-    redis_server = RedisServer()
-    redis_server.start()
-    try:
-        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=0.5)
-        server = serve(_app(make_chat_stream(max_new_tokens=2), session_store=store, secret_key="k"))
-        with server.client() as client:
-            client.post("/chat_stream", json={"user_input": "stored"})
-            up = _scrape(client)
-            redis_server.stop()
-            client.post("/chat_stream", json={"user_input": "while Redis is down"})
-            down = _scrape(client)
-    finally:
-        redis_server.stop()
+    store = RedisStore(own_redis.url, prefix=redis_prefix, timeout=0.5)
+    server = serve(_app(make_chat_stream(max_new_tokens=2), session_store=store, secret_key="k"))
+    with server.client() as client:
+        client.post("/chat_stream", json={"user_input": "stored"})
+        up = _scrape(client)
+        own_redis.stop()
+        client.post("/chat_stream", json={"user_input": "while Redis is down"})
+        down = _scrape(client)
     assert _metric(up, "chatstream_session_store_seconds_count") >= 3  # load, lock, save, unlock
     assert _metric(up, "chatstream_session_store_errors_total") == 0
     assert _metric(down, "chatstream_session_store_errors_total") >= 1

@@ -22,7 +22,17 @@ from starlette.routing import Route
 from chatstream_asgi import ChatStreamMiddleware, RedisStore
 from chatstream_asgi.errors import SessionStoreUnavailable
 
-from .conftest import HANG_GUARD, ModelHooks, Outcomes, RedisServer, open_chat, read_first_text, read_until, wait_until
+from .conftest import (
+    HANG_GUARD,
+    ModelHooks,
+    Outcomes,
+    RedisServer,
+    free_port,
+    open_chat,
+    read_first_text,
+    read_until,
+    wait_until,
+)
 from .faultproxy import FaultProxy
 
 SECRET = "a-key-every-replica-shares"
@@ -281,7 +291,7 @@ def test_a_replica_killed_mid_turn_frees_its_conversation_for_the_others_within_
     """A real process, SIGKILLed while it streams: its turn lock is not released by anyone, it
     expires (`lock_ttl`, 3 s), and the conversation goes on on the other replica, whose 409s
     meanwhile said when to retry."""
-    port = _free_port()
+    port = free_port()
     killed = subprocess.Popen(
         [
             sys.executable,
@@ -337,34 +347,22 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_ready_says_the_session_store_is_unavailable_while_redis_is_down(
-    make_chat_stream: Any, serve: Any, redis_prefix: str
+    make_chat_stream: Any, serve: Any, redis_prefix: str, own_redis: RedisServer
 ) -> None:
-    redis_server = RedisServer()
-    redis_server.start()
-    try:
-        store = RedisStore(redis_server.url, prefix=redis_prefix, timeout=0.5)
-        app = ChatStreamMiddleware(
-            Starlette(), chat_stream=make_chat_stream(), serve=True, health=True, session_store=store, secret_key=SECRET
-        )
-        server = serve(app)
-        with server.client() as client:
-            assert client.get("/ready").json()["status"] == "ready"
-            redis_server.stop()
-            down = client.get("/ready")
-            assert down.status_code == 503 and down.json()["status"] == "session_store_unavailable"
-            assert client.get("/health").status_code == 200  # the process itself is fine: no restart
-            redis_server.start()
-            assert wait_until(lambda: client.get("/ready").status_code == 200)
-    finally:
-        redis_server.stop()
+    store = RedisStore(own_redis.url, prefix=redis_prefix, timeout=0.5)
+    app = ChatStreamMiddleware(
+        Starlette(), chat_stream=make_chat_stream(), serve=True, health=True, session_store=store, secret_key=SECRET
+    )
+    server = serve(app)
+    with server.client() as client:
+        assert client.get("/ready").json()["status"] == "ready"
+        own_redis.stop()
+        down = client.get("/ready")
+        assert down.status_code == 503 and down.json()["status"] == "session_store_unavailable"
+        assert client.get("/health").status_code == 200  # the process itself is fine: no restart
+        own_redis.start()
+        assert wait_until(lambda: client.get("/ready").status_code == 200)
 
 
 def test_a_chat_endpoint_of_the_apps_own_keeps_its_turn_locked_past_the_lock_ttl(

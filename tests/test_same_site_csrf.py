@@ -10,23 +10,21 @@ from the server's own origin (or `allowed_origins`) and say `Content-Type: appli
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from chatstream_asgi import ChatStreamMiddleware
 
+from . import test_webui
 from .conftest import HANG_GUARD, LiveServer, wait_until
 
-CHROMIUM = os.environ.get("CHATSTREAM_CHROMIUM", "/usr/bin/chromium")
+browser = test_webui.browser  # the page tests' Chromium, a fixture
 COOKIE = "chatstream_session"
 JSON = {"Content-Type": "application/json"}
 #: A POST of each route that changes the cookie's conversation, with a body it takes.
@@ -36,16 +34,6 @@ CHANGES = {
     "/set_generation_params": {"max_new_tokens": 1},
     "/set_feedback": {"message_id": "x", "is_like": True},
 }
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install chromium (Debian), or set CHATSTREAM_CHROMIUM")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield chromium
-        chromium.close()
 
 
 def _server(make_chat_stream: Any, serve: Any, **options: Any) -> LiveServer:

@@ -183,7 +183,7 @@ class BatchingEngine(LocalEngine):
         assert prompt_ids is not None  # (prepared before the job reached this thread)
         try:
             job.start_text(self.tokenizer)
-            scope = CacheScope(job.params.cache_scope, self._public_tokens(job.prompt, prompt_ids[0]))
+            scope = CacheScope(job.params.cache_scope, job.public_tokens)
             hit = self.conversations.match(prompt_ids[0], scope)
             cache = DynamicCache(config=self.model.config)
             for index, (keys, values) in enumerate(hit.layers if hit is not None else []):
@@ -195,7 +195,7 @@ class BatchingEngine(LocalEngine):
         job.stats.cached_prompt_tokens = hit.length if hit is not None else 0
         return Prefill(job, prompt_ids, hit, cache, scope)
 
-    def _public_tokens(self, prompt: AbstractChatPrompt, prompt_ids: torch.Tensor) -> int:
+    def public_prefix(self, prompt: AbstractChatPrompt, prompt_ids: torch.Tensor) -> int:
         """How many of `prompt_ids`' first tokens are the shared system prompt as `prompt`'s class
         renders it alone (followed by an empty user turn: a chat template needs one message). They
         equal tokens anyone can render, so lending them across tenants tells nobody anything."""

@@ -61,6 +61,8 @@ class LocalJob:
         self.params = params
         self.context_len = context_len
         self.prompt_ids: torch.Tensor | None = None  # (1, n), prepared before the job is queued
+        #: Of `prompt_ids`' first tokens, how many any tenant may share (see `public_prefix`).
+        self.public_tokens = 0
         self.channel = TextChannel()
         self.stats = GenerationStats()
         self.cancel_requested = threading.Event()
@@ -199,11 +201,18 @@ class LocalEngine:
             return False
         try:
             job.prompt_ids = self.encode_prompt(job)
+            job.public_tokens = self.public_prefix(job.prompt, job.prompt_ids[0])
         except Exception as error:  # reported to the one request it belongs to; the others go on
             logger.exception("preparing a prompt failed")
             job.fail(error)
             return False
         return True
+
+    def public_prefix(self, prompt: AbstractChatPrompt, prompt_ids: torch.Tensor) -> int:
+        """How many of `prompt_ids`' first tokens every tenant may share: none, unless an engine
+        with a shared cache says otherwise. Counted here, on the preparing thread, since it may
+        render and tokenize."""
+        return 0
 
     @property
     def ready(self) -> bool:
