@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi import ChatStream, ChatStreamMiddleware
 
 from . import test_webui
 from .conftest import HANG_GUARD, LiveServer, wait_until
@@ -33,6 +34,7 @@ CHANGES = {
     "/clear_context": {},
     "/set_generation_params": {"max_new_tokens": 1},
     "/set_feedback": {"message_id": "x", "is_like": True},
+    "/new_chat": {},  # (it swaps the visitor's conversation for a fresh one)
 }
 
 
@@ -190,3 +192,93 @@ def test_v1_takes_json_only(make_chat_stream: Any, serve: Any) -> None:
     refused = httpx.post(f"{server.url}/v1/chat/completions", headers={"Content-Type": "text/plain"}, content=body)
     assert refused.status_code == 415 and refused.json()["error"]["code"] == "unsupported_media_type"
     assert httpx.post(f"{server.url}/v1/chat/completions", headers=JSON, content=body).status_code == 200
+
+
+def test_a_bare_authorization_header_does_not_let_another_origin_use_the_cookie(
+    make_chat_stream: Any, serve: Any
+) -> None:
+    """Only a key the middleware verified vouches for a request: with no `api_keys`, any page
+    that CORS lets add headers could send `Authorization: x` beside its visitor's cookie."""
+    server = _server(make_chat_stream, serve)
+    cookie = _visitors_session(server.url)
+    before = _conversation(server.url, cookie)
+    headers = {**JSON, "Origin": "http://127.0.0.1:1", "Authorization": "x", "Cookie": f"{COOKIE}={cookie}"}
+    for route, body in CHANGES.items():
+        response = httpx.post(server.url + route, headers=headers, content=json.dumps(body), timeout=HANG_GUARD)
+        assert response.status_code == 403, (route, response.text)
+    assert _conversation(server.url, cookie) == before
+
+
+def test_the_servers_origin_has_the_scheme_the_request_arrived_by(make_chat_stream: Any, serve: Any) -> None:
+    """A page on `http://host` is not the origin `https://host` (one who can inject into plain HTTP
+    could post so), whatever port the Host header names: the scheme is the server's, here the one
+    its proxy's `X-Forwarded-Proto` says (uvicorn trusts it from 127.0.0.1), never the Origin's."""
+    server = _server(make_chat_stream, serve)
+    cookie = _visitors_session(server.url)
+    behind_tls = {**JSON, "Host": "chat.test", "X-Forwarded-Proto": "https", "Cookie": f"{COOKIE}={cookie}"}
+
+    def post(headers: dict[str, str]) -> httpx.Response:
+        body = json.dumps({"max_new_tokens": 3})
+        return httpx.post(server.url + "/set_generation_params", headers=headers, content=body, timeout=HANG_GUARD)
+
+    assert post({**behind_tls, "Origin": "http://chat.test"}).status_code == 403
+    assert post({**behind_tls, "Origin": "https://chat.test"}).status_code == 200
+    # Over plain HTTP, an https Origin of the same host is refused with a word on the likely cause.
+    refused = post({**JSON, "Cookie": f"{COOKIE}={cookie}", "Origin": server.url.replace("http:", "https:")})
+    assert refused.status_code == 403 and "--forwarded-allow-ips" in refused.json()["detail"]
+
+
+def test_with_https_only_the_servers_origin_is_https(make_chat_stream: Any, serve: Any) -> None:
+    """`https_only` says the site is served over HTTPS (by a proxy that may not say so)."""
+    server = _server(make_chat_stream, serve, https_only=True)
+    first = httpx.post(f"{server.url}/chat_stream", json={"user_input": "hello"}, timeout=HANG_GUARD)
+    name = f"__Host-{COOKIE}"
+    headers = {**JSON, "Cookie": f"{name}={first.cookies[name]}"}
+    body = json.dumps({"max_new_tokens": 3})
+    for origin, status in ((server.url, 403), (server.url.replace("http:", "https:"), 200)):
+        response = httpx.post(
+            server.url + "/set_generation_params", headers={**headers, "Origin": origin}, content=body
+        )
+        assert response.status_code == status, (origin, response.text)
+
+
+def test_cors_for_every_origin_gives_no_origin_the_visitors_cookie(
+    browser: Browser, make_chat_stream: Any, serve: Any
+) -> None:
+    """`append_middlewares(app, {"cors": {"allow_origins": ["*"]}})`, ChatStream's open setup: a page
+    on another origin of the site (another port) may call the APIs, but not with its visitor's
+    cookie. Credentialed CORS for every origin let it read the visitor's history and, adding an
+    `Authorization` header, post into the conversation."""
+    chat_stream: ChatStream = make_chat_stream(max_new_tokens=4)
+    app = FastAPI()
+    chat_stream.append_middlewares(app, {"cors": {"allow_origins": ["*"]}})
+    chat_stream.append_apis(app, {"all": True})
+    server = serve(app)
+    cookie = _visitors_session(server.url)
+    before = _conversation(server.url, cookie)
+    context = browser.new_context()
+    try:
+        context.add_cookies([{"name": COOKIE, "value": cookie, "url": server.url}])
+        evil = serve(Starlette(routes=[Route("/", lambda request: HTMLResponse("<p>hi</p>"))])).url + "/"
+        attacker = context.new_page()
+        attacker.set_default_timeout(HANG_GUARD * 1000)
+        attacker.goto(evil)
+        attempt = """async ([url, init]) => {
+            try { const response = await fetch(url, {credentials: "include", ...init});
+                  return response.status + " " + await response.text(); }
+            catch (error) { return "blocked: " + error.name; } }"""
+        read = attacker.evaluate(attempt, [server.url + "/get_history", {}])
+        plant = {
+            "method": "POST",
+            "headers": {"Content-Type": "application/json", "Authorization": "x"},
+            "body": json.dumps({"user_input": "planted by another origin"}),
+        }
+        posted = attacker.evaluate(attempt, [server.url + "/chat_stream", plant])
+        # Without the cookie, the APIs stay open to every origin: what "*" asked for.
+        anonymous = attacker.evaluate(attempt, [server.url + "/get_history", {"credentials": "omit"}])
+    finally:
+        context.close()
+    assert read.startswith("blocked"), read
+    assert posted.startswith(("blocked", "403")), posted
+    assert anonymous.startswith("200"), anonymous
+    assert _conversation(server.url, cookie) == before

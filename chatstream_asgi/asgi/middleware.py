@@ -164,7 +164,7 @@ class ChatStreamMiddleware:
             https_only=https_only,
             prompt_from_dict=self.service.prompt_from_dict,
         )
-        self._guard = CookieGuard(self.sessions.cookie, allowed_origins)
+        self._guard = CookieGuard(self.sessions.cookie, allowed_origins, https_only=https_only)
         self.health = health
         self.openai = openai
         self.ping_interval = ping_interval
@@ -354,7 +354,8 @@ class ChatStreamMiddleware:
         if self._metrics is not None and route == "/metrics":
             found.append(_Route("GET", self._metrics_response, "admin", "plain", owned=True))
         if self.page is not None and route == NEW_CHAT_PATH:
-            found.append(_Route("POST", self._new_chat, "chat", "chatstream", owned=True))
+            # With a cookie, it carries the visitor's session: from another origin, it must not swap it.
+            found.append(_Route("POST", self._new_chat, "chat", "chatstream", owned=True, guarded=True))
         if self.page is not None and (page := self.page.response(route)) is not None:
             found.append(_Route("GET", page, "chat", "plain", owned=False))  # another method on / may be the app's
         return found

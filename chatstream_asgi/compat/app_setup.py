@@ -42,22 +42,35 @@ def append_middlewares(
     """Add `ChatStreamMiddleware` (with `middleware_options`) and, with `opts["cors"]`, CORS outside it.
 
     An origin CORS lets in by name may also post with the session cookie (the middleware's
-    `allowed_origins`); `"*"` lets in every origin's requests, but not their use of the cookie.
+    `allowed_origins`), and read the answers to requests that carried it. `"*"` lets every
+    origin call the APIs, without credentials: a page of a sibling subdomain that could read
+    `/get_history` with its visitor's cookie, or add headers to a cookie-carrying POST, would
+    hold the visitor's conversation. So with `"*"` in the list no origin gets credentials, and
+    a warning says so when origins are also named.
     """
     opts = opts or {}
     if "fast_session" in opts:
         logger.warning("append_middlewares: 'fast_session' options are ignored; sessions are ChatStreamMiddleware's")
     cors = opts.get("cors")
+    every_origin = False
     if cors is not None:
-        named = [origin for origin in cors.get("allow_origins", []) if origin != "*"]
-        allowed = [*middleware_options.get("allowed_origins", ()), *named]
+        origins = list(cors.get("allow_origins", ["*"]))
+        named = [origin for origin in origins if origin != "*"]
+        every_origin = len(named) < len(origins)
+        if every_origin and named:
+            logger.warning(
+                "append_middlewares: CORS allow_origins has '*', so no origin may send or read the session "
+                "cookie, not even %s: list origins by name only to let their pages keep a conversation",
+                ", ".join(named),
+            )
+        allowed = [*middleware_options.get("allowed_origins", ()), *([] if every_origin else named)]
         middleware_options = {**middleware_options, "allowed_origins": allowed}
     app.add_middleware(ChatStreamMiddleware, chat_stream=server, **middleware_options)
     if cors is not None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=cors.get("allow_origins", ["*"]),
-            allow_credentials=True,
+            allow_credentials=not every_origin,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=EXPOSED_HEADERS,
