@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser
 from fastapi import FastAPI
+from playwright.sync_api import Browser
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
