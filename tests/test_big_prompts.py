@@ -15,16 +15,18 @@ import threading
 import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
 
 from chatstream_asgi import ChatStreamMiddleware
 from chatstream_asgi.core.params import GenerationParams
-from chatstream_asgi.core.prompt import ChatPrompt, fit_prompt
+from chatstream_asgi.core.prompt import ChatPrompt, fit_prompt, keep_newest_text
+from chatstream_asgi.engine.batching import BatchingEngine
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
 
-from .conftest import HANG_GUARD, ModelHooks, open_chat, read_first_text
+from .conftest import HANG_GUARD, ModelHooks, open_chat, read_first_text, wait_until
 
 CONTEXT_LEN = 512
 MEGABYTE = 1_000_000
@@ -143,6 +145,10 @@ def _cases() -> dict[str, list[dict[str, str]]]:
         + [{"role": "user", "content": "bye"}],
         "short turns": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}] * 3
         + [{"role": "user", "content": "bye"}],
+        "30,000 empty turns": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 15_000
+        + [{"role": "user", "content": "bye"}],
+        "30,000 empty requests in a row": [{"role": "user", "content": ""}] * 30_000
+        + [{"role": "user", "content": "bye"}],
     }
 
 
@@ -165,3 +171,60 @@ async def test_cutting_a_prompt_before_tokenizing_keeps_the_tokens_the_whole_pro
         expected = tokenizer(fit_prompt(whole, count_tokens, budget), add_special_tokens=False)["input_ids"][-budget:]
         ids = engine.encode_prompt(LocalJob(ChatPrompt.from_messages(messages), params, CONTEXT_LEN))
         assert ids[0].tolist() == expected, name
+
+
+@pytest.mark.parametrize("name", ["30,000 empty turns", "30,000 empty requests in a row"])
+def test_empty_messages_are_cut_to_what_a_context_can_hold_before_rendering(name: str, tokenizer: Any) -> None:
+    """Empty messages cost no characters, but each renders as a token at least: thirty thousand of
+    them in a 900 kB body are cut to one context's worth of messages before anything is rendered."""
+    prompt = ChatPrompt.from_messages(_cases()[name])
+    budget = CONTEXT_LEN - 24
+    keep_newest_text(prompt, budget, longest_token=16)
+    assert 0 < len(prompt.chat_contents) <= budget
+    assert [content.message for content in prompt.chat_contents[-2:]] == ["bye", None]  # (the reply to come)
+
+
+class _HeldPrompt(ChatPrompt):
+    """A prompt whose rendering waits for `release`: it holds the preparing thread."""
+
+    def __init__(self, release: threading.Event) -> None:
+        super().__init__()
+        self.release = release
+        self.held = threading.Event()  # set while a rendering waits for `release`
+        self.let_go = threading.Event()  # set once one has gone on
+
+    def create_prompt(self, opts: dict[str, Any] | None = None) -> str:
+        self.held.set()
+        self.release.wait(HANG_GUARD)
+        self.let_go.set()
+        return super().create_prompt(opts)
+
+
+@pytest.mark.anyio
+async def test_a_request_that_leaves_while_its_prompt_waits_to_be_prepared_lets_go_at_once(
+    model: Any, tokenizer: Any
+) -> None:
+    """Another prompt holds the preparing thread; a request queued behind it leaves. Its
+    generation ends now (its slot is free), not once the thread got round to dropping it."""
+    engine = BatchingEngine(model, tokenizer, device="cpu", max_batch_size=4)
+    assert wait_until(lambda: engine.ready)
+    release = threading.Event()
+    params = GenerationParams(max_new_tokens=4, temperature=0)
+    try:
+        held = _HeldPrompt(release)
+        held.add_requester_msg("hello")
+        held.add_responder_msg(None)
+        leaving = ChatPrompt.from_messages([{"role": "user", "content": "hi"}])
+        async with engine.generate(held, params, context_len=CONTEXT_LEN) as first:
+            assert await anyio.to_thread.run_sync(held.held.wait, HANG_GUARD)
+            async with engine.generate(leaving, params, context_len=CONTEXT_LEN) as second:
+                pass
+            # (Before, the exit waited for the preparing thread to reach it and drop it.)
+            assert not held.let_go.is_set() and second.stats.finish_reason == "cancelled"
+            release.set()
+            while await first.next_text(HANG_GUARD) is not None:  # the held prompt goes on as usual
+                pass
+            assert first.stats.finish_reason == "length"
+    finally:
+        release.set()
+        engine.close()

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 
-from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi import ChatStream, ChatStreamMiddleware
+from chatstream_asgi.engine import OpenAIEngine
 
 from .conftest import wait_until
 
@@ -38,6 +39,7 @@ class _Server:
             Starlette(), chat_stream=chat_stream, serve=True, openai=True, metrics=True, api_keys=keys
         )
         self.server = serve(app)
+        self.model = chat_stream.name
         self.admin = keys[0] if keys else None
 
     def client(self, key: str | None = None) -> httpx.Client:
@@ -167,3 +169,16 @@ def test_a_bad_cache_salt_is_refused_on_both_routes(make_chat_stream: Any, serve
     assert "cache_salt" in chat.json()["detail"]
     assert completion.status_code == 422 and completion.json()["error"]["param"] == "cache_salt"
     assert "x" * 100 not in chat.text + completion.text  # never echoed whole
+
+
+def test_a_front_keeps_its_users_apart_in_its_upstreams_cache(make_chat_stream: Any, serve: Any) -> None:
+    """Through `OpenAIEngine`, every user of the front reaches the upstream as one client: the front
+    sends each one's partition as `cache_salt`, so the upstream lends a user only their own prefixes.
+    Without it, the second user's copy of the letter was prefilled from the first's."""
+    upstream = _Server(make_chat_stream, serve)
+    front_stream = ChatStream(engine=OpenAIEngine(f"{upstream.server.url}/v1", model=upstream.model), max_new_tokens=2)
+    front = serve(ChatStreamMiddleware(Starlette(), chat_stream=front_stream, serve=True))
+    with front.client() as victim, front.client() as attacker:
+        assert upstream.cached_tokens(lambda: _chat(victim, _letter("Alice"))) == 0
+        assert upstream.cached_tokens(lambda: _chat(attacker, _letter("Alice"))) == 0
+        assert upstream.cached_tokens(lambda: _chat(victim, "thanks")) > len(FILLER) // 4

@@ -21,6 +21,9 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from chatstream_asgi import ChatStreamMiddleware
 from chatstream_asgi.frontends.demo_model import CHAT_TEMPLATE
@@ -516,6 +519,35 @@ def test_serve_upstream_with_its_model_named_starts_before_its_upstream(run_cli:
         thread.join(30)
 
 
+def _strict_upstream() -> Starlette:
+    """An upstream that, like OpenAI's API, refuses a field it does not know (here `cache_salt`)."""
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        if "cache_salt" in body:
+            error = {"message": "Unrecognized request argument supplied: cache_salt", "type": "invalid_request_error"}
+            return JSONResponse({"error": error}, status_code=400)
+        chunk = {"choices": [{"index": 0, "delta": {"content": "fine"}, "finish_reason": "stop"}]}
+        return Response(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n", media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+
+
+def test_serve_upstream_no_cache_salt_chats_with_an_upstream_that_refuses_the_field(
+    run_cli: object, serve: Any
+) -> None:
+    strict = serve(_strict_upstream())
+    for flags, status in (((), 502), (("--upstream-no-cache-salt",), 200)):
+        _, url = run_cli("--upstream", strict.url, "--upstream-model", "m", *flags)  # type: ignore[operator]
+        assert wait_until(lambda url=url: _answers(f"{url}/health"), timeout=60)
+        answer = httpx.post(f"{url}/chat_stream", json={"user_input": "Hi"}, timeout=60)
+        assert answer.status_code == status, (flags, answer.text)
+        if status == 502:  # the upstream's own words say which field it refused
+            assert "cache_salt" in answer.json()["detail"]
+        else:
+            assert answer.text == "fine"
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url).status_code == 200
@@ -530,9 +562,15 @@ def test_serve_upstream_refuses_the_options_of_a_local_model(option: tuple[str, 
 
 
 @pytest.mark.parametrize(
-    "option", [("--upstream-model", "m"), ("--upstream-api-key", "k"), ("--upstream-timeout", "5")]
+    "option",
+    [
+        ("--upstream-model", "m"),
+        ("--upstream-api-key", "k"),
+        ("--upstream-timeout", "5"),
+        ("--upstream-no-cache-salt",),
+    ],
 )
-def test_the_upstream_options_need_upstream(option: tuple[str, str]) -> None:
+def test_the_upstream_options_need_upstream(option: tuple[str, ...]) -> None:
     assert f"{option[0]} needs --upstream URL" in _usage_error(_run("serve", *option))
 
 

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 
 from chatstream_asgi import ChatPrompt, ChatStreamMiddleware
 from chatstream_asgi.core.params import GenerationParams
-from chatstream_asgi.engine import BatchingEngine, GenerationStats
+from chatstream_asgi.engine import BatchingEngine, GenerationStats, conversation_cache
 from chatstream_asgi.engine.conversation_cache import (
     BLOCK_TOKENS,
     DEFAULT_CACHE_BYTES,
@@ -186,6 +186,19 @@ def test_a_prompt_borrows_only_its_own_tenants_entries_and_anyones_public_beginn
     assert public is not None and public.length == 24  # all of a's public entry
     cache.put(_ids(TEXT[:24], [3] * 30), _layers(54), scope=CacheScope("b", public=24), extends=public)
     assert len(cache) == 3  # b's entry covers a's, but a's is not b's to drop
+
+
+def test_another_tenants_entry_is_not_lent_even_where_their_hashes_meet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: were two tenants' index seeds ever the same (a bug), a match still lends
+    only the prompt's own tenant's entries, and anyone's public beginning."""
+    monkeypatch.setattr(conversation_cache, "_seed", lambda tenant: b"one seed for all")
+    cache = ConversationCache(1 << 20)
+    cache.put(_ids(TEXT[:40]), _layers(40), scope=CacheScope("a", public=16))
+    prompt = _ids(TEXT[:40], [1])
+    public = cache.match(prompt, CacheScope("b", public=16))
+    assert public is not None and public.length == 16
+    own = cache.match(prompt, CacheScope("a"))
+    assert own is not None and own.length == 40
 
 
 def _distinct(first: int, tokens: int = 20) -> torch.Tensor:

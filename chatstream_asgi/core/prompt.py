@@ -571,23 +571,29 @@ def _keep_from(prompt: AbstractChatPrompt, history: list[ChatContent], start: in
     prompt.responder_messages = [c for c in prompt.chat_contents if c.role_type is RoleType.RESPONDER]
 
 
-def keep_newest_chars(prompt: AbstractChatPrompt, allowance: int) -> None:
-    """Cut `prompt` (a copy the caller owns) to its newest `allowance` characters of text.
+def keep_newest_text(prompt: AbstractChatPrompt, tokens: int, longest_token: int) -> None:
+    """Cut `prompt` (a copy the caller owns) to what its newest `tokens` tokens can hold: at most
+    `tokens * longest_token` characters of text, in at most `tokens` messages.
 
     Walking back from the newest message, messages are kept whole while they fit; the one that
-    crosses the allowance keeps its end (a new `ChatContent`: the caller's history is not
-    touched) and older ones go. The system text, rendered with whichever turns stay, keeps its
-    newest `allowance` characters. This bounds what rendering and tokenizing cost before either
-    runs: a token covers at most as many characters as the tokenizer's longest token string, so
-    `allowance` characters are at least `allowance / longest` tokens. With `allowance` the
-    context's tokens times that length, what is cut could never have reached the model:
-    `fit_prompt` then drops the same turns and keeps the same newest tokens.
+    crosses the character allowance keeps its end (a new `ChatContent`: the caller's history is
+    not touched) and older ones go. The system text, rendered with whichever turns stay, keeps
+    its newest characters. This bounds what rendering and tokenizing cost before either runs: a
+    token covers at most as many characters as the tokenizer's longest token string, and a
+    message renders as at least one token (its role's marker, in a chat template and in
+    ChatPrompt's formats alike), so a megabyte of text, or thirty thousand empty messages, is
+    cut to one context's worth. What is cut could never have reached the model: `fit_prompt`
+    then drops the same turns and keeps the same newest tokens.
     """
+    allowance = tokens * longest_token
     left = allowance
     kept: list[ChatContent] = []
     cut = False
     for content in reversed(prompt.chat_contents):
         if cut:
+            break
+        if len(kept) == tokens:  # each renders as a token at least: older ones cannot reach the model
+            cut = True
             break
         parts = [content.message or "", *(content.child_messages or [])]
         size = sum(len(part) for part in parts)

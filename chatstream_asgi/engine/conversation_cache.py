@@ -154,7 +154,9 @@ class ConversationCache:
         ids = prompt_ids.cpu()
         usable = len(ids) - 1
         public = min(scope.public, usable)
-        candidates = [(key, usable) for key in self._candidates(ids, usable // BLOCK_TOKENS, _seed(scope.tenant))]
+        own = self._candidates(ids, usable // BLOCK_TOKENS, _seed(scope.tenant))
+        # (A tenant's seed already keeps others' entries out of its hashes: this keeps them out should that fail.)
+        candidates = [(key, usable) for key in own if self._entries[key].tenant == scope.tenant]
         candidates += [(key, public) for key in self._candidates(ids, public // BLOCK_TOKENS, _seed(None))]
         best: tuple[int, int] | None = None
         for key, most in candidates:

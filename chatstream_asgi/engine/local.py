@@ -9,8 +9,8 @@ exit cancel it and wait until the thread let go.
 The prompt is rendered and tokenized on a preparing thread of the engine's own before the job
 reaches an engine thread, never on one: an engine thread runs every decode step of every chat,
 and a long tokenization there stalled them all. What is tokenized is bounded first
-(`keep_newest_chars`): only the newest characters that can reach the model, however long the
-request.
+(`keep_newest_text`): only the newest characters and messages that can reach the model, however
+long the request.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 from chatstream_asgi.core.detokenize import IncrementalDetokenizer, StopStringFilter
 from chatstream_asgi.core.params import GenerationParams
-from chatstream_asgi.core.prompt import AbstractChatPrompt, fit_prompt, keep_newest_chars
+from chatstream_asgi.core.prompt import AbstractChatPrompt, fit_prompt, keep_newest_text
 from chatstream_asgi.engine.base import Generation, GenerationFailed, GenerationStats
 from chatstream_asgi.engine.channel import TextChannel
 from chatstream_asgi.log import request_logger
@@ -71,6 +71,9 @@ class LocalJob:
         self._steps_at_cancel: int | None = None
         self._detokenizer: IncrementalDetokenizer | None = None
         self._filter: StopStringFilter | None = None
+        self._claim = threading.Lock()  # who has the job: the preparing thread (`take`) or nobody (`abandon`)
+        self._taken = False
+        self._abandoned = False
 
     # -- the loop's view (the `Generation` protocol) -----------------------------------------
 
@@ -82,7 +85,26 @@ class LocalJob:
             self._steps_at_cancel = self.decode_steps
             self.cancel_requested.set()
 
+    def abandon(self) -> bool:
+        """As its request leaves: end the job now if no thread has taken it yet (True), so that
+        nothing waits for a preparation nobody needs (the preparing thread may be busy with another
+        prompt); the preparing thread then drops it. False: a thread has it, and must let go."""
+        with self._claim:
+            if self._taken:
+                return False
+            self._abandoned = True
+        self.stats.finish_reason = "cancelled"
+        return True
+
     # -- the engine thread's side ---------------------------------------------------------------
+
+    def take(self) -> bool:
+        """Claim the job for the preparing thread; False when its request already left (`abandon`)."""
+        with self._claim:
+            if self._abandoned:
+                return False
+            self._taken = True
+            return True
 
     @property
     def should_stop(self) -> bool:
@@ -196,6 +218,8 @@ class LocalEngine:
 
     def _prepare(self, job: LocalJob) -> bool:
         """Give `job` its prompt's ids; False when it ended instead (cancelled, or it failed)."""
+        if not job.take():  # its request left while it waited here: nobody reads it
+            return False
         if job.should_stop:  # cancelled while waiting: never prepared, never started
             job.skip()
             return False
@@ -236,14 +260,19 @@ class LocalEngine:
             yield job
         finally:
             job.cancel()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_GRACE) as waited:
-                try:
-                    while await job.next_text(timeout=_STOP_GRACE) is not None:
-                        pass
-                except GenerationFailed:
-                    pass  # the caller already saw it, or left before it could matter
-            if waited.cancelled_caught:  # only a stuck model or a dead engine thread gets here
-                logger.error("the engine did not stop within %s s of a cancel; freeing the slot anyway", _STOP_GRACE)
+            if not job.abandon():  # a thread has it: wait until it lets go
+                await self._wait_until_stopped(job)
+
+    async def _wait_until_stopped(self, job: LocalJob) -> None:
+        """Wait for the threads to let go of a cancelled `job` (one decode step at most)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_GRACE) as waited:
+            try:
+                while await job.next_text(timeout=_STOP_GRACE) is not None:
+                    pass
+            except GenerationFailed:
+                pass  # the caller already saw it, or left before it could matter
+        if waited.cancelled_caught:  # only a stuck model or a dead engine thread gets here
+            logger.error("the engine did not stop within %s s of a cancel; freeing the slot anyway", _STOP_GRACE)
 
     def close(self) -> None:
         """Let the threads exit once they finish what they run, and wait for them (bounded).
@@ -273,12 +302,13 @@ class LocalEngine:
         """The job's prompt as input ids (1, n): rendered, oldest turns cut to fit the context.
 
         Blocking (the preparing thread's). Before rendering, the text is cut to the newest
-        `budget * longest_token` characters, at least `budget` tokens: the ids kept are the
-        ones the whole text would have ended with, and a megabyte costs what a context does."""
+        `budget * longest_token` characters in at most `budget` messages, at least `budget`
+        tokens: the ids kept are the ones the whole text would have ended with, and a megabyte
+        costs what a context does."""
         prompt = job.prompt
         prompt.set_tokenizer(self.tokenizer)
         budget = job.context_len - job.params.max_new_tokens
-        keep_newest_chars(prompt, budget * self.longest_token)
+        keep_newest_text(prompt, budget, self.longest_token)
 
         def count_tokens(text: str) -> int:
             return len(self._tokenize(text, prompt.add_special_tokens))

@@ -7,6 +7,12 @@ stops generating, just as our own server does. Upstream failures become `Generat
 with 502 (an error or a broken stream) or 504 (no answer within `timeout`); an upstream that
 says it is busy (429) stays a 429, with the seconds of its `Retry-After` (1 without one), so the
 front's client backs off as the upstream asked.
+
+The front partitions the upstream's prefix cache as its own is partitioned: each request carries
+its tenant (`GenerationParams.cache_scope`, a hash naming the session, API key or address and the
+client's salt) as vLLM's `cache_salt`, which vLLM and chatstream-asgi honour, so the front's
+users, who reach the upstream as one client, cannot time one another's prompts there. An
+upstream that refuses fields it does not know (OpenAI's own API) takes `cache_salt=False`.
 """
 
 from __future__ import annotations
@@ -55,17 +61,27 @@ class _RemoteGeneration:
 
 
 class OpenAIEngine:
-    """Streams chat completions from `base_url` (e.g. "http://host:8000/v1") as model `model`."""
+    """Streams chat completions from `base_url` (e.g. "http://host:8000/v1") as model `model`;
+    `cache_salt` sends each request's tenant as vLLM's `cache_salt` (module docstring)."""
 
     ready = True
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        *,
+        cache_salt: bool = True,
+    ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, not {timeout}")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.name_or_path = model
         self.timeout = timeout
+        self.cache_salt = cache_salt
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client: httpx.AsyncClient | None = None
 
@@ -89,6 +105,8 @@ class OpenAIEngine:
             body["stop"] = stop[:4]  # OpenAI's limit; the filter below applies them all
         if params.seed is not None:
             body["seed"] = params.seed
+        if self.cache_salt and params.cache_scope:
+            body["cache_salt"] = params.cache_scope
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._pump, generation, body, StopStringFilter(stop))
             try:

@@ -285,6 +285,14 @@ def _add_upstream_options(group: argparse._ArgumentGroup) -> None:
         metavar="SECONDS",
         help="seconds the upstream may take to answer; past it, 504 (default: %(default)s)",
     )
+    group.add_argument(
+        "--upstream-no-cache-salt",
+        dest="upstream_cache_salt",
+        action=_GivenOff,
+        help="do not send each user's cache partition to the upstream as cache_salt (vLLM's field, which "
+        "keeps users from timing one another's prompts through its prefix cache): for an upstream that "
+        "refuses fields it does not know, such as OpenAI's API",
+    )
 
 
 #: The options that describe a local model, so `--upstream` (whose server runs the model) takes none.
@@ -299,7 +307,7 @@ _LOCAL_MODEL_OPTIONS = (
     "--prefill-chunk-tokens",
 )
 #: Options that mean something only in front mode, or only with a shared store.
-_UPSTREAM_ONLY_OPTIONS = ("--upstream-model", "--upstream-api-key", "--upstream-timeout")
+_UPSTREAM_ONLY_OPTIONS = ("--upstream-model", "--upstream-api-key", "--upstream-timeout", "--upstream-no-cache-salt")
 _REDIS_ONLY_OPTIONS = ("--lock-ttl", "--store-timeout")
 
 
@@ -314,8 +322,28 @@ class _Given(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        setattr(namespace, self.dest, values)
+        self.give(namespace, values)
+
+    def give(self, namespace: argparse.Namespace, value: object) -> None:
+        """Set the option's `value` and note the option as given."""
+        setattr(namespace, self.dest, value)
         namespace.given = {*getattr(namespace, "given", ()), self.option_strings[0]}
+
+
+class _GivenOff(_Given):
+    """A flag turning off what is on by default, noted as given as `_Given` notes options."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=True, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        self.give(namespace, False)
 
 
 def _serve_option_misuse(args: argparse.Namespace) -> str | None:
@@ -483,7 +511,13 @@ def front_service(args: argparse.Namespace) -> tuple[ChatService, str]:
     chosen = "" if model else "; the first model it lists: pick another with --upstream-model"
     if not model:
         model = _upstream_first_model(args.upstream, api_key, args.upstream_timeout)
-    engine = OpenAIEngine(base_url=args.upstream, model=model, api_key=api_key, timeout=args.upstream_timeout)
+    engine = OpenAIEngine(
+        base_url=args.upstream,
+        model=model,
+        api_key=api_key,
+        timeout=args.upstream_timeout,
+        cache_salt=args.upstream_cache_salt,
+    )
     service = ChatService(
         params=GenerationParams(max_new_tokens=args.max_new_tokens),
         engine=engine,
