@@ -216,7 +216,9 @@ async def test_a_request_that_leaves_while_its_prompt_waits_to_be_prepared_lets_
         held.add_responder_msg(None)
         leaving = ChatPrompt.from_messages([{"role": "user", "content": "hi"}])
         async with engine.generate(held, params, context_len=CONTEXT_LEN) as first:
-            assert await anyio.to_thread.run_sync(held.held.wait, HANG_GUARD)
+            with anyio.fail_after(HANG_GUARD):  # (polled: a worker thread would outlive the test under trio)
+                while not held.held.is_set():
+                    await anyio.sleep(0.01)
             async with engine.generate(leaving, params, context_len=CONTEXT_LEN) as second:
                 pass
             # (Before, the exit waited for the preparing thread to reach it and drop it.)
