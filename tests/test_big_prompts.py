@@ -201,6 +201,7 @@ class _HeldPrompt(ChatPrompt):
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the engine's side is backend-neutral)
 async def test_a_request_that_leaves_while_its_prompt_waits_to_be_prepared_lets_go_at_once(
     model: Any, tokenizer: Any
 ) -> None:

@@ -676,8 +676,10 @@ def test_chaos_soak_gives_each_admitted_chat_the_outcome_its_client_caused_and_l
                 metric(metrics, "chatstream_requests_rejected_total", code="session_store_unavailable")
                 == (statuses[503])
             )
-            # Threads: the engine's own and the server's, as before the run; none a chat started.
-            assert wait_until(lambda: threads_now() == threads_before), threads_now() ^ threads_before
+            # Threads: none a chat started is left, and the engine's own still run. (A thread of an
+            # earlier test, such as trio's idle worker, may end meanwhile: that is not a leak.)
+            assert wait_until(lambda: threads_now() <= threads_before), threads_now() - threads_before
+            assert {thread for thread in threads_before if thread.name.startswith("chatstream-")} <= threads_now()
             assert rss_after - rss_before < RSS_SLACK + engine.conversations.nbytes
     finally:
         chat_stream.close()

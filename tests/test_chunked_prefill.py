@@ -31,7 +31,11 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def engine(model: Any, tokenizer: Any) -> Any:
-    engine = BatchingEngine(model, tokenizer, device="cpu", max_batch_size=8, prefill_chunk_tokens=CHUNK)
+    # Without drafts, a decode step is a pass of one token per row, which the tests tell from a chunk
+    # (prompt lookup, which steps several tokens per row, has its own tests: test_prompt_lookup.py).
+    engine = BatchingEngine(
+        model, tokenizer, device="cpu", max_batch_size=8, prefill_chunk_tokens=CHUNK, prompt_lookup_num_tokens=0
+    )
     assert wait_until(lambda: engine.ready)
     yield engine
     engine.close()

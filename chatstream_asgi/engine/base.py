@@ -47,6 +47,8 @@ class GenerationStats:
     #: Of `prompt_tokens`, those whose keys and values came from the conversation cache.
     cached_prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Of `completion_tokens`, those drafted by prompt lookup and kept (they cost no step of their own).
+    drafted_tokens: int = 0
     steps_after_cancel: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
 

@@ -3,8 +3,10 @@
 A prefilled row is merged in by padding the shorter side on the left, so every row ends at the
 same column and one forward pass steps them all; an attention mask hides the padding, while each
 row keeps its own position ids. A row that leaves takes its columns with it when no other row
-needs them. Only a decoder-only model whose cache is the plain `DynamicCache` of per-layer
-(batch, heads, length, dim) tensors can be batched this way (`supports_batching`).
+needs them. The cache grows in place (`growing_cache`): a step writes its column into spare room
+rather than copying the whole cache to append it. Only a decoder-only model whose cache is the
+plain `DynamicCache` of per-layer (batch, heads, length, dim) tensors can be batched this way
+(`supports_batching`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chatstream_asgi.engine.conversation_cache import CacheScope, Hit, Layers
+from chatstream_asgi.engine.growing_cache import GrowingLayer, growing_cache
 from chatstream_asgi.engine.local import LocalJob
+from chatstream_asgi.engine.lookup import Drafter, DraftLength
 from chatstream_asgi.engine.sampling import BatchSampling
+
+#: Columns that must be freed at least for a compaction to be worth its copy of the cache.
+_LEAST_COMPACTED = 16
 
 
 def supports_batching(model: Any) -> bool:
@@ -39,11 +46,20 @@ def supports_batching(model: Any) -> bool:
 class Row:
     """One generation in the batch."""
 
-    def __init__(self, job: LocalJob, prompt_ids: list[int], hit: Hit | None, scope: CacheScope) -> None:
+    def __init__(
+        self, job: LocalJob, prompt_ids: list[int], hit: Hit | None, scope: CacheScope, most_drafted: int = 0
+    ) -> None:
         self.job = job
         self.ids = prompt_ids  # every token so far: what its cache holds keys and values of
         self.hit = hit  # the kept cache its prompt started from
         self.scope = scope  # the conversation cache's partition its cache is kept in
+        self.drafter = Drafter(self.ids)  # prompt lookup over its own tokens
+        self.draft_length = DraftLength(most_drafted)
+
+    def draft(self) -> list[int]:
+        """The tokens it drafts this step: none past its reply's limit (the step adds one of its own)."""
+        room = self.job.params.max_new_tokens - self.job.stats.completion_tokens - 1
+        return self.drafter.draft(min(self.draft_length.next(), room))
 
 
 class Batch:
@@ -75,7 +91,7 @@ class Batch:
             return
         width = self.mask.shape[1]
         common = max(width, length)
-        merged = DynamicCache(config=self._config)
+        merged = growing_cache(self._config)
         for index, (ours, theirs) in enumerate(zip(self.cache.layers, cache.layers, strict=True)):
             assert isinstance(ours, DynamicLayer) and isinstance(theirs, DynamicLayer)
             assert ours.keys is not None and ours.values is not None
@@ -93,13 +109,48 @@ class Batch:
         assert self.sampling is not None
         self.sampling = BatchSampling.concat([self.sampling, sampling])
 
-    def row_cache(self, index: int) -> tuple[int, Layers]:
-        """The tokens row `index` has keys and values for, and a copy of them of its own."""
+    def row_cache(self, index: int, most: int) -> tuple[int, Layers]:
+        """The keys and values of row `index`'s first `most` tokens at most (copies of its own),
+        and how many tokens they are. Its columns are the ones its mask shows: padding on the
+        left, and the holes of refused drafts, are not its."""
         assert self.cache is not None
-        length = int(self.positions[index])  # its columns are the last ones: padding is on the left
+        columns = self.mask[index].nonzero().squeeze(1)[:most]
         rows = slice(index, index + 1)
         layers = cache_layers(self.cache)
-        return length, [(k[rows, :, -length:].clone(), v[rows, :, -length:].clone()) for k, v in layers]
+        return len(columns), [(k[rows, :, columns], v[rows, :, columns]) for k, v in layers]
+
+    def keep_step(self, width_before: int, kept: torch.Tensor) -> None:
+        """After a step that ran drafts: row i keeps `kept[i]` of the step's columns (its input
+        token and the draft tokens it kept), moved to end together; the others' gaps are masked."""
+        assert self.cache is not None
+        width = int(kept.max())
+        for layer in self.cache.layers:
+            assert isinstance(layer, GrowingLayer)
+            layer.keep_step_prefixes(width_before, kept, width)
+        block = torch.arange(width, device=self.mask.device)[None, :] >= (width - kept.to(self.mask.device))[:, None]
+        self.mask = torch.cat([self.mask[:, :width_before], block.long()], dim=1)
+        self.positions = self.positions + kept.view(-1, 1).to(self.positions.device)
+
+    def compact(self) -> None:
+        """When the holes refused drafts left (and padding) make up over a fifth of the cache,
+        move every row's columns to the right end again: attention then reads only what it uses."""
+        assert self.cache is not None
+        lengths = self.mask.sum(dim=1)
+        longest, width = int(lengths.max()), self.mask.shape[1]
+        if (width - longest) * 5 <= width or width - longest < _LEAST_COMPACTED:
+            return
+        order = torch.argsort(self.mask, dim=1, stable=True)  # each row: its holes first, then its columns in order
+        source = order[:, width - longest :]
+        self.mask = (torch.arange(longest, device=self.mask.device)[None, :] >= (longest - lengths)[:, None]).long()
+        for layer in self.cache.layers:
+            assert isinstance(layer, GrowingLayer)
+            keys, values = keys_values(layer)
+            index = source[:, None, :, None].to(keys.device)
+            rows, heads = keys.shape[:2]
+            layer.replace(
+                keys.gather(2, index.expand(rows, heads, longest, keys.shape[-1])),
+                values.gather(2, index.expand(rows, heads, longest, values.shape[-1])),
+            )
 
     def keep(self, keep: list[int]) -> None:
         """Drop every row not in `keep`, and the cache columns only they needed."""
@@ -121,9 +172,8 @@ class Batch:
         if start:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
-                assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-                layer.keys = layer.keys[..., start:, :]
-                layer.values = layer.values[..., start:, :]
+                assert isinstance(layer, GrowingLayer)
+                layer.trim_left(start)
 
 
 def cache_layers(cache: DynamicCache) -> Layers:

@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from chatstream_asgi.core.prompt import AbstractChatPrompt
 from chatstream_asgi.engine.batch import (
@@ -61,12 +60,15 @@ from chatstream_asgi.engine.batch import (
 from chatstream_asgi.engine.channel import Wakeups
 from chatstream_asgi.engine.conversation_cache import CacheScope, ConversationCache, Layers, default_cache_bytes
 from chatstream_asgi.engine.grouping import group_for
+from chatstream_asgi.engine.growing_cache import GrowingLayer, growing_cache
 from chatstream_asgi.engine.local import LocalEngine, LocalJob
 from chatstream_asgi.engine.prefill import Prefill, PrefillChunks, first_cohort
 from chatstream_asgi.engine.sampling import BatchSampling
 
 logger = logging.getLogger(__name__)
 
+#: The most tokens a row drafts by prompt lookup in one step (transformers' `prompt_lookup_num_tokens`).
+DEFAULT_LOOKUP_TOKENS = 10
 #: Renderings of the shared system prompt kept tokenized (one per prompt class and setting in use).
 _PUBLIC_RENDERINGS = 16
 
@@ -95,8 +97,12 @@ class BatchingEngine(LocalEngine):
         conversation_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
         cache_shared_system_prompt: str | None = None,
+        prompt_lookup_num_tokens: int = DEFAULT_LOOKUP_TOKENS,
     ) -> None:
         self.chunks = PrefillChunks(prefill_chunk_tokens)
+        if prompt_lookup_num_tokens < 0:
+            raise ValueError(f"prompt_lookup_num_tokens must be 0 (off) or more, not {prompt_lookup_num_tokens}")
+        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         if not supports_batching(model):
@@ -185,7 +191,7 @@ class BatchingEngine(LocalEngine):
             job.start_text(self.tokenizer)
             scope = CacheScope(job.params.cache_scope, job.public_tokens)
             hit = self.conversations.match(prompt_ids[0], scope)
-            cache = DynamicCache(config=self.model.config)
+            cache = growing_cache(self.model.config)
             for index, (keys, values) in enumerate(hit.layers if hit is not None else []):
                 cache.update(keys, values, index)
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
@@ -295,7 +301,7 @@ class BatchingEngine(LocalEngine):
             length = prefill.remaining
             for number, (keys, values) in enumerate(layers):
                 own = slice(index, index + 1)
-                prefill.cache.update(keys[own, :, -length:].clone(), values[own, :, -length:].clone(), number)
+                prefill.cache.update(keys[own, :, -length:], values[own, :, -length:], number)  # (copied in)
             prefill.done += length
             self._start_row(groups, prefill, out.logits[index : index + 1, -1, :])
 
@@ -304,8 +310,9 @@ class BatchingEngine(LocalEngine):
         try:
             sampling = BatchSampling.for_row(prefill.job.params, prefill.prompt_ids[0], logits.shape[-1])
             token = sampling.sample(logits)
-            row = Row(prefill.job, prefill.prompt_ids[0].tolist(), prefill.hit, prefill.scope)
-            running = self._emit(row, int(token[0]))
+            ids = prefill.prompt_ids[0].tolist()
+            row = Row(prefill.job, ids, prefill.hit, prefill.scope, self.prompt_lookup_num_tokens)
+            running = self._emit(row, [int(token[0])])
         except Exception as error:  # reported to the one request it belongs to; the batch goes on
             logger.exception("sampling a first token failed")
             prefill.job.fail(error)
@@ -313,8 +320,8 @@ class BatchingEngine(LocalEngine):
         length = int(prefill.prompt_ids.shape[1])
         if running:
             group_for(groups, length, self.model.config).add(row, prefill.cache, length, token, sampling)
-        else:
-            self._keep_conversation(row, length, cache_layers(prefill.cache))
+        else:  # (copies of its own: the cache's buffers have room to spare)
+            self._keep_conversation(row, length, [(k.clone(), v.clone()) for k, v in cache_layers(prefill.cache)])
 
     def _prefill_chunk(self, prefill: Prefill, tokens: int) -> torch.Tensor | None:
         """The next `tokens` of the prompt through the model; the last position's logits once the
@@ -338,6 +345,9 @@ class BatchingEngine(LocalEngine):
                 keep.append(index)
         self._leave(batch, keep)
         if not batch.rows:
+            return
+        drafts = self._drafts(batch)
+        if drafts is not None and self._step_with_drafts(batch, drafts):
             return
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         assert batch.cache is not None
@@ -371,9 +381,73 @@ class BatchingEngine(LocalEngine):
         batch.positions = batch.positions + 1
         batch.tokens = tokens.view(-1, 1)
         keep = [
-            i for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True)) if self._emit(row, token)
+            i
+            for i, (row, token) in enumerate(zip(batch.rows, tokens.tolist(), strict=True))
+            if self._emit(row, [token])
         ]
         self._leave(batch, keep)
+
+    def _drafts(self, batch: Batch) -> list[list[int]] | None:
+        """Each row's draft for this step, cut to a length at least half the rows reach (a row
+        without one still runs every column of the step, which costs compute); None: no drafts."""
+        if not self.prompt_lookup_num_tokens:
+            return None
+        drafts = [row.draft() for row in batch.rows]
+        length = sorted((len(draft) for draft in drafts), reverse=True)[(len(drafts) - 1) // 2]
+        return [draft[:length] for draft in drafts] if length else None
+
+    def _step_with_drafts(self, batch: Batch, drafts: list[list[int]]) -> bool:
+        """One step that also runs each row's draft, in one forward pass; each row keeps the
+        drafted tokens the model agrees with, then the model's own next token. False: the pass
+        failed, and it was undone (the caller steps the batch plainly, finding whose it was)."""
+        assert batch.cache is not None and batch.sampling is not None
+        rows, width = len(batch.rows), 1 + max(len(draft) for draft in drafts)
+        device = batch.tokens.device
+        ids = batch.tokens.repeat(1, width)  # (a row's columns past its draft run its own token: dropped after)
+        for index, draft in enumerate(drafts):
+            ids[index, 1 : 1 + len(draft)] = torch.tensor(draft, device=device)
+        lengths = [cached_length(layer) for layer in batch.cache.layers]
+        width_before = batch.mask.shape[1]
+        mask = torch.cat([batch.mask, batch.mask.new_ones(rows, width)], dim=1)
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=batch.positions + torch.arange(width, device=device),
+                cache=batch.cache,
+                use_cache=True,
+                logits_to_keep=width,
+            )
+        except Exception:
+            logger.exception("a decode step with drafts failed; stepping plainly")
+            for layer, length in zip(batch.cache.layers, lengths, strict=True):
+                assert isinstance(layer, GrowingLayer)
+                layer.cut_to(length)
+            return False
+        drafted = torch.tensor([len(draft) for draft in drafts], device=device)
+        try:
+            taken, tokens = batch.sampling.verify(out.logits, ids[:, 1:], drafted)
+        except Exception as error:  # sampling the batch at once cannot say whose fault it was
+            logger.exception("batched sampling failed")
+            for row in batch.rows:
+                row.job.fail(error)
+            batch.clear()
+            return True
+        batch.mask = mask
+        batch.keep_step(width_before, taken + 1)
+        batch.tokens = tokens.gather(1, taken[:, None])
+        keep = []
+        steps = zip(batch.rows, drafts, taken.tolist(), tokens.tolist(), strict=True)
+        for index, (row, draft, kept, written) in enumerate(steps):
+            row.draft_length.took(len(draft), kept)
+            before = row.job.stats.completion_tokens
+            if self._emit(row, written[: kept + 1]):
+                keep.append(index)
+            row.job.stats.drafted_tokens += min(kept, row.job.stats.completion_tokens - before)
+        self._leave(batch, keep)
+        if batch.rows:
+            batch.compact()
+        return True
 
     def _leave(self, batch: Batch, keep: list[int]) -> None:
         """Drop the rows not in `keep`, keeping the cache of each for the conversation's next turn."""
@@ -381,7 +455,7 @@ class BatchingEngine(LocalEngine):
             staying = set(keep)
             for index, row in enumerate(batch.rows):
                 if index not in staying:
-                    self._keep_conversation(row, *batch.row_cache(index))
+                    self._keep_conversation(row, *batch.row_cache(index, len(row.ids)))
         batch.keep(keep)
 
     def _keep_conversation(self, row: Row, length: int, layers: Layers) -> None:
@@ -394,14 +468,13 @@ class BatchingEngine(LocalEngine):
         is left. The cache is first cut back to `lengths`, undoing the failed step's writes."""
         assert batch.cache is not None
         for layer, length in zip(batch.cache.layers, lengths, strict=True):
-            assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
-            layer.keys = layer.keys[..., :length, :]
-            layer.values = layer.values[..., :length, :]
+            assert isinstance(layer, GrowingLayer)
+            layer.cut_to(length)
         keep: list[int] = []
         logits: list[torch.Tensor] = []
         caches: list[DynamicCache] = []
         for index, row in enumerate(batch.rows):
-            alone = DynamicCache(config=self.model.config)
+            alone = growing_cache(self.model.config)
             for number, layer in enumerate(batch.cache.layers):
                 keys, values = keys_values(layer)
                 alone.update(keys[index : index + 1], values[index : index + 1], number)
@@ -424,7 +497,7 @@ class BatchingEngine(LocalEngine):
         if not keep:
             batch.clear()
             return None
-        merged = DynamicCache(config=self.model.config)
+        merged = growing_cache(self.model.config)
         for number in range(len(lengths)):
             parts = [keys_values(cache.layers[number]) for cache in caches]
             merged.update(torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), number)
@@ -437,15 +510,21 @@ class BatchingEngine(LocalEngine):
         batch.sampling = batch.sampling.select(selected)
         return torch.cat(logits), merged
 
-    def _emit(self, row: Row, token: int) -> bool:
-        """Hand one token to its job; False (and the job finished) when the row is done."""
+    def _emit(self, row: Row, tokens: list[int]) -> bool:
+        """Hand one step's tokens to its job (drafted ones it kept, then the model's own); False
+        (and the job finished) when the row is done. Nothing past an end token, the reply's
+        limit or a stop string (`accept` cuts the text there) reaches the client."""
         job = row.job
-        if token in self._eos:
-            job.decode_steps += 1
+        end = next((i for i, token in enumerate(tokens) if token in self._eos), len(tokens))
+        written = tokens[:end][: job.params.max_new_tokens - job.stats.completion_tokens]
+        if written:
+            job.accept(written)
+            row.ids.extend(written)
+        if end < len(tokens) and len(written) == end:  # the end token, within the limit
+            if not written:
+                job.decode_steps += 1
             job.finish("stop")
             return False
-        job.accept((token,))
-        row.ids.append(token)
         if job.should_stop or job.stats.completion_tokens >= job.params.max_new_tokens:
             job.finish()
             return False

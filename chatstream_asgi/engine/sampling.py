@@ -13,6 +13,13 @@ Sampling is by inverse transform: one uniform number per row picks a token from 
 probabilities of its candidates. An unseeded row draws its number from torch's generator; a seeded
 row's n-th number is a hash of (seed, n), so it depends on nothing else in the batch: a seeded
 reply is the same alone or in any company, as many times as it is asked for.
+
+`verify` checks drafted tokens (prompt lookup, `lookup.py`) against the model's own choices. A
+greedy row keeps a drafted token where it is the argmax, so it writes exactly what plain decoding
+writes. A sampled row keeps it with the probability its distribution gives it and, where it does
+not, draws from that distribution without it (speculative sampling's rule for a draft that is
+one token for sure), so its tokens are distributed exactly as plain sampling's; a seeded row
+draws every number from its seed and its count of draws, so it stays reproducible.
 """
 
 from __future__ import annotations
@@ -95,19 +102,65 @@ class BatchSampling:
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token of each row (rows, vocabulary) -> (rows,); records it as seen."""
+        scores = self._scores(logits)
+        tokens = scores.argmax(dim=-1)
+        if self._sampled:
+            tokens = torch.where(self.temperature > 0, self._pick(*self._weights(scores)), tokens)
+        self.seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def verify(
+        self, logits: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check each row's draft against the model (module docstring).
+
+        `logits` (rows, width, vocabulary) are the model's at the row's next token and at each
+        drafted one; `drafts` (rows, width - 1) the drafted tokens, of which each row has
+        `lengths` (rows,). Returns how many drafted tokens each row keeps, and its tokens
+        (rows, width): the kept draft, then the model's own next token; recorded as seen."""
+        rows, width, _ = logits.shape
+        device = logits.device
+        taken = torch.zeros(rows, dtype=torch.long, device=device)
+        tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
+        sampled = self.temperature > 0
+        checking = torch.ones(rows, dtype=torch.bool, device=device)  # every draft token so far kept
+        for column in range(width):
+            scores = self._scores(logits[:, column])
+            drafting = checking & (lengths > column)
+            draft = drafts[:, column] if column < width - 1 else torch.zeros_like(taken)
+            choice = scores.argmax(dim=-1)
+            kept = drafting & (choice == draft)
+            if self._sampled:
+                weights, candidates = self._weights(scores)
+                is_draft = candidates == draft[:, None]
+                share = (weights * is_draft).sum(dim=-1) / weights.sum(dim=-1)
+                chance = self._uniforms(rows, device, drawing=drafting & sampled)
+                kept = torch.where(sampled, drafting & (chance < share), kept)
+                # A refused draft token is drawn again from what is left without it.
+                refused = (drafting & ~kept)[:, None] & is_draft
+                drawn = self._pick(weights.masked_fill(refused, 0.0), candidates, drawing=checking & ~kept & sampled)
+                choice = torch.where(sampled, drawn, choice)
+            tokens[:, column] = torch.where(kept, draft, choice)
+            open_rows = checking.nonzero().squeeze(1)
+            self.seen[open_rows, tokens[open_rows, column]] = True
+            taken += kept
+            checking = kept
+            if not bool(checking.any()):
+                break
+        return taken, tokens
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (rows, vocabulary) with each row's repetition penalty applied."""
         scores = logits.float()
         if self._penalised:
             penalty = self.penalty[:, None]
             penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
             scores = torch.where(self.seen, penalised, scores)
-        tokens = scores.argmax(dim=-1)
-        if self._sampled:
-            tokens = torch.where(self.temperature > 0, self._draw(scores), tokens)
-        self.seen.scatter_(1, tokens[:, None], True)
-        return tokens
+        return scores
 
-    def _draw(self, scores: torch.Tensor) -> torch.Tensor:
-        """A sampled token for every row (greedy rows' are discarded by the caller)."""
+    def _weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's candidates (its top-k, by temperature-scaled score) and their weights after
+        top-p (unnormalised: a candidate past top-p weighs 0)."""
         temperature = torch.where(self.temperature > 0, self.temperature, 1.0)[:, None]
         values, candidates = torch.topk(scores / temperature, self._candidates, dim=-1)  # sorted, largest first
         rank = torch.arange(self._candidates, device=scores.device)
@@ -115,14 +168,23 @@ class BatchSampling:
         probabilities = values.softmax(dim=-1)
         before = probabilities.cumsum(dim=-1) - probabilities
         probabilities = probabilities.masked_fill(before > self.top_p[:, None], 0.0)  # keeps the one crossing top_p
-        cumulative = probabilities.cumsum(dim=-1)
-        target = self._uniforms(scores.shape[0], scores.device)[:, None] * cumulative[:, -1:]
-        choice = torch.searchsorted(cumulative, target).clamp_(max=self._candidates - 1)
+        return probabilities, candidates
+
+    def _pick(
+        self, weights: torch.Tensor, candidates: torch.Tensor, drawing: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A candidate for every row, drawn by its weight (greedy rows' are discarded by the caller);
+        only the rows `drawing` (all by default) use up a number."""
+        cumulative = weights.cumsum(dim=-1)
+        target = self._uniforms(weights.shape[0], weights.device, drawing)[:, None] * cumulative[:, -1:]
+        # (right=True: a candidate of weight 0 is never picked, even by a number that is exactly 0)
+        choice = torch.searchsorted(cumulative, target, right=True).clamp_(max=self._candidates - 1)
         return candidates.gather(1, choice)[:, 0]
 
-    def _uniforms(self, rows: int, device: torch.device) -> torch.Tensor:
-        """One number in [0, 1) per row: a seeded row's from its hash, the others' from torch."""
+    def _uniforms(self, rows: int, device: torch.device, drawing: torch.Tensor | None = None) -> torch.Tensor:
+        """One number in [0, 1) per row: a seeded row's from its hash, the others' from torch. Only
+        the rows `drawing` (all by default) count it as drawn."""
         hashed = _mix32(_mix32(self.seed_key ^ self.draws) ^ self.seed_key)
         seeded = (hashed.double() + 0.5) / 2.0**32
-        self.draws += 1
+        self.draws += 1 if drawing is None else drawing.long()
         return torch.where(self.seed_key >= 0, seeded, torch.rand(rows, dtype=torch.float64, device=device)).float()
