@@ -217,8 +217,8 @@ async def test_a_request_that_leaves_while_its_prompt_waits_to_be_prepared_lets_
         held.add_responder_msg(None)
         leaving = ChatPrompt.from_messages([{"role": "user", "content": "hi"}])
         async with engine.generate(held, params, context_len=CONTEXT_LEN) as first:
-            with anyio.fail_after(HANG_GUARD):  # (polled: a worker thread would outlive the test under trio)
-                while not held.held.is_set():
+            with anyio.fail_after(HANG_GUARD):  # (set by the preparing thread, which has no loop to wake)
+                while not held.held.is_set():  # noqa: ASYNC110
                     await anyio.sleep(0.01)
             async with engine.generate(leaving, params, context_len=CONTEXT_LEN) as second:
                 pass

@@ -44,7 +44,7 @@ def test_a_decode_step_writes_into_room_the_buffers_already_have() -> None:
     assert room >= 1000 + 64
     where = layer.keys.data_ptr()
     for step in range(room - 1000):
-        keys, values = layer.update(*_columns(3, 1000 + step, 1))
+        keys, _ = layer.update(*_columns(3, 1000 + step, 1))
         assert keys.data_ptr() == where  # no copy: the same buffer, one more column in use
     assert keys.shape == (3, 2, room, 4) and torch.equal(keys, _columns(3, 0, room)[0])
     layer.update(*_columns(3, room, 1))  # full: it moves once to a buffer a quarter larger at least

@@ -163,7 +163,7 @@ async def test_a_row_cancelled_mid_draft_stops_within_a_step_and_spares_the_othe
 
 async def test_a_seeded_sampled_reply_with_drafts_is_the_same_alone_and_in_company(engine: Any) -> None:
     params = {"max_new_tokens": 40, "temperature": 0.7, "top_k": 5, "seed": 99}
-    alone, first = await _reply(engine, "hello hello hello", **params)
+    alone = (await _reply(engine, "hello hello hello", **params))[0]
     again = (await _reply(engine, "hello hello hello", **params))[0]
     together: dict[str, str] = {}
 
