@@ -22,6 +22,7 @@ _model_path = os.environ["BENCH_MODEL"]
 _finished: list[dict[str, Any]] = []
 _cache_bytes = int(os.environ.get("BENCH_CONVERSATION_CACHE_BYTES", "-1"))
 _prefill_chunk = int(os.environ.get("BENCH_PREFILL_CHUNK_TOKENS", "0"))
+_lookup = int(os.environ.get("BENCH_PROMPT_LOOKUP", "-1"))
 
 chat_stream = ChatStream(
     model=AutoModelForCausalLM.from_pretrained(_model_path),
@@ -36,6 +37,8 @@ chat_stream = ChatStream(
     conversation_cache_bytes=None if _cache_bytes < 0 else _cache_bytes,
     # 0 (the default): chunks sized to cost about one decode step, as ChatStream does unless told.
     prefill_chunk_tokens=_prefill_chunk or None,
+    # -1 (the default): prompt lookup as ChatStream does unless told; 0: off.
+    prompt_lookup_num_tokens=None if _lookup < 0 else _lookup,
 )
 
 

@@ -55,7 +55,8 @@ class ChatStream:
     per device, each its own copy; `num_of_concurrent_executions` then counts per replica.
     A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
     can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
-    `conversation_cache_bytes` and `prefill_chunk_tokens` tune the batching engine (see it). Its
+    `conversation_cache_bytes`, `prefill_chunk_tokens` and `prompt_lookup_num_tokens` (the most
+    tokens a chat drafts a step by prompt lookup; None: 10; 0: off) tune the batching engine (see it). Its
     conversation cache is partitioned by tenant (session, API key or client address, and the
     request's `cache_salt`); `cache_shared_system_prompt` declares a system text whose rendered
     beginning every tenant may share, so a common system prompt is prefilled once.
@@ -97,6 +98,7 @@ class ChatStream:
         batching: bool | None = None,
         conversation_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        prompt_lookup_num_tokens: int | None = None,
         cache_shared_system_prompt: str | None = None,
         max_queue_wait: float | None = None,
         admission: AdmissionPolicy = "fifo",
@@ -180,6 +182,7 @@ class ChatStream:
             batching=batching,
             conversation_cache_bytes=conversation_cache_bytes,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens,
             cache_shared_system_prompt=cache_shared_system_prompt,
             max_queue_wait=max_queue_wait,
             admission=admission,

@@ -305,6 +305,7 @@ _LOCAL_MODEL_OPTIONS = (
     "--conversation-cache-bytes",
     "--cache-shared-system-prompt",
     "--prefill-chunk-tokens",
+    "--prompt-lookup-tokens",
 )
 #: Options that mean something only in front mode, or only with a shared store.
 _UPSTREAM_ONLY_OPTIONS = ("--upstream-model", "--upstream-api-key", "--upstream-timeout", "--upstream-no-cache-salt")
@@ -432,6 +433,14 @@ def _model_options() -> _OneLineParser:
         help="prefill long prompts N tokens at a time between decode steps (default: sized to cost "
         "about one decode step while chats stream)",
     )
+    options.add_argument(
+        "--prompt-lookup-tokens",
+        action=_Given,
+        type=_non_negative,
+        metavar="N",
+        help="draft up to N tokens a step from what the chat already holds (prompt lookup: replies "
+        "that quote come several tokens a step); 0 turns it off (default: 10)",
+    )
     return parser
 
 
@@ -493,6 +502,7 @@ def load_service(
             conversation_cache_bytes=args.conversation_cache_bytes,
             cache_shared_system_prompt=args.cache_shared_system_prompt,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
+            prompt_lookup_num_tokens=args.prompt_lookup_tokens,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None

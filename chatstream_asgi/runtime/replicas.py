@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chatstream_asgi.engine.base import Engine
-from chatstream_asgi.engine.batching import BatchingEngine
+from chatstream_asgi.engine.batching import DEFAULT_LOOKUP_TOKENS, BatchingEngine
 from chatstream_asgi.engine.transformers_engine import TransformersEngine
 
 
@@ -52,6 +52,7 @@ def local_replicas(
     batching: bool,
     conversation_cache_bytes: int | None,
     prefill_chunk_tokens: int | None,
+    prompt_lookup_num_tokens: int | None,
     cache_shared_system_prompt: str | None,
 ) -> list[Engine]:
     """One engine per device (`BatchingEngine`, or `TransformersEngine` without batching), each
@@ -71,6 +72,9 @@ def local_replicas(
                 max_batch_size=concurrency,
                 conversation_cache_bytes=conversation_cache_bytes,
                 prefill_chunk_tokens=prefill_chunk_tokens,
+                prompt_lookup_num_tokens=(
+                    DEFAULT_LOOKUP_TOKENS if prompt_lookup_num_tokens is None else prompt_lookup_num_tokens
+                ),
                 cache_shared_system_prompt=cache_shared_system_prompt,
             )
             for replica, device in zip(models, devices, strict=True)

@@ -52,6 +52,7 @@ class ChatService:
         batching: bool | None = None,
         conversation_cache_bytes: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        prompt_lookup_num_tokens: int | None = None,
         cache_shared_system_prompt: str | None = None,
         max_queue_wait: float | None = None,
         admission: AdmissionPolicy = "fifo",
@@ -74,6 +75,7 @@ class ChatService:
             batching=batching,
             conversation_cache_bytes=conversation_cache_bytes,
             prefill_chunk_tokens=prefill_chunk_tokens,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens,
             cache_shared_system_prompt=cache_shared_system_prompt,
         )
         self.params = params
@@ -205,6 +207,7 @@ def _engines(
     batching: bool | None,
     conversation_cache_bytes: int | None,
     prefill_chunk_tokens: int | None,
+    prompt_lookup_num_tokens: int | None,
     cache_shared_system_prompt: str | None,
 ) -> list[Engine]:
     """The engines a service runs: the one given, or a local replica of `model` per device."""
@@ -224,5 +227,6 @@ def _engines(
         batching=batching,
         conversation_cache_bytes=conversation_cache_bytes,
         prefill_chunk_tokens=prefill_chunk_tokens,
+        prompt_lookup_num_tokens=prompt_lookup_num_tokens,
         cache_shared_system_prompt=cache_shared_system_prompt,
     )
