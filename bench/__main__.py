@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench import figures
+from bench import figures, round3
 from bench.client import MODES, PROMPT
 from bench.harness import ROOT
 from chatstream_asgi.frontends.default_model import ensure_default_model
@@ -41,6 +41,8 @@ FIGURES = (
     "bytes",
     "memory",
     "passthrough",
+    "lookup",
+    "growth",
 )
 
 
@@ -50,7 +52,7 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = 
     with tempfile.TemporaryDirectory() as folder:
         tiny = build_demo_model(Path(folder) / "tiny", seed=1)
         large = build_demo_model(Path(folder) / "large", hidden_size=512, num_hidden_layers=8, seed=1)
-        on_real_model = {"overhead", "scaling", "conversation"} & set(only)
+        on_real_model = {"overhead", "scaling", "conversation", "lookup", "growth"} & set(only)
         smollm2 = ensure_default_model() if real and on_real_model else None
         tokens = 32 if quick else 128
         started = time.perf_counter()
@@ -89,6 +91,19 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = 
             results["memory"] = figures.bench_memory(large, 20 if quick else 1000)
         if "passthrough" in only:
             results["passthrough"] = figures.bench_passthrough(500 if quick else 20000)
+        # Quoting needs a model that can: these two run on SmolLM2 (the 21M random model without it).
+        round3_model, round3_name = (smollm2, "SmolLM2-135M") if smollm2 is not None else (large, "21M random")
+        if "lookup" in only:
+            results["lookup"] = {
+                "model": round3_name,
+                **round3.bench_lookup(round3_model, 24 if quick else 160, 1 if quick else 3),
+            }
+        if "growth" in only:
+            counts, lengths = ([1, 2], [50, 200]) if quick else ([1, 4, 8], [100, 1000, 4000])
+            results["growth"] = {
+                "model": round3_name,
+                **round3.bench_growth(round3_model, counts, lengths, 8 if quick else 32),
+            }
         results["seconds"] = time.perf_counter() - started
     return results
 
@@ -139,6 +154,7 @@ def table(r: dict[str, Any]) -> str:
         if conversation_key in r:
             rows += _conversation_rows(r[conversation_key], model)
     rows += _other_rows(r)
+    rows += _round3_rows(r)
     lines = ["| figure | measured | baseline (same run) | ratio |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
@@ -206,8 +222,13 @@ def _other_rows(r: dict[str, Any]) -> list[Row]:
             rows.append((f"long prompt joins, {label}: running chats' inter-token p99 ÷ steady median",
                          f"{f['join_itl_p99_ms']:.1f} ms", f"steady median {f['steady_itl_ms']:.1f} ms",
                          f"{f['p99_over_steady']:.2f}x"))  # fmt: skip
-            rows.append((f"long prompt joins, {label}: its own first byte", f"{f['join_first_byte_ms']:.0f} ms",
-                         "", ""))  # fmt: skip
+            if key == "chunked" and "whole" in r["prefill"]:
+                whole = r["prefill"]["whole"]["join_first_byte_ms"]
+                rows.append((f"long prompt joins, {label}: its own first byte", f"{f['join_first_byte_ms']:.0f} ms",
+                             f"prefilled whole {whole:.0f} ms", f"{f['join_first_byte_ms'] / whole:.2f}x"))  # fmt: skip
+            else:
+                rows.append((f"long prompt joins, {label}: its own first byte", f"{f['join_first_byte_ms']:.0f} ms",
+                             "", ""))  # fmt: skip
     if "disconnect" in r:
         d = r["disconnect"]
         rows.append(("disconnect: decode steps after the client left (max)", str(d["steps_after_cancel_max"]),
@@ -229,6 +250,46 @@ def _other_rows(r: dict[str, Any]) -> list[Row]:
         p = r["passthrough"]
         rows.append(("passthrough: a route the middleware does not handle", f"{p['wrapped_us_per_request']:.1f} us",
                      f"bare app {p['bare_us_per_request']:.1f} us", f"{p['ratio']:.2f}x"))  # fmt: skip
+    return rows
+
+
+def _round3_rows(r: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    if "lookup" in r:
+        model = r["lookup"]["model"]
+        for name, f in r["lookup"].items():
+            if name == "model":
+                continue
+            label = f"lookup, {model}, {name} prompt, greedy: one chat over HTTP, tokens/s"
+            rows.append((label, f"{f['server_tokens_per_second']:.1f}",
+                         f"model.generate {f['generate_tokens_per_second']:.1f}",
+                         f"{f['ratio_to_generate']:.2f}x"))  # fmt: skip
+            rows.append((f"{label}, beside transformers' prompt lookup", f"{f['server_tokens_per_second']:.1f}",
+                         f"model.generate(prompt_lookup_num_tokens=10) {f['generate_lookup_tokens_per_second']:.1f}",
+                         f"{f['ratio_to_generate_lookup']:.2f}x"))  # fmt: skip
+            rows.append((f"{label}, beside this server without lookup", f"{f['server_tokens_per_second']:.1f}",
+                         f"lookup off {f['server_lookup_off_tokens_per_second']:.1f} "
+                         f"({f['server_drafted_share']:.0%} of tokens drafted)",
+                         f"{f['ratio_to_lookup_off']:.2f}x"))  # fmt: skip
+            if "server_8_chats_tokens_per_second" in f:
+                rows.append((f"lookup, {model}, {name} prompt, greedy: 8 chats, aggregate tokens/s",
+                             f"{f['server_8_chats_tokens_per_second']:.0f}",
+                             f"static batch of 8 {f['static_batch8_tokens_per_second']:.0f}",
+                             f"{f['8_chats_ratio_to_static_batch8']:.2f}x"))  # fmt: skip
+    if "growth" in r:
+        model = r["growth"]["model"]
+        for key, g in r["growth"].items():
+            if key == "model":
+                continue
+            count, length = key.split("x")
+            rows.append((f"growth, {model}: {count} chats of ~{length}-token prompts, decode tokens/s per chat",
+                         f"{g['decode_tokens_per_second_per_chat']:.1f}",
+                         f"static batch {g['static_decode_tokens_per_second_per_chat']:.1f}",
+                         f"{g['decode_ratio']:.2f}x"))  # fmt: skip
+            rows.append((f"growth, {model}: {count} chats of ~{length}-token prompts, first byte",
+                         f"{g['first_byte_ms']:.0f} ms",
+                         f"static batch's first token {g['static_first_token_ms']:.0f} ms",
+                         f"{g['first_byte_ms'] / g['static_first_token_ms']:.2f}x"))  # fmt: skip
     return rows
 
 

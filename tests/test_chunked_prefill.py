@@ -173,14 +173,14 @@ async def test_a_failing_chunk_fails_only_its_own_request(engine: Any, model: An
     assert (await _reply(engine, LONG, max_new_tokens=10))[0] == greedy_reply(model, tokenizer, LONG, 10)
 
 
-def test_chunks_shrink_until_one_costs_about_a_decode_step() -> None:
+def test_chunks_settle_where_one_costs_about_one_and_a_half_decode_steps() -> None:
     chunks = PrefillChunks()
     assert chunks.budget(streaming=False) == PrefillChunks.largest  # nobody to stall
     chunks.step_took(0.010)
-    for _ in range(20):  # a device where a chunk costs 1 ms per 10 tokens
+    for _ in range(20):  # a device where a chunk costs 1 ms per 10 tokens: 150 tokens cost 1.5 steps
         size = chunks.budget(streaming=True)
         chunks.chunk_took(size, size * 0.0001)
-    assert 90 <= chunks.budget(streaming=True) <= 110
+    assert 140 <= chunks.budget(streaming=True) <= 160
 
 
 def test_chunks_grow_on_a_device_where_prefill_is_cheap() -> None:

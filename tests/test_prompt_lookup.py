@@ -64,14 +64,12 @@ def test_a_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_toke
 
 def test_a_rows_draft_length_follows_how_its_drafts_fared() -> None:
     length = DraftLength(10)
-    first = length.next()
-    length.took(first, first)
-    assert length.next() > first  # taken whole: longer
-    for _ in range(5):
-        length.took(length.next(), length.next())
-    assert length.next() == 10  # up to the limit
+    assert length.next() == 10  # from the limit
     length.took(10, 3)
     assert length.next() == 3  # what was taken
+    length.took(3, 3)
+    assert length.next() == 10  # taken whole: back to the limit
+    length.took(10, 3)
     length.took(3, 0)
     pauses = []
     for _ in range(4):  # refused outright, again and again: it waits longer each time, then probes with 1

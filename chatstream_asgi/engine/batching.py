@@ -7,7 +7,7 @@ padding, while each row keeps its own position ids.
 
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
-(`prefill.PrefillChunks` sizes the chunks to cost about one decode step). Prompts that arrive together
+(`prefill.PrefillChunks` sizes the chunks to cost about one and a half decode steps). Prompts that arrive together
 are prefilled together, in one padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
@@ -81,8 +81,8 @@ class BatchingEngine(LocalEngine):
     finished generations (None: 1 GiB, or a quarter of the memory free on the device at start
     when that is less; 0: off); they are also bounded in number and dropped after a while unused
     (`ConversationCache`).
-    `prefill_chunk_tokens` fixes the size of prefill chunks (None: sized to cost about one
-    decode step while streams run; see `PrefillChunks`). `cache_shared_system_prompt` (None: every
+    `prefill_chunk_tokens` fixes the size of prefill chunks (None: sized to cost about 1.5
+    decode steps while streams run; see `PrefillChunks`). `cache_shared_system_prompt` (None: every
     tenant's cache is its own) is a system text whose rendered beginning every tenant may share
     ("" for a template's own default system text).
     """

@@ -10,8 +10,9 @@ token: several tokens for the price of one step where the guess is right, one wh
 This is transformers' `prompt_lookup_num_tokens`, done per row inside a running batch.
 
 A draft costs compute even when it is wrong (its tokens go through the model), so each row's draft
-length follows its own record (`DraftLength`): it grows while drafts are taken whole, shrinks to
-what was taken, and after a draft of which nothing was taken the row drafts nothing for a while,
+length follows its own record (`DraftLength`): it starts at the limit (a quote is taken whole from
+its first step), goes back to it whenever a draft is taken whole, shrinks to what was taken when
+part of it was, and after a draft of which nothing was taken the row drafts nothing for a while,
 longer each time, probing again with a single token. Free-form text then pays for a probe now
 and then, and quoting text drafts up to the limit every step.
 """
@@ -64,7 +65,7 @@ class DraftLength:
 
     def __init__(self, most: int) -> None:
         self.most = most
-        self.length = min(2, most)
+        self.length = most
         self._pause = 0  # steps left without drafting
         self._next_pause = 1
 
@@ -80,7 +81,7 @@ class DraftLength:
         if offered == 0:
             return
         if taken == offered:
-            self.length = min(self.most, self.length + max(1, self.length // 2))
+            self.length = self.most
             self._next_pause = 1
         elif taken:
             self.length = max(1, taken)

@@ -12,16 +12,23 @@ from chatstream_asgi.engine.conversation_cache import CacheScope, Hit
 from chatstream_asgi.engine.grouping import MAX_PADDING_SHARE, padding_share
 from chatstream_asgi.engine.local import LocalJob
 
+#: What a prefill chunk should cost while streams run, in decode steps (see `PrefillChunks`).
+STEPS_PER_CHUNK = 1.5
+
 
 class PrefillChunks:
     """How many prompt tokens to prefill between two decode steps.
 
-    While streams are running, a chunk should cost about one decode step: their next token then
-    comes about twice as late as usual while a prompt joins, not after the whole prompt's
-    prefill. The size follows what the device shows: each timed chunk scales the next one by
-    step seconds ÷ chunk seconds (at most halved or doubled at a time, which settles in a few
-    chunks whatever the model and device). With no stream running nobody waits on the steps, so
-    a prompt goes through in `largest` chunks. `fixed` sets one size for every chunk instead.
+    While streams are running, a chunk should cost about `STEPS_PER_CHUNK` decode steps: their
+    next token then comes about 2.5 times as late as usual while a prompt joins, not after the
+    whole prompt's prefill, and the joining prompt's own first token comes after about 1.7 times
+    its whole prefill (each chunk waits for one step: 1 + 1/1.5). A chunk of one step's cost
+    kept the streams' gaps at 2x but made a 1,481-token prompt wait 4x its whole prefill (issue
+    21), and eight chats arriving over HTTP a few milliseconds apart joined one by one. The size
+    follows what the device shows: each timed chunk scales the next one by its target seconds ÷
+    its seconds (at most halved or doubled at a time, which settles in a few chunks whatever the
+    model and device). With no stream running nobody waits on the steps, so a prompt goes through
+    in `largest` chunks. `fixed` sets one size for every chunk instead.
     """
 
     #: Below this a chunk costs about what a decode step does anyway: smaller saves nothing.
@@ -55,7 +62,7 @@ class PrefillChunks:
             return
         if tokens < self._tokens // 2:  # a prompt's short last chunk is mostly fixed cost: it misleads
             return
-        scale = min(2.0, max(0.5, self._step_seconds / seconds))
+        scale = min(2.0, max(0.5, STEPS_PER_CHUNK * self._step_seconds / seconds))
         self._tokens = min(self.largest, max(self.smallest, round(tokens * scale)))
 
 

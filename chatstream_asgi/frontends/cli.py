@@ -431,7 +431,7 @@ def _model_options() -> _OneLineParser:
         type=_positive,
         metavar="N",
         help="prefill long prompts N tokens at a time between decode steps (default: sized to cost "
-        "about one decode step while chats stream)",
+        "about 1.5 decode steps while chats stream)",
     )
     options.add_argument(
         "--prompt-lookup-tokens",
