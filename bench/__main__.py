@@ -286,6 +286,12 @@ def _round3_rows(r: dict[str, Any]) -> list[Row]:
                          f"{g['decode_tokens_per_second_per_chat']:.1f}",
                          f"static batch {g['static_decode_tokens_per_second_per_chat']:.1f}",
                          f"{g['decode_ratio']:.2f}x"))  # fmt: skip
+            if "aggregate_ratio_to_serve_cb" in g:
+                rows.append((f"growth, {model}: {count} chats of ~{length}-token prompts, aggregate tokens/s over /v1",
+                             f"{g['aggregate_tokens_per_second']:.1f}",
+                             "transformers serve --continuous-batching "
+                             f"{g['serve_cb_aggregate_tokens_per_second']:.1f}",
+                             f"{g['aggregate_ratio_to_serve_cb']:.2f}x"))  # fmt: skip
             rows.append((f"growth, {model}: {count} chats of ~{length}-token prompts, first byte",
                          f"{g['first_byte_ms']:.0f} ms",
                          f"static batch's first token {g['static_first_token_ms']:.0f} ms",

@@ -10,13 +10,25 @@ server with prompt lookup off. Tokens/s count what the model wrote until it stop
 `growth`: 1, 4 and 8 chats whose prompts are about 100, 1,000 and 4,000 tokens: each chat's
 decode tokens/s (its tokens after the first ÷ the time between its first and last chunk) and
 its first byte, beside `model.generate` on a static batch of the same prompts (decode: the time
-of N tokens less the time of 1; first byte: the time of 1).
+of N tokens less the time of 1; first byte: the time of 1), and beside `transformers serve
+--continuous-batching` (transformers' own OpenAI-compatible server, serving the same model
+folder) where it starts. Both servers are driven by the same OpenAI-style streaming client
+(`/v1/chat/completions`, `stream: true`, greedy); a reply's tokens are counted by tokenizing its
+text, the same way for both.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,17 +78,13 @@ class _Local:
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=self.device)
 
-    def generate(
-        self, ids: torch.Tensor, new_tokens: int, *, until_end: bool = True, **settings: Any
-    ) -> tuple[int, float]:
-        """(tokens written per row, seconds) of greedy `model.generate`; `until_end=False` writes
-        exactly `new_tokens`."""
+    def generate(self, ids: torch.Tensor, new_tokens: int, **settings: Any) -> tuple[int, float]:
+        """(tokens written per row until the end token, seconds) of greedy `model.generate`."""
         mask = (ids != (self.tokenizer.pad_token_id or 0)).long() if ids.shape[0] > 1 else torch.ones_like(ids)
-        extra = {} if until_end else {"min_new_tokens": new_tokens}
         with torch.inference_mode():
             start = time.perf_counter()
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **extra, **settings
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **settings
             )
             seconds = time.perf_counter() - start
         written = out[0, ids.shape[1] :].tolist()
@@ -84,6 +92,36 @@ class _Local:
         ends = set(eos if isinstance(eos, list) else [eos])
         count = next((i + 1 for i, token in enumerate(written) if token in ends), len(written))
         return count, seconds
+
+    def static_batch(self, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+        """(prefill seconds, decode tokens/s per row) of a static batch, stepped as `model.generate`
+        steps it (transformers' own cache, greedy), the decode timed apart from the prefill."""
+        mask = (ids != (self.tokenizer.pad_token_id or 0)).long() if ids.shape[0] > 1 else torch.ones_like(ids)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            prefill = time.perf_counter() - start
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                out = self.model(
+                    input_ids=token,
+                    attention_mask=mask,
+                    position_ids=mask.sum(-1, keepdim=True) - 1,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            decode = time.perf_counter() - start
+        return prefill, (new_tokens - 1) / decode
 
 
 async def _chats(url: str, texts: list[str], new_tokens: int) -> list[client.Reply]:
@@ -167,38 +205,143 @@ def _prompt_of(local: _Local, tokens: int, seed: int) -> str:
     return decoded
 
 
+async def _v1_chat(url: str, model: str, text: str, new_tokens: int) -> client.Reply:
+    """One streamed `/v1/chat/completions` reply, greedy, read as an OpenAI client reads it."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "stream": True,
+        "max_tokens": new_tokens,
+        "temperature": 0,
+    }
+    reply = client.Reply(started=time.perf_counter())
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=900) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[len("data: ") :]).get("choices") or [{}]
+            delta = (choices[0].get("delta") or {}).get("content")
+            if delta:
+                reply.chunk_times.append(time.perf_counter())
+                reply.text += delta
+    reply.ended = time.perf_counter()
+    return reply
+
+
+async def _v1_chats(url: str, model: str, texts: list[str], new_tokens: int) -> list[client.Reply]:
+    replies: list[client.Reply] = [client.Reply(started=0.0)] * len(texts)
+
+    async def one(index: int) -> None:
+        replies[index] = await _v1_chat(url, model, texts[index], new_tokens)
+
+    async with anyio.create_task_group() as group:
+        for index in range(len(texts)):
+            group.start_soon(one, index)
+    return replies
+
+
+@contextmanager
+def transformers_serve(path: Path) -> Iterator[tuple[str, str] | None]:
+    """`transformers serve --continuous-batching` serving `path` on 127.0.0.1; yields its URL and
+    model name, or None where it does not start (a transformers without `serve`)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "transformers"), "serve", str(path), "--continuous-batching"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--device", os.environ.get("BENCH_DEVICE", "auto")]
+    log = tempfile.TemporaryFile()
+    try:
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+    except OSError:
+        yield None
+        return
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            log.seek(0)
+            print("transformers serve did not start:\n" + log.read().decode()[-2000:], file=sys.stderr)
+            yield None
+            return
+        yield url, str(path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _decode_rates(local: _Local, replies: list[client.Reply]) -> list[float]:
+    """Each reply's decode tokens/s: its tokens after the first ÷ the time from its first chunk to
+    its last (tokens counted by tokenizing its text: a real model's text re-tokenizes as written)."""
+    return [
+        (len(local.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) - 1)
+        / max(1e-9, reply.chunk_times[-1] - reply.chunk_times[0])
+        for reply in replies
+    ]
+
+
+def _served(local: _Local, url: str, model: str, texts: list[str], new_tokens: int) -> dict[str, float]:
+    started = time.perf_counter()
+    replies = anyio.run(_v1_chats, url, model, texts, new_tokens)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(local.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) for reply in replies)
+    return {
+        "decode_tokens_per_second_per_chat": statistics.median(_decode_rates(local, replies)),
+        "first_byte_ms": statistics.median(reply.first_byte for reply in replies) * 1e3,
+        "aggregate_tokens_per_second": tokens / seconds,
+    }
+
+
 def bench_growth(path: Path, counts: list[int], lengths: list[int], new_tokens: int) -> dict[str, Any]:
     """Per-chat decode tokens/s and first byte of `count` chats of `length`-token prompts, beside
-    a static batch of the same prompts in `model.generate`."""
+    a static batch of the same prompts in `model.generate` and `transformers serve
+    --continuous-batching`."""
     local = _Local(path)
     local.generate(local.ids(["warm up"]), 4)
+    cells = [(count, length) for length in lengths for count in counts]
+    texts = {cell: [_prompt_of(local, cell[1], 100 * n + i) for i in range(cell[0])] for n, cell in enumerate(cells)}
     results: dict[str, Any] = {}
-    seed = 0
+    for count, length in cells:
+        ids = local.ids(texts[count, length])
+        prefill, decode = local.static_batch(ids, new_tokens)
+        results[f"{count}x{length}"] = {
+            "prompt_tokens": int(ids.shape[1]),
+            "static_decode_tokens_per_second_per_chat": decode,
+            "static_first_token_ms": prefill * 1e3,
+        }
     settings = {"concurrency": max(counts), "queue": max(counts), "max_new_tokens": new_tokens, "context_len": 8192}
     with running_server(path, **settings) as (url, _):
-        anyio.run(_chats, url, ["warm up"], 4)
-        for length in lengths:
-            for count in counts:
-                seed += count
-                texts = [_prompt_of(local, length, seed + i) for i in range(count)]
-                ids = local.ids(texts)
-                _, first = local.generate(ids, 1, until_end=False)
-                _, whole = local.generate(ids, new_tokens, until_end=False)
-                static_decode = (new_tokens - 1) / max(1e-9, whole - first)
-                replies = anyio.run(_chats, url, texts, new_tokens)
-                # (each reply's tokens counted by tokenizing its text: a real model's text re-tokenizes
-                # as it was written, and a reply may end before the limit)
-                decode = [
-                    (len(local.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) - 1)
-                    / max(1e-9, reply.chunk_times[-1] - reply.chunk_times[0])
-                    for reply in replies
-                ]
-                results[f"{count}x{length}"] = {
-                    "prompt_tokens": int(ids.shape[1]),
-                    "decode_tokens_per_second_per_chat": statistics.median(decode),
-                    "static_decode_tokens_per_second_per_chat": static_decode,
-                    "decode_ratio": statistics.median(decode) / static_decode,
-                    "first_byte_ms": statistics.median(r.first_byte for r in replies) * 1e3,
-                    "static_first_token_ms": first * 1e3,
-                }
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        anyio.run(_v1_chats, url, model, ["warm up"], 4)
+        for count, length in cells:
+            results[f"{count}x{length}"] |= _served(local, url, model, texts[count, length], new_tokens)
+    with transformers_serve(path) as theirs:
+        if theirs is not None:
+            their_url, their_model = theirs
+            anyio.run(_v1_chats, their_url, their_model, ["warm up"], 4)
+            for count, length in cells:
+                measured = _served(local, their_url, their_model, texts[count, length], new_tokens)
+                results[f"{count}x{length}"] |= {f"serve_cb_{key}": value for key, value in measured.items()}
+    for cell in results.values():
+        cell["decode_ratio"] = (
+            cell["decode_tokens_per_second_per_chat"] / cell["static_decode_tokens_per_second_per_chat"]
+        )
+        if "serve_cb_aggregate_tokens_per_second" in cell:
+            cell["aggregate_ratio_to_serve_cb"] = (
+                cell["aggregate_tokens_per_second"] / cell["serve_cb_aggregate_tokens_per_second"]
+            )
     return results
