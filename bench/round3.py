@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -306,10 +306,12 @@ def _served(local: _Local, url: str, model: str, texts: list[str], new_tokens: i
     }
 
 
-def bench_growth(path: Path, counts: list[int], lengths: list[int], new_tokens: int) -> dict[str, Any]:
+def bench_growth(
+    path: Path, counts: list[int], lengths: list[int], new_tokens: int, *, against_serve: bool = True
+) -> dict[str, Any]:
     """Per-chat decode tokens/s and first byte of `count` chats of `length`-token prompts, beside
-    a static batch of the same prompts in `model.generate` and `transformers serve
-    --continuous-batching`."""
+    a static batch of the same prompts in `model.generate` and (`against_serve`) `transformers
+    serve --continuous-batching`."""
     local = _Local(path)
     local.generate(local.ids(["warm up"]), 4)
     cells = [(count, length) for length in lengths for count in counts]
@@ -329,7 +331,7 @@ def bench_growth(path: Path, counts: list[int], lengths: list[int], new_tokens: 
         anyio.run(_v1_chats, url, model, ["warm up"], 4)
         for count, length in cells:
             results[f"{count}x{length}"] |= _served(local, url, model, texts[count, length], new_tokens)
-    with transformers_serve(path) as theirs:
+    with transformers_serve(path) if against_serve else nullcontext() as theirs:
         if theirs is not None:
             their_url, their_model = theirs
             anyio.run(_v1_chats, their_url, their_model, ["warm up"], 4)

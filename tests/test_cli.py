@@ -340,15 +340,22 @@ def test_the_batching_engine_takes_its_cache_options_and_prefill_chunk_from_the_
     from chatstream_asgi.frontends.cli import _parser, load_service
 
     cache = ["--conversation-cache-bytes", "64M", "--cache-shared-system-prompt", "Be brief."]
-    args = _parser().parse_args(["serve", "--model", str(model_dir), *cache, "--prefill-chunk-tokens", "32"])
+    chunks = ["--prefill-chunk-tokens", "32", "--prompt-lookup-tokens", "4"]
+    args = _parser().parse_args(["serve", "--model", str(model_dir), *cache, *chunks])
     chat_stream, _ = load_service(args, concurrency=1, queue=0)
     try:
         engine: Any = chat_stream.engine
         assert engine.conversations.capacity_bytes == 64 << 20
         assert engine.cache_shared_system_prompt == "Be brief."
         assert engine.chunks.budget(streaming=True) == 32
+        assert engine.prompt_lookup_num_tokens == 4
     finally:
         chat_stream.close()
+    default, _ = load_service(_parser().parse_args(["serve", "--model", str(model_dir)]), concurrency=1, queue=0)
+    try:
+        assert default.engine.prompt_lookup_num_tokens == 10  # type: ignore[attr-defined]
+    finally:
+        default.close()
 
 
 @pytest.mark.parametrize("size", ["lots", "-1", "2T", ""])
