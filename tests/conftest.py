@@ -105,7 +105,8 @@ class ModelHooks:
         self.forward_calls += 1
         self.threads.add(threading.current_thread().name)
         input_ids = kwargs.get("input_ids")
-        is_prefill = input_ids is not None and input_ids.shape[1] > 1
+        # A prompt's pass keeps one position's logits; a decode step with drafts keeps every column's.
+        is_prefill = input_ids is not None and input_ids.shape[1] > 1 and kwargs.get("logits_to_keep", 1) == 1
         if is_prefill:
             self.prefills += 1
             self.prefill_started.set()
