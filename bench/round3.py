@@ -150,14 +150,13 @@ def bench_lookup(path: Path, new_tokens: int, reps: int) -> dict[str, Any]:
         plain = [local.generate(ids, new_tokens) for _ in range(reps)]
         lookup = [local.generate(ids, new_tokens, prompt_lookup_num_tokens=10) for _ in range(reps)]
         batch = local.ids([text] * 8)
-        static8 = [local.generate(batch, new_tokens) for _ in range(reps)] if name == "quote" else []
+        static8 = [local.generate(batch, new_tokens) for _ in range(reps)]
         results[name] = {
             "tokens": plain[0][0],
             "generate_tokens_per_second": statistics.median(t / s for t, s in plain),
             "generate_lookup_tokens_per_second": statistics.median(t / s for t, s in lookup),
+            "static_batch8_tokens_per_second": statistics.median(8 * t / s for t, s in static8),
         }
-        if static8:
-            results[name]["static_batch8_tokens_per_second"] = statistics.median(8 * t / s for t, s in static8)
     for label, setting in (("server", -1), ("server_lookup_off", 0)):
         settings = {"concurrency": 8, "queue": 8, "max_new_tokens": new_tokens, "prompt_lookup": setting}
         with running_server(path, **settings) as (url, _):
@@ -171,14 +170,13 @@ def bench_lookup(path: Path, new_tokens: int, reps: int) -> dict[str, Any]:
                     drafted.append(done["drafted_tokens"] / max(1, done["completion_tokens"]))
                 results[name][f"{label}_tokens_per_second"] = statistics.median(rates)
                 results[name][f"{label}_drafted_share"] = statistics.median(drafted)
-                if name == "quote":
-                    eight = []
-                    for _ in range(reps):
-                        started = time.perf_counter()
-                        anyio.run(_chats, url, [text] * 8, new_tokens)
-                        seconds = time.perf_counter() - started
-                        eight.append(sum(d["completion_tokens"] for d in anyio.run(_finished, url, 8)) / seconds)
-                    results[name][f"{label}_8_chats_tokens_per_second"] = statistics.median(eight)
+                eight = []
+                for _ in range(reps):
+                    started = time.perf_counter()
+                    anyio.run(_chats, url, [text] * 8, new_tokens)
+                    seconds = time.perf_counter() - started
+                    eight.append(sum(d["completion_tokens"] for d in anyio.run(_finished, url, 8)) / seconds)
+                results[name][f"{label}_8_chats_tokens_per_second"] = statistics.median(eight)
     for result in results.values():
         result["ratio_to_generate"] = result["server_tokens_per_second"] / result["generate_tokens_per_second"]
         result["ratio_to_generate_lookup"] = (
@@ -187,10 +185,12 @@ def bench_lookup(path: Path, new_tokens: int, reps: int) -> dict[str, Any]:
         result["ratio_to_lookup_off"] = (
             result["server_tokens_per_second"] / result["server_lookup_off_tokens_per_second"]
         )
-    quote = results["quote"]
-    quote["8_chats_ratio_to_static_batch8"] = (
-        quote["server_8_chats_tokens_per_second"] / quote["static_batch8_tokens_per_second"]
-    )
+        result["8_chats_ratio_to_static_batch8"] = (
+            result["server_8_chats_tokens_per_second"] / result["static_batch8_tokens_per_second"]
+        )
+        result["8_chats_ratio_to_lookup_off"] = (
+            result["server_8_chats_tokens_per_second"] / result["server_lookup_off_8_chats_tokens_per_second"]
+        )
     return results
 
 
