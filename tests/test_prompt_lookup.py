@@ -80,6 +80,9 @@ def test_a_rows_draft_length_follows_how_its_drafts_fared() -> None:
         pauses.append(waited)
         length.took(1, 0)
     assert pauses == [1, 2, 4, 8]
+    one_kept = DraftLength(10)
+    one_kept.took(10, 1)  # one token for ten columns: a loss where compute is the limit
+    assert one_kept.next() == 0
     assert DraftLength(0).next() == 0
 
 
