@@ -81,7 +81,7 @@ def test_client_leaving_during_prefill_without_our_middleware_is_classified_befo
 
 
 def test_second_turn_of_an_attached_session_while_one_runs_gets_409(start_app: Any, hooks: ModelHooks) -> None:
-    hooks.step_delay = 0.02
+    hooks.step_delay = 0.2  # (a step may write several drafted tokens: the first turn must still run)
     server, _, outcomes = start_app("fastsession", max_new_tokens=100)
     with server.client() as client:
         with client.stream("POST", "/chat_stream", json={"user_input": "long"}) as first:
