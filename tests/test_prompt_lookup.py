@@ -100,7 +100,7 @@ async def test_greedy_replies_with_drafts_are_generates_for_rows_joining_and_lea
             group.start_soon(ask, index, text)
     for index, text in enumerate(TEXTS):
         assert replies[text][0] == greedy_reply(model, tokenizer, text, 20 + 7 * index), text
-    assert sum(stats.drafted_tokens for _, stats in replies.values()) > 50  # the drafts were used
+    assert sum(stats.drafted_tokens for _, stats in replies.values()) > 20  # the drafts were used
 
 
 async def test_a_reply_alone_takes_fewer_forward_passes_than_tokens(engine: Any, model: Any, tokenizer: Any) -> None:
