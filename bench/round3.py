@@ -4,8 +4,10 @@
 `lookup`: replies that quote their prompt (repeat a paragraph, edit one word of it) and a
 free-form one, greedy, one chat and eight, over HTTP, beside plain `model.generate`, beside
 `model.generate(prompt_lookup_num_tokens=10)` (transformers' own prompt lookup) and beside this
-server with prompt lookup off. Tokens/s count what the model wrote until it stopped by itself
-(or hit the limit), since a real model ends its quote where the quote ends.
+server with prompt lookup off. Both servers run without the conversation cache: every round asks
+the same prompts, and `model.generate` prefills every time. Tokens/s count what the model wrote
+until it stopped by itself (or hit the limit), since a real model ends its quote where the quote
+ends.
 
 `growth`: 1, 4 and 8 chats whose prompts are about 100, 1,000 and 4,000 tokens: each chat's
 decode tokens/s (its tokens after the first ÷ the time between its first and last chunk) and
@@ -158,7 +160,10 @@ def bench_lookup(path: Path, new_tokens: int, reps: int) -> dict[str, Any]:
             "static_batch8_tokens_per_second": statistics.median(8 * t / s for t, s in static8),
         }
     for label, setting in (("server", -1), ("server_lookup_off", 0)):
+        # Without the conversation cache: every round asks the same prompts, and a round must not
+        # borrow the last one's prefill (`model.generate` prefills every time).
         settings = {"concurrency": 8, "queue": 8, "max_new_tokens": new_tokens, "prompt_lookup": setting}
+        settings["conversation_cache_bytes"] = 0
         with running_server(path, **settings) as (url, _):
             anyio.run(_chats, url, ["warm up"], 4)
             for name, text in LOOKUP_PROMPTS.items():

@@ -3,6 +3,7 @@ their own reply."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import anyio
@@ -14,6 +15,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from chatstream_asgi import ChatPrompt, ChatStream
 from chatstream_asgi.core.params import GenerationParams
 from chatstream_asgi.engine import BatchingEngine, GenerationStats, TransformersEngine, supports_batching
+from chatstream_asgi.engine.prefill import PrefillChunks
 
 from .conftest import ModelHooks, greedy_reply, wait_until
 
@@ -351,6 +353,52 @@ async def test_prompts_that_arrive_together_are_prefilled_in_one_pass_and_reply_
     assert prefill_passes and prefill_passes[0][0] == 3, passes  # three prompts, one pass, padded
     for text in texts:
         assert replies[text] == greedy_reply(model, tokenizer, text, 25)
+
+
+async def test_prompts_that_outnumber_the_running_streams_join_in_one_pass_not_chunk_by_chunk(
+    engine: Any, model: Any, tokenizer: Any
+) -> None:
+    """Chats that arrive together over HTTP land a few milliseconds apart: the first is streaming
+    before the others reach the engine. They must not then join one by one, a stall-bounded
+    chunk between every decode step (issue 21: each came 0.6 s after the last)."""
+    texts = [" ".join(f"{name}{i}" for i in range(40)) for name in ("river", "stone", "cloud")]
+    streaming = threading.Event()
+    passes: list[tuple[int, int]] = []
+
+    def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        rows, tokens = kwargs["input_ids"].shape
+        is_prefill = tokens > 1 and kwargs.get("logits_to_keep", 1) == 1
+        if is_prefill:
+            passes.append((int(rows), int(tokens)))
+        elif streaming.is_set():  # a decode step: the three arrive while it runs, and wait together
+            assert wait_until(lambda: engine._jobs.qsize() >= len(texts) or len(passes) > 1)
+
+    async def running() -> None:
+        prompt = ChatPrompt()
+        prompt.add_requester_msg("keep streaming")
+        prompt.add_responder_msg(None)
+        async with engine.generate(prompt, GenerationParams(max_new_tokens=60, temperature=0), context_len=2048) as gen:
+            while await gen.next_text(5.0) is not None:
+                streaming.set()
+
+    async def arrive(text: str) -> None:
+        await anyio.to_thread.run_sync(streaming.wait)
+        replies[text] = await _reply(engine, text, max_new_tokens=10)
+
+    replies: dict[str, tuple[str, GenerationStats]] = {}
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running)
+            for text in texts:
+                tg.start_soon(arrive, text)
+    finally:
+        handle.remove()
+    shortest = min(stats.prompt_tokens for _, stats in replies.values())
+    assert shortest > PrefillChunks().budget(running=1, waiting=1)  # held to the bound, they would be chunked
+    assert passes[1:] == [(len(texts), max(stats.prompt_tokens for _, stats in replies.values()))], passes
+    for text in texts:
+        assert replies[text][0] == greedy_reply(model, tokenizer, text, 10)
 
 
 async def test_when_a_shared_prefill_fails_each_prompt_is_tried_alone(engine: Any, model: Any, tokenizer: Any) -> None:

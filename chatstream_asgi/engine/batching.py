@@ -230,8 +230,9 @@ class BatchingEngine(LocalEngine):
         for prefill in [prefill for prefill in prefills if prefill.job.should_stop]:
             prefills.remove(prefill)
             prefill.job.finish()
-        streaming = bool(groups)
-        full = budget = self.chunks.budget(streaming)
+        running, waiting = sum(len(group.rows) for group in groups), len(prefills)
+        streaming = self.chunks.bounded(running, waiting)  # (else no stream waits on this chunk's size)
+        full = budget = self.chunks.budget(running, waiting)
         while prefills and budget > 0:
             cohort = first_cohort(prefills, budget)
             if len(cohort) > 1:
