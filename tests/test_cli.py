@@ -353,7 +353,7 @@ def test_the_batching_engine_takes_its_cache_options_and_prefill_chunk_from_the_
         chat_stream.close()
     default, _ = load_service(_parser().parse_args(["serve", "--model", str(model_dir)]), concurrency=1, queue=0)
     try:
-        assert default.engine.prompt_lookup_num_tokens == 10  # type: ignore[attr-defined]
+        assert default.engine.prompt_lookup_num_tokens == 24  # type: ignore[attr-defined]
     finally:
         default.close()
 

@@ -56,7 +56,7 @@ class ChatStream:
     A local model runs on the `BatchingEngine` (concurrent chats share forward passes) when it
     can; `batching=False` picks `TransformersEngine` (one `model.generate` per slot) instead.
     `conversation_cache_bytes`, `prefill_chunk_tokens` and `prompt_lookup_num_tokens` (the most
-    tokens a chat drafts a step by prompt lookup; None: 10; 0: off) tune the batching engine (see it). Its
+    tokens a chat drafts a step by prompt lookup; None: 24; 0: off) tune the batching engine (see it). Its
     conversation cache is partitioned by tenant (session, API key or client address, and the
     request's `cache_salt`); `cache_shared_system_prompt` declares a system text whose rendered
     beginning every tenant may share, so a common system prompt is prefilled once.

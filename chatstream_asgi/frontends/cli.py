@@ -439,7 +439,7 @@ def _model_options() -> _OneLineParser:
         type=_non_negative,
         metavar="N",
         help="draft up to N tokens a step from what the chat already holds (prompt lookup: replies "
-        "that quote come several tokens a step); 0 turns it off (default: 10)",
+        "that quote come several tokens a step); 0 turns it off (default: 24)",
     )
     return parser
 
