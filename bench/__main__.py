@@ -230,6 +230,12 @@ def _other_rows(r: dict[str, Any]) -> list[Row]:
             else:
                 rows.append((f"long prompt joins, {label}: its own first byte", f"{f['join_first_byte_ms']:.0f} ms",
                              "", ""))  # fmt: skip
+    if "chunks_alone" in r.get("prefill", {}):
+        c = r["prefill"]["chunks_alone"]
+        rows.append((f"the joining prompt alone ({c['prompt_tokens']} tokens), in process, in the server's chunks "
+                     f"of {c['chunk_tokens']} tokens (a pass alone: {c['one_token_pass_ms']:.1f} ms)",
+                     f"{c['chunked_ms']:.0f} ms", f"whole {c['whole_ms']:.0f} ms",
+                     f"{c['chunked_over_whole']:.2f}x"))  # fmt: skip
     if "disconnect" in r:
         d = r["disconnect"]
         rows.append(("disconnect: decode steps after the client left (max)", str(d["steps_after_cancel_max"]),

@@ -35,7 +35,7 @@ chat_stream = ChatStream(
     temperature=0,
     # -1 (the default): sized from free memory, as ChatStream does unless told.
     conversation_cache_bytes=None if _cache_bytes < 0 else _cache_bytes,
-    # 0 (the default): chunks sized to cost about one decode step, as ChatStream does unless told.
+    # 0 (the default): chunks sized to cost about 1.5 decode steps, as ChatStream does unless told.
     prefill_chunk_tokens=_prefill_chunk or None,
     # -1 (the default): prompt lookup as ChatStream does unless told; 0: off.
     prompt_lookup_num_tokens=None if _lookup < 0 else _lookup,
@@ -55,8 +55,20 @@ async def ping(request: Request) -> JSONResponse:
     return JSONResponse({"ok": True})
 
 
+async def prefill_chunk(request: Request) -> JSONResponse:
+    """The tokens the batching engine would prefill of a prompt joining one running chat now."""
+    chunks = getattr(chat_stream.engine, "chunks", None)
+    return JSONResponse({"tokens": chunks.budget(running=1, waiting=1) if chunks is not None else None})
+
+
 app = ChatStreamMiddleware(
-    Starlette(routes=[Route("/bench/finished", finished), Route("/bench/ping", ping)]),
+    Starlette(
+        routes=[
+            Route("/bench/finished", finished),
+            Route("/bench/ping", ping),
+            Route("/bench/prefill-chunk", prefill_chunk),
+        ]
+    ),
     chat_stream=chat_stream,
     serve=True,
     health=True,

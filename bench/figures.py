@@ -17,7 +17,7 @@ import torch
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from bench import client
@@ -363,6 +363,7 @@ def bench_prefill_stall(path: Path, streams: int, prompt_words: int, reps: int) 
             anyio.run(round_of, url)  # warm-up: long attention paths, and chunk sizes settle
             rounds = [anyio.run(round_of, url) for _ in range(reps)]
             prompt_tokens = anyio.run(_finished_prompt_tokens, url)
+            chunk_tokens = httpx.get(f"{url}/bench/prefill-chunk").json()["tokens"]
         steady = [gap for r in rounds for gap in r["steady"]]
         during = [gap for r in rounds for gap in r["during"]]
         results[label] = {
@@ -375,8 +376,41 @@ def bench_prefill_stall(path: Path, streams: int, prompt_words: int, reps: int) 
             "p99_over_steady_p99": percentile(during, 0.99) / percentile(steady, 0.99),
             "p99_over_steady": percentile(during, 0.99) / statistics.median(steady),
             "join_first_byte_ms": statistics.median(r["join_seconds"] for r in rounds) * 1e3,
+            "chunk_tokens": chunk_tokens,
         }
+    results["chunks_alone"] = _chunked_prefill_cost(path, prompt_words, results["chunked"]["chunk_tokens"])
     return results
+
+
+def _chunked_prefill_cost(path: Path, prompt_words: int, chunk_tokens: int) -> dict[str, float]:
+    """The joining prompt's prefill alone, in process: whole in one pass, and in chunks of the
+    size the server settled on while chats streamed. Each pass has a cost of its own (reading the
+    weights, the layers' Python), so chunks cost more than one pass: the joining prompt's first
+    byte pays that on top of the decode steps between its chunks."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = tokenizer(_words(prompt_words, 0), return_tensors="pt").input_ids
+
+    def seconds(chunk: int, tokens: int = ids.shape[1]) -> float:
+        cache = DynamicCache(config=model.config)
+        start = time.perf_counter()
+        for at in range(0, tokens, chunk):
+            model(input_ids=ids[:, at : min(at + chunk, tokens)], cache=cache, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        seconds(ids.shape[1])  # warm-up
+        whole = statistics.median(seconds(ids.shape[1]) for _ in range(3))
+        chunked = statistics.median(seconds(chunk_tokens) for _ in range(3))
+        one = statistics.median(seconds(1, 1) for _ in range(20))  # a pass of one token: what any pass costs
+    return {
+        "prompt_tokens": int(ids.shape[1]),
+        "chunk_tokens": chunk_tokens,
+        "whole_ms": whole * 1e3,
+        "chunked_ms": chunked * 1e3,
+        "one_token_pass_ms": one * 1e3,
+        "chunked_over_whole": chunked / whole,
+    }
 
 
 async def _finished_prompt_tokens(url: str) -> int:
