@@ -43,6 +43,7 @@ FIGURES = (
     "passthrough",
     "lookup",
     "growth",
+    "draft_length",
 )
 
 
@@ -52,7 +53,7 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = 
     with tempfile.TemporaryDirectory() as folder:
         tiny = build_demo_model(Path(folder) / "tiny", seed=1)
         large = build_demo_model(Path(folder) / "large", hidden_size=512, num_hidden_layers=8, seed=1)
-        on_real_model = {"overhead", "scaling", "conversation", "lookup", "growth"} & set(only)
+        on_real_model = {"overhead", "scaling", "conversation", "lookup", "growth", "draft_length"} & set(only)
         smollm2 = ensure_default_model() if real and on_real_model else None
         tokens = 32 if quick else 128
         started = time.perf_counter()
@@ -97,6 +98,12 @@ def run(quick: bool, device: str, only: tuple[str, ...] = FIGURES, real: bool = 
             results["lookup"] = {
                 "model": round3_name,
                 **round3.bench_lookup(round3_model, 24 if quick else 160, 1 if quick else 3),
+            }
+        if "draft_length" in only:
+            most = [24] if quick else [10, 16, 24, 32, 48]
+            results["draft_length"] = {
+                "model": round3_name,
+                **round3.bench_draft_length(round3_model, most, 24 if quick else 160),
             }
         if "growth" in only:
             counts, lengths = ([1, 2], [50, 200]) if quick else ([1, 4, 8], [100, 1000, 4000])
@@ -283,6 +290,16 @@ def _round3_rows(r: dict[str, Any]) -> list[Row]:
                          f"static batch of 8 {f['static_batch8_tokens_per_second']:.0f}; this server without "
                          f"lookup {f['server_lookup_off_8_chats_tokens_per_second']:.0f}",
                          f"{f['8_chats_ratio_to_static_batch8']:.2f}x"))  # fmt: skip
+    if "draft_length" in r:
+        model = r["draft_length"]["model"]
+        for key, cell in r["draft_length"].items():
+            if key == "model":
+                continue
+            name, count = key.split("_")
+            for most, ratio in cell["ratios_to_off"].items():
+                rows.append((f"draft length, {model}, {name} prompt, {count} chat(s) in process: drafting up to {most}",
+                             f"{cell[most]:.1f} tokens/s", f"drafting nothing {cell['0']:.1f}",
+                             f"{ratio:.2f}x"))  # fmt: skip
     if "growth" in r:
         model = r["growth"]["model"]
         for key, g in r["growth"].items():

@@ -199,6 +199,54 @@ def bench_lookup(path: Path, new_tokens: int, reps: int) -> dict[str, Any]:
     return results
 
 
+def bench_draft_length(path: Path, lengths: list[int], new_tokens: int) -> dict[str, Any]:
+    """Tokens/s of one chat and of eight on each lookup prompt, in process (`BatchingEngine` alone,
+    no HTTP), for each most-drafted length in `lengths`, beside the same engine drafting nothing:
+    what `DEFAULT_LOOKUP_TOKENS` was chosen from."""
+    from chatstream_asgi.core.params import GenerationParams
+    from chatstream_asgi.core.prompt import ChatPrompt
+    from chatstream_asgi.engine import BatchingEngine
+
+    local = _Local(path)
+
+    async def chats(engine: BatchingEngine, text: str, count: int) -> float:
+        written: list[int] = []
+
+        async def one() -> None:
+            prompt = ChatPrompt.from_messages([{"role": "user", "content": text}])
+            params = GenerationParams(max_new_tokens=new_tokens, temperature=0)
+            async with engine.generate(prompt, params, context_len=4096) as generation:
+                while await generation.next_text(60) is not None:
+                    pass
+            written.append(generation.stats.completion_tokens)
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as group:
+            for _ in range(count):
+                group.start_soon(one)
+        return sum(written) / (time.perf_counter() - started)
+
+    results: dict[str, Any] = {}
+    for most in [0, *lengths]:
+        engine = BatchingEngine(
+            local.model, local.tokenizer, device=local.device, max_batch_size=8, conversation_cache_bytes=0,
+            prompt_lookup_num_tokens=most,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not engine.ready and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for name, text in LOOKUP_PROMPTS.items():
+                for count in (1, 8):
+                    rate = anyio.run(chats, engine, text, count)
+                    results.setdefault(f"{name}_{count}", {})[str(most)] = rate
+        finally:
+            engine.close()
+    for cell in results.values():
+        cell["ratios_to_off"] = {most: rate / cell["0"] for most, rate in cell.items() if most != "0"}
+    return results
+
+
 def _prompt_of(local: _Local, tokens: int, seed: int) -> str:
     """A user message of about `tokens` tokens, its words its own (no two chats share a prefix)."""
     words = "the a server stream token reply model cache turn user question answer long short river "

@@ -7,8 +7,9 @@ padding, while each row keeps its own position ids.
 
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
-(`prefill.PrefillChunks` sizes the chunks to cost about one and a half decode steps). Prompts that arrive together
-are prefilled together, in one padded forward pass, when they fit one budget.
+(`prefill.PrefillChunks` sizes the chunks to cost about one and a half decode steps, unless more
+prompts wait than streams run). Prompts that arrive together are prefilled together, in one
+padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
 attend over (and copy, every step) eight long caches. So rows of very different lengths run in
