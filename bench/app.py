@@ -58,7 +58,7 @@ async def ping(request: Request) -> JSONResponse:
 async def prefill_chunk(request: Request) -> JSONResponse:
     """The tokens the batching engine would prefill of a prompt joining one running chat now."""
     chunks = getattr(chat_stream.engine, "chunks", None)
-    return JSONResponse({"tokens": chunks.budget(running=1, waiting=1) if chunks is not None else None})
+    return JSONResponse({"tokens": chunks.budget(running=1, waiting=[1000]) if chunks is not None else None})
 
 
 app = ChatStreamMiddleware(

@@ -395,7 +395,7 @@ async def test_prompts_that_outnumber_the_running_streams_join_in_one_pass_not_c
     finally:
         handle.remove()
     shortest = min(stats.prompt_tokens for _, stats in replies.values())
-    assert shortest > PrefillChunks().budget(running=1, waiting=1)  # held to the bound, they would be chunked
+    assert shortest > PrefillChunks().budget(running=1, waiting=[shortest])  # held to the bound, they'd be chunked
     assert passes[1:] == [(len(texts), max(stats.prompt_tokens for _, stats in replies.values()))], passes
     for text in texts:
         assert replies[text][0] == greedy_reply(model, tokenizer, text, 10)

@@ -175,45 +175,53 @@ async def test_a_failing_chunk_fails_only_its_own_request(engine: Any, model: An
 
 def test_chunks_settle_where_one_costs_about_one_and_a_half_decode_steps() -> None:
     chunks = PrefillChunks()
-    assert chunks.budget(running=0, waiting=1) == PrefillChunks.largest  # nobody to stall
+    assert chunks.budget(running=0, waiting=[1000]) == PrefillChunks.largest  # nobody to stall
     chunks.step_took(0.010)
     for _ in range(20):  # a device where a chunk costs 1 ms per 10 tokens: 150 tokens cost 1.5 steps
-        size = chunks.budget(running=4, waiting=1)
+        size = chunks.budget(running=4, waiting=[1000])
         chunks.chunk_took(size, size * 0.0001)
-    assert 140 <= chunks.budget(running=4, waiting=1) <= 160
+    assert 140 <= chunks.budget(running=4, waiting=[1000]) <= 160
 
 
 def test_chunks_grow_on_a_device_where_prefill_is_cheap() -> None:
     chunks = PrefillChunks()
     chunks.step_took(0.010)
     for _ in range(20):
-        size = chunks.budget(running=4, waiting=1)
+        size = chunks.budget(running=4, waiting=[1000])
         chunks.chunk_took(size, size * 0.000001)
-    assert chunks.budget(running=4, waiting=1) == PrefillChunks.largest
+    assert chunks.budget(running=4, waiting=[1000]) == PrefillChunks.largest
 
 
 def test_chunks_never_go_below_the_size_where_chunking_stops_paying() -> None:
     chunks = PrefillChunks()
     chunks.step_took(0.001)
     for _ in range(20):
-        size = chunks.budget(running=4, waiting=1)
+        size = chunks.budget(running=4, waiting=[1000])
         chunks.chunk_took(size, 0.5)
-    assert chunks.budget(running=4, waiting=1) == PrefillChunks.smallest
+    assert chunks.budget(running=4, waiting=[1000]) == PrefillChunks.smallest
 
 
 def test_a_fixed_chunk_size_is_kept_whatever_the_timings() -> None:
     chunks = PrefillChunks(64)
     chunks.step_took(0.001)
     chunks.chunk_took(64, 1.0)
-    assert chunks.budget(running=4, waiting=1) == chunks.budget(running=0, waiting=1) == 64
+    assert chunks.budget(running=4, waiting=[1000]) == chunks.budget(running=0, waiting=[1000]) == 64
 
 
 def test_prompts_that_outnumber_the_running_streams_go_through_whole() -> None:
     chunks = PrefillChunks()
     chunks.step_took(0.010)
     chunks.chunk_took(64, 0.1)  # chunks must shrink to cost 1.5 steps: the bound is tight
-    assert chunks.budget(running=4, waiting=4) < PrefillChunks.largest
-    assert chunks.budget(running=1, waiting=7) == PrefillChunks.largest  # chats that arrived together
+    assert chunks.budget(running=4, waiting=[120] * 4) < PrefillChunks.largest
+    assert chunks.budget(running=1, waiting=[120] * 7) == PrefillChunks.largest  # chats that arrived together
+
+
+def test_prompts_too_long_for_one_pass_join_by_chunks_however_many_wait() -> None:
+    chunks = PrefillChunks()
+    chunks.step_took(0.010)
+    chunks.chunk_took(64, 0.1)
+    # Through whole, each would stall the running stream for a whole long prefill, one after another.
+    assert chunks.budget(running=1, waiting=[1000] * 7) < PrefillChunks.largest
 
 
 def test_a_chunk_size_below_one_is_refused() -> None:

@@ -347,7 +347,7 @@ def test_the_batching_engine_takes_its_cache_options_and_prefill_chunk_from_the_
         engine: Any = chat_stream.engine
         assert engine.conversations.capacity_bytes == 64 << 20
         assert engine.cache_shared_system_prompt == "Be brief."
-        assert engine.chunks.budget(running=4, waiting=1) == 32
+        assert engine.chunks.budget(running=4, waiting=[1000]) == 32
         assert engine.prompt_lookup_num_tokens == 4
     finally:
         chat_stream.close()

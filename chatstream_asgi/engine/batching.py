@@ -8,7 +8,7 @@ padding, while each row keeps its own position ids.
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
 (`prefill.PrefillChunks` sizes the chunks to cost about one and a half decode steps, unless more
-prompts wait than streams run). Prompts that arrive together are prefilled together, in one
+prompts wait than streams run and all fit one pass). Prompts that arrive together are prefilled together, in one
 padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
@@ -235,7 +235,8 @@ class BatchingEngine(LocalEngine):
         for prefill in [prefill for prefill in prefills if prefill.job.should_stop]:
             prefills.remove(prefill)
             prefill.job.finish()
-        running, waiting = sum(len(group.rows) for group in groups), len(prefills)
+        running = sum(len(group.rows) for group in groups)
+        waiting = [prefill.remaining for prefill in prefills]
         streaming = self.chunks.bounded(running, waiting)  # (else no stream waits on this chunk's size)
         full = budget = self.chunks.budget(running, waiting)
         while prefills and budget > 0:

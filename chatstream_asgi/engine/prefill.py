@@ -4,6 +4,7 @@ which prompts at the front of the line can share one padded prefill pass."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
@@ -28,7 +29,7 @@ class PrefillChunks:
     follows what the device shows: each timed chunk scales the next one by its target seconds ÷
     its seconds (at most halved or doubled at a time, which settles in a few chunks whatever the
     model and device). With no stream running nobody waits on the steps, so a prompt goes through
-    in `largest` chunks, and so do prompts that outnumber the streams (`bounded`). `fixed` sets
+    in `largest` chunks, and so do prompts that outnumber the streams and fit one pass (`bounded`). `fixed` sets
     one size for every chunk instead.
     """
 
@@ -44,19 +45,21 @@ class PrefillChunks:
         self._tokens = fixed or 64  # until a chunk has been timed against a step (it grows fast where cheap)
         self._step_seconds: float | None = None
 
-    @staticmethod
-    def bounded(running: int, waiting: int) -> bool:
-        """Whether the next chunk is held to a few decode steps' cost: while `running` streams
-        are at least as many as the `waiting` prompts. A chunk makes each running stream's next
-        token late, and each decode step makes each waiting prompt's first token late; when more
-        wait than run (chats that arrived together, the first of them already streaming), the
-        waiting go through whole. Held to the bound, eight chats arriving over HTTP a few
-        milliseconds apart joined one by one, each 0.6 s after the last (issue 21)."""
-        return running >= max(1, waiting)
+    def bounded(self, running: int, waiting: Sequence[int]) -> bool:
+        """Whether the next chunk is held to a few decode steps' cost, with `running` streams and
+        prompts of `waiting` tokens still to prefill in line. A chunk makes each running stream's
+        next token late, and each decode step makes each waiting prompt's first token late: when
+        more prompts wait than streams run (chats sent together, the first of them already
+        streaming) and all of them fit one pass, they go through whole, and the streams miss one
+        pass's worth, once. Held to the bound, eight chats arriving over HTTP a few milliseconds
+        apart joined one by one, each 0.6 s after the last (issue 21); let through whole however
+        long, eight 1,000-token prompts stalled the streams for a whole prefill each."""
+        if not running:
+            return False
+        return running >= len(waiting) or sum(waiting) > self.largest
 
-    def budget(self, running: int, waiting: int) -> int:
-        """Prompt tokens to prefill before the next decode step, with `running` rows streaming and
-        `waiting` prompts in line."""
+    def budget(self, running: int, waiting: Sequence[int]) -> int:
+        """Prompt tokens to prefill before the next decode step (arguments as for `bounded`)."""
         if self.fixed is not None:
             return self.fixed
         return self._tokens if self.bounded(running, waiting) else self.largest
