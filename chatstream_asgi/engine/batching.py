@@ -8,8 +8,8 @@ padding, while each row keeps its own position ids.
 A long prompt is prefilled a chunk at a time, one chunk between two decode steps, so the streams
 already running slow down while it joins instead of stopping for its whole prefill
 (`prefill.PrefillChunks` sizes the chunks to cost about one and a half decode steps, unless more
-prompts wait than streams run and all fit one pass). Prompts that arrive together are prefilled together, in one
-padded forward pass, when they fit one budget.
+prompts wait than streams run and all fit one pass). Prompts that arrive together are prefilled
+together, in one padded forward pass, when they fit one budget.
 
 Padding costs what real tokens cost: eight short chats padded to one long conversation's length
 attend over (and copy, every step) eight long caches. So rows of very different lengths run in
@@ -71,8 +71,9 @@ logger = logging.getLogger(__name__)
 #: The most tokens a row drafts by prompt lookup in one step (transformers' `prompt_lookup_num_tokens`).
 #: A pass costs much the same whatever its few columns where the weights' reads or a pass's own
 #: overhead dominate (a GPU; a small model on a CPU), so a quote goes fastest in long drafts: on
-#: SmolLM2-135M and 2 CPU cores, one chat quoting its prompt wrote 74 tokens/s drafting up to 10,
-#: 108 up to 16 and 137 up to 24, free-form text the same 23 (its rows draft little: `DraftLength`).
+#: SmolLM2-135M and 2 CPU cores, one chat quoting its prompt wrote 59 tokens/s drafting up to 10,
+#: 82 up to 16 and 102 up to 24 (`python -m bench --only draft_length`; docs/performance.md has
+#: why 32 did worse), free-form text about what it writes drafting nothing (`DraftLength`).
 DEFAULT_LOOKUP_TOKENS = 24
 #: Renderings of the shared system prompt kept tokenized (one per prompt class and setting in use).
 _PUBLIC_RENDERINGS = 16

@@ -29,8 +29,8 @@ class PrefillChunks:
     follows what the device shows: each timed chunk scales the next one by its target seconds ÷
     its seconds (at most halved or doubled at a time, which settles in a few chunks whatever the
     model and device). With no stream running nobody waits on the steps, so a prompt goes through
-    in `largest` chunks, and so do prompts that outnumber the streams and fit one pass (`bounded`). `fixed` sets
-    one size for every chunk instead.
+    in `largest` chunks, and so do prompts that outnumber the streams and fit one pass
+    (`bounded`). `fixed` sets one size for every chunk instead.
     """
 
     #: Below this a chunk costs about what a decode step does anyway: smaller saves nothing.
